@@ -1,0 +1,47 @@
+# patternnet: two commands on a fresh machine.
+#   make demo   set up, then run the built-in Fashion-MNIST demo (figures in demo-output/)
+#   make test   set up, then lint and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch from the local disk; torchvision only exists here beside torch 2.14.1.
+TORCH_WITH_VISION ?= torch==2.14.1 torchvision==0.29.1
+TORCH_PLAIN ?= torch==2.13.0
+
+.PHONY: venv test lint demo fashion-mnist bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_WITH_VISION) || $(BIN)/pip install -q $(TORCH_PLAIN)
+	$(BIN)/pip install -q -e '.[test,viz]'
+	# zennit is a test-only peer; its torchvision requirement is met above (or its tests skip)
+	$(BIN)/pip install -q --no-deps zennit
+	touch $@
+
+venv: $(VENV)/.installed
+
+fashion-mnist:
+	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	  echo "installing the Debian package dataset-fashion-mnist"; \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	  echo "could not install dataset-fashion-mnist; pass --data DIR with the IDX files"; \
+	fi
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+test: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+demo: venv fashion-mnist
+	$(BIN)/patternnet demo
+
+bench: venv
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,65 @@
+"""The user's model is borrowed, never changed.
+
+:func:`borrowed` puts a model in eval mode for the duration of a block and restores every
+module's ``training`` flag and every parameter's ``requires_grad`` flag afterwards, whether the
+block returns, raises or is interrupted. Hooks are the callers' business: each registers its
+handles inside a ``try``/``finally``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["borrowed", "model_device", "model_dtype"]
+
+
+@contextmanager
+def borrowed(model: nn.Module, *, warn_train: str | None = None) -> Iterator[nn.Module]:
+    """Eval mode and frozen parameters inside the block; the exact previous state after.
+
+    Parameters
+    ----------
+    model:
+        The user's model.
+    warn_train:
+        If given and the model is in train mode, warn once with this text (what the caller
+        does about it).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    training = {module: module.training for module in model.modules()}
+    requires_grad = {param: param.requires_grad for param in model.parameters()}
+    if warn_train and model.training:
+        warnings.warn(warn_train, stacklevel=3)
+    try:
+        model.eval()
+        for param in requires_grad:
+            param.requires_grad_(False)
+        yield model
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with none)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's first floating parameter (float32 if none)."""
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32

@@ -1,0 +1,1 @@
+"""The one backward engine, its rules, and canonical forms of borrowed models."""

@@ -1,0 +1,154 @@
+"""The one backward engine: swap what flows backward through chosen modules and functions.
+
+Every method of patternnet is the ordinary autograd gradient of the selected output with
+respect to the input, except that some operations pass something else backward. Which
+operations and what they pass is a :class:`Rule`; this module holds the single mechanism that
+installs rules on a borrowed model and removes them afterwards:
+
+- **modules** (Linear, Conv, pooling, ...): a forward hook hands the module's input and output
+  to ``rule.save`` and returns the same output values wrapped in a custom autograd function
+  whose backward is ``rule.backward``. The real graph is used, so skip connections, reused
+  modules, views and flattening behave exactly as in the gradient.
+- **functions** (``F.relu``, ``torch.relu``, ``Tensor.relu``, ...): a
+  :class:`~torch.overrides.TorchFunctionMode` catches the call wherever it happens (inside
+  ``nn.ReLU`` or written as ``F.relu`` in the model's forward) and wraps its result the same
+  way. In-place variants are computed out of place while rules are active, so that the rule
+  sees the input before the activation.
+
+Nothing is stored on the user's modules; hooks and modes live inside :func:`rules_applied`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["Rule", "rules_applied", "ACTIVATION_FUNCTIONS"]
+
+
+class Rule:
+    """How one operation's backward pass is replaced.
+
+    Subclasses override :meth:`save` (what the forward pass must remember) and
+    :meth:`backward` (what flows to the input, given what arrives at the output).
+    """
+
+    def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
+        """Remember what :meth:`backward` needs from the forward pass (default: nothing)."""
+        return None
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        """Return what flows to the input given ``grad_output`` at the output."""
+        raise NotImplementedError(f"{type(self).__name__} must define backward()")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class _Swapped(torch.autograd.Function):
+    """Identity on the forward values; ``rule.backward`` on the way back."""
+
+    @staticmethod
+    def forward(ctx: Any, rule: Rule, module: Any, state: Any, x: Tensor, box: list) -> Tensor:
+        ctx.rule, ctx.module, ctx.state = rule, module, state
+        # Returning a tensor that is not an argument avoids autograd's view bookkeeping, so
+        # an in-place ReLU may follow.
+        return box[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+        grad_input = ctx.rule.backward(ctx.module, ctx.state, grad_output)
+        return None, None, None, grad_input, None
+
+
+def _wrap(rule: Rule, module: nn.Module | None, x: Any, output: Any) -> Any:
+    if not (
+        torch.is_grad_enabled()
+        and isinstance(x, Tensor)
+        and isinstance(output, Tensor)
+        and x.requires_grad
+    ):
+        return output
+    state = rule.save(module, x, output)
+    return _Swapped.apply(rule, module, state, x, [output.detach()])
+
+
+def _module_hook(rule: Rule) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not args:
+            return None
+        return _wrap(rule, module, args[0], output)
+
+    return hook
+
+
+#: Activation functions a function rule can name, with the out-of-place function used while
+#: rules are active. ``nn.ReLU`` calls ``F.relu``, so one entry covers both.
+ACTIVATION_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.relu: F.relu,
+    torch.relu: torch.relu,
+    torch.relu_: torch.relu,
+    Tensor.relu: torch.relu,
+    Tensor.relu_: torch.relu,
+    F.relu_: torch.relu,
+}
+_RELU_FAMILY = frozenset(ACTIVATION_FUNCTIONS)
+
+
+class _FunctionRules(TorchFunctionMode):
+    """Apply rules to activation functions called anywhere during the forward pass."""
+
+    def __init__(self, rules: Mapping[Callable[..., Any], Rule]) -> None:
+        super().__init__()
+        self.rules = dict(rules)
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        rule = self.rules.get(func)
+        if rule is None:
+            return func(*args, **kwargs)
+        x = args[0]
+        if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled():
+            # Compute out of place: the rule needs the activation's input, and an in-place
+            # result would carry the ordinary gradient gate too.
+            kwargs.pop("inplace", None)
+            out = ACTIVATION_FUNCTIONS[func](*args, **kwargs)
+            return _wrap(rule, None, x, out)
+        return func(*args, **kwargs)
+
+
+def relu_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:
+    """The same rule for every spelling of ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu`` ...)."""
+    return {func: rule for func in _RELU_FAMILY}
+
+
+@contextmanager
+def rules_applied(
+    module_rules: Mapping[nn.Module, Rule],
+    function_rules: Mapping[Callable[..., Any], Rule] | None = None,
+) -> Iterator[None]:
+    """Within this block, the given modules and functions pass their rules' values backward.
+
+    Parameters
+    ----------
+    module_rules:
+        ``{module: rule}``; each call of the module (reused modules too) is wrapped.
+    function_rules:
+        ``{function: rule}`` for activation functions (see :func:`relu_rules`).
+    """
+    with ExitStack() as stack:
+        for module, rule in module_rules.items():
+            handle = module.register_forward_hook(_module_hook(rule))
+            stack.callback(handle.remove)
+        if function_rules:
+            stack.enter_context(_FunctionRules(function_rules))
+        yield

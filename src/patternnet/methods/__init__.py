@@ -1,0 +1,1 @@
+"""Methods: each is a choice of rules and a start value over the one engine."""

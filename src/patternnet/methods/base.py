@@ -1,0 +1,215 @@
+"""``Attribution``: the shape every method shares (Captum's API, one engine underneath).
+
+A method is a choice of rules plus a start value:
+
+- :meth:`Attribution.rules` says which rule goes on which module/function of the canonical
+  model (nothing = the gradient);
+- :meth:`Attribution.start` says what the backward pass starts from at the selected output
+  (1 for the gradient, the logit ``y_c`` for PatternNet and the relevance methods);
+- :meth:`Attribution.finish` turns what arrives at the input into the explanation (the
+  gradient itself, or ``× input`` for gradient × input).
+
+:meth:`Attribution.attribute` does the rest once for all methods: input checks, eval mode,
+canonical form (BatchNorm folded), the forward pass with rules installed, target selection,
+one ``torch.autograd.grad`` call, and restoring the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..borrow import borrowed, model_device, model_dtype
+from ..engine.backward import Rule, rules_applied
+from ..engine.canonize import Canonical, Canonizer, default_canonizers
+
+__all__ = ["Attribution", "TargetType", "resolve_target", "check_inputs"]
+
+TargetType = int | Sequence[int] | Tensor | None
+
+
+def check_inputs(inputs: Any, name: str = "inputs") -> Tensor:
+    """Validate an input batch; return it unchanged.
+
+    Raises
+    ------
+    TypeError
+        Not a tensor, or not floating point (integer images: convert and normalise first).
+    ValueError
+        No batch dimension, an empty batch, or NaN/Inf values.
+    """
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (N, ...), not {type(inputs).__name__}")
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"{name} has dtype {inputs.dtype}; explanations need floating-point inputs (for "
+            "uint8 images: x.float() / 255, then the model's normalisation)"
+        )
+    if inputs.dim() < 2:
+        raise ValueError(
+            f"{name} has shape {tuple(inputs.shape)}; pass a batch (N, ...) — for one sample "
+            "use x.unsqueeze(0)"
+        )
+    if inputs.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(inputs.shape)})")
+    if not torch.isfinite(inputs).all():
+        raise ValueError(f"{name} holds NaN or Inf values")
+    return inputs
+
+
+def resolve_target(target: TargetType, logits: Tensor) -> Tensor:
+    """Turn ``target`` into one class index per sample.
+
+    Parameters
+    ----------
+    target:
+        None (each sample's arg-max), an int (the same class for all), or a sequence/tensor
+        with one class per sample.
+    logits:
+        ``(N, C)`` model output.
+    """
+    n, classes = logits.shape
+    if target is None:
+        return logits.detach().argmax(1)
+    if isinstance(target, bool):
+        raise TypeError("target must be None, an int or one int per sample, not a bool")
+    if isinstance(target, int):
+        index = torch.full((n,), target, dtype=torch.long, device=logits.device)
+    else:
+        try:
+            index = torch.as_tensor(target, device=logits.device)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"target must be None, an int or one int per sample; got {type(target).__name__}"
+            ) from error
+        if index.dim() == 0:
+            index = index.expand(n)
+        if index.is_floating_point() or index.dtype == torch.bool:
+            raise TypeError(f"target must hold integers, not {index.dtype}")
+        index = index.reshape(-1).long()
+        if index.numel() != n:
+            raise ValueError(
+                f"target has {index.numel()} entries but the batch has {n} samples; give one "
+                "class per sample, a single int, or None"
+            )
+    bad = (index < 0) | (index >= classes)
+    if bool(bad.any()):
+        raise ValueError(
+            f"target {index[bad][0].item()} is out of range: the model has {classes} outputs "
+            f"(0 … {classes - 1})"
+        )
+    return index
+
+
+class Attribution:
+    """Base of every method: ``Method(model, ...).attribute(inputs, target=None)``.
+
+    Parameters
+    ----------
+    model:
+        A classifier ``nn.Module`` returning logits ``(N, C)``; borrowed, never changed.
+    canonizers:
+        Graph rewrites applied for the explanation (default: fold BatchNorm into the preceding
+        Linear/Conv). ``[]`` for none.
+    output_selector:
+        For models returning tuples/dicts/objects: a function from the model's output to the
+        ``(N, C)`` logits to explain, e.g. ``lambda out: out["logits"]``.
+    """
+
+    #: Registry name (set by subclasses).
+    name: str = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        canonizers: Sequence[Canonizer] | None = None,
+        output_selector: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        self.model = model
+        self.canonizers = canonizers
+        self.output_selector = output_selector
+
+    # ------------------------------------------------------------------ a method's choices
+    def rules(
+        self, canonical: Canonical
+    ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
+        """Rules by module and by function (default: none, i.e. the gradient)."""
+        return {}, {}
+
+    def start(self, logits: Tensor, target: Tensor) -> Tensor:
+        """What the backward pass starts from at the output (default: one-hot 1)."""
+        start = torch.zeros_like(logits)
+        start.scatter_(1, target[:, None], 1.0)
+        return start
+
+    def finish(self, inputs: Tensor, grad: Tensor) -> Tensor:
+        """Turn what arrived at the input into the explanation (default: unchanged)."""
+        return grad
+
+    # ------------------------------------------------------------------ shared work
+    def _canonical(self) -> Canonical:
+        canonizers = default_canonizers() if self.canonizers is None else self.canonizers
+        return Canonical(self.model, canonizers)
+
+    def _logits(self, output: Any) -> Tensor:
+        if self.output_selector is not None:
+            output = self.output_selector(output)
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"the model returned a {type(output).__name__}, not a tensor of logits; pass "
+                "output_selector=, e.g. output_selector=lambda out: out[0]"
+            )
+        if output.dim() == 1:
+            output = output[:, None]
+        if output.dim() != 2:
+            raise ValueError(
+                f"the model's output has shape {tuple(output.shape)}; patternnet explains "
+                "(N, C) logits: pass output_selector= to pick or flatten them"
+            )
+        return output
+
+    def _gradient(self, inputs: Tensor, target: TargetType) -> tuple[Tensor, Tensor]:
+        """One forward pass with the rules installed and one backward pass; (x, grad)."""
+        device, dtype = model_device(self.model), model_dtype(self.model)
+        with borrowed(self.model):
+            canonical = self._canonical()
+            module_rules, function_rules = self.rules(canonical)
+            x = inputs.detach().to(device=device, dtype=dtype).requires_grad_(True)
+            with torch.enable_grad(), canonical.active(), rules_applied(
+                module_rules, function_rules
+            ):
+                output = canonical(x)
+                logits = self._logits(output)
+                index = resolve_target(target, logits)
+                start = self.start(logits.detach(), index)
+                (grad,) = torch.autograd.grad(logits, x, start)
+        return x.detach(), grad
+
+    def attribute(self, inputs: Tensor, target: TargetType = None) -> Tensor:
+        """Explain ``inputs`` for the ``target`` class.
+
+        Parameters
+        ----------
+        inputs:
+            A batch ``(N, ...)`` of floating-point inputs (moved to the model's device).
+        target:
+            None (each sample's arg-max logit), an int, or one class per sample.
+
+        Returns
+        -------
+        Tensor
+            Shaped like ``inputs``, on the inputs' device and dtype.
+        """
+        check_inputs(inputs)
+        x, grad = self._gradient(inputs, target)
+        result = self.finish(x, grad)
+        return result.to(device=inputs.device, dtype=inputs.dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.model).__name__})"

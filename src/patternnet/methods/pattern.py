@@ -1,0 +1,189 @@
+"""PatternNet and PatternAttribution (Kindermans et al. 2018, method.md §3-§4).
+
+Both are the gradient of the selected logit with every Linear/Conv weight swapped on the way
+back, starting from the logit's value ``y_c``:
+
+- PatternNet (the signal): ``W → A`` — the two-component rule ``A₊`` where the unit was active
+  and ``A₋`` where it was not (``a`` for the linear estimator, ``w/wᵀw`` for the filter one);
+- PatternAttribution (the contribution): ``W → W ⊙ A₊``; for a linear model exactly
+  ``w ⊙ a · y``, and relevance is conserved per neuron since ``wᵀa = 1``.
+
+ReLU gates and max-pool switches are the gradient's (no rule needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..engine.backward import Rule
+from ..engine.canonize import Canonical, Canonizer
+from ..engine.rules import WeightSwap, as_dtype, elementwise_product
+from ..patterns.estimators import filter_pattern
+from ..patterns.fit import linear_layers
+from ..patterns.store import Patterns
+from .base import Attribution
+
+__all__ = ["PatternNet", "PatternAttribution"]
+
+
+def _pattern_pair(patterns: Patterns, name: str) -> tuple[Tensor, Tensor | None]:
+    tensors = patterns[name]
+    if "a_plus" in tensors:
+        return tensors["a_plus"], tensors.get("a_minus")
+    if "a" in tensors:
+        return tensors["a"], None
+    raise ValueError(
+        f"patterns for layer {name!r} hold {sorted(tensors)}; PatternNet needs 'a' or 'a_plus'"
+    )
+
+
+class _PatternMethod(Attribution):
+    def __init__(
+        self,
+        model: nn.Module,
+        patterns: Patterns | None = None,
+        *,
+        estimator: str | None = None,
+        canonizers: Sequence[Canonizer] | None = None,
+        output_selector: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        super().__init__(model, canonizers=canonizers, output_selector=output_selector)
+        if estimator is None:
+            if patterns is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs patterns: fit them with "
+                    "patternnet.fit_patterns(model, data) or load them with Patterns.load(path)"
+                )
+            estimator = patterns.estimator
+        if estimator not in ("two_component", "linear", "filter", "identity"):
+            raise ValueError(
+                f"unknown estimator {estimator!r}; choose 'two_component', 'linear', 'filter' "
+                "or 'identity'"
+            )
+        if estimator in ("two_component", "linear"):
+            if patterns is None:
+                raise ValueError(f"estimator {estimator!r} needs fitted patterns")
+            if patterns.estimator != estimator:
+                raise ValueError(
+                    f"the patterns were fitted with estimator {patterns.estimator!r}, not "
+                    f"{estimator!r}"
+                )
+            if patterns.metadata.get("architecture"):
+                patterns.check(model)
+        self.patterns = patterns
+        self.estimator = estimator
+
+    def _layer_patterns(
+        self, canonical: Canonical, name: str, weight: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        if self.estimator == "filter":
+            a, _ = filter_pattern(weight)
+            return a.reshape(weight.shape), None
+        assert self.patterns is not None
+        positive, negative = _pattern_pair(self.patterns, name)
+        return positive, negative
+
+    def _swap(self, weight: Tensor, pattern: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def rules(
+        self, canonical: Canonical
+    ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
+        module_rules: dict[nn.Module, Rule] = {}
+        for name, module in linear_layers(self.model).items():
+            weight = canonical.weight(name).detach()
+            positive, negative = self._layer_patterns(canonical, name, weight)
+            module_rules[module] = WeightSwap(
+                module,
+                self._swap(weight, positive),
+                None if negative is None else self._swap(weight, negative),
+            )
+        return module_rules, {}
+
+    def start(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Start from the selected logit's value ``y_c`` (zeros elsewhere)."""
+        start = logits.new_zeros(logits.shape)
+        start.scatter_(1, target[:, None], logits.gather(1, target[:, None]))
+        return start
+
+
+class PatternNet(_PatternMethod):
+    """PatternNet: the signal ``s`` the network detects for a class (method.md §3).
+
+    Parameters
+    ----------
+    model:
+        The classifier (borrowed, never changed).
+    patterns:
+        From :func:`patternnet.fit_patterns` or :meth:`Patterns.load`, fitted on ``model``.
+    estimator:
+        Defaults to the patterns' estimator; ``"filter"`` needs no patterns (``a = w/wᵀw``).
+    canonizers, output_selector:
+        See :class:`~patternnet.methods.base.Attribution`.
+
+    Examples
+    --------
+    >>> signal = PatternNet(model, patterns).attribute(images, target=None)  # doctest: +SKIP
+    >>> signal.shape == images.shape                                        # doctest: +SKIP
+
+    References
+    ----------
+    Kindermans et al., "Learning how to explain neural networks: PatternNet and
+    PatternAttribution", ICLR 2018, Sec. 4.
+    """
+
+    name = "pattern_net"
+
+    def __init__(self, model: nn.Module, patterns: Patterns | None = None, **options: Any):
+        super().__init__(model, patterns, **options)
+        if self.estimator == "identity":
+            raise ValueError(
+                "PatternNet needs a pattern; the identity estimator has none (its attribution "
+                "is LRP-z: use PatternAttribution(..., estimator='identity'))"
+            )
+
+    def _swap(self, weight: Tensor, pattern: Tensor) -> Tensor:
+        return as_dtype(pattern, weight)
+
+
+class PatternAttribution(_PatternMethod):
+    """PatternAttribution: each input's contribution to the class's logit (method.md §4).
+
+    The backward pass of PatternNet with ``W ⊙ A`` in place of ``W``: Deep Taylor
+    decomposition with the learned root point ``x₀ = x − a₊ wᵀx``. The ``estimator`` option
+    selects the estimator view of §4: ``"two_component"`` (PatternAttribution), ``"linear"``
+    (linear PatternAttribution), ``"filter"`` (the w² rule), ``"identity"`` (LRP-z).
+
+    Parameters
+    ----------
+    model:
+        The classifier (borrowed, never changed).
+    patterns:
+        Fitted patterns (not needed for ``"filter"`` and ``"identity"``).
+    estimator:
+        Defaults to the patterns' estimator.
+    canonizers, output_selector:
+        See :class:`~patternnet.methods.base.Attribution`.
+
+    References
+    ----------
+    Kindermans et al., ICLR 2018, Sec. 4; Montavon et al., "Explaining nonlinear
+    classification decisions with deep Taylor decomposition", Pattern Recognition 2017.
+    """
+
+    name = "pattern_attribution"
+
+    def _swap(self, weight: Tensor, pattern: Tensor) -> Tensor:
+        return elementwise_product(weight, pattern)
+
+    def rules(
+        self, canonical: Canonical
+    ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
+        if self.estimator == "identity":
+            from ..engine.rules import identity_estimator_rules
+
+            return identity_estimator_rules(self.model, canonical)
+        return super().rules(canonical)

@@ -1,0 +1,1 @@
+"""Learning signal estimators: statistics → estimators → patterns (method.md §2)."""

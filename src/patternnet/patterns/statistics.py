@@ -1,0 +1,388 @@
+"""Streaming float64 sums and counts per Linear/Conv layer (method.md §2).
+
+A pattern is a ratio of moments, and moments are sums divided by counts. This module keeps
+only the sums, so that they stream over any number of batches, merge exactly (``+``) across
+partial fits and processes (one all-reduce), and never hold more than one batch of data.
+
+For an output unit ``j`` with input patch ``x`` (a row of a Linear input, or a receptive field
+of a convolution, border zeros included), ``y = wⱼᵀx`` and the mask ``m = [wⱼᵀx + bⱼ > 0]``:
+
+==================  ===========================  ===========================
+sum                 shape                        needed by
+==================  ===========================  ===========================
+``count``           ``()``                        all
+``sum_y``           ``(O,)``                      all (E[y] over ALL samples)
+``sum_x``           ``(G, D)``                    linear, a₋
+``sum_xy``          ``(O, D)``                    linear, a₋
+``count_plus``      ``(O,)``                      a₊, a₋
+``sum_x_plus``      ``(O, D)``                    a₊, a₋
+``sum_xy_plus``     ``(O, D)``                    a₊, a₋
+==================  ===========================  ===========================
+
+``G`` is the number of convolution groups and ``D = weight[0].numel()``. The inactive sums of
+a₋ are ``all − plus``. The products are computed by :meth:`LayerGeometry.weight_product`, the
+layer's own weight-gradient kernel, with the stacked output gradient ``[y·m, m, y, 1]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..layers import LayerGeometry
+
+__all__ = ["LayerStatistics", "Statistics", "SUM_NAMES", "required_sums"]
+
+SUM_NAMES = ("count", "sum_y", "sum_x", "sum_xy", "count_plus", "sum_x_plus", "sum_xy_plus")
+
+#: Which sums each estimator needs.
+_NEEDS = {
+    "linear": {"count", "sum_y", "sum_x", "sum_xy"},
+    "positive": {"count", "sum_y", "count_plus", "sum_x_plus", "sum_xy_plus"},
+    "negative": {"count", "sum_y", "sum_x", "sum_xy", "count_plus", "sum_x_plus", "sum_xy_plus"},
+}
+
+
+def required_sums(estimator: str, negative: bool = True) -> frozenset[str]:
+    """The sums an estimator needs (``"identity"`` and ``"filter"`` need none).
+
+    Parameters
+    ----------
+    estimator:
+        ``"linear"``, ``"two_component"``, ``"filter"`` or ``"identity"``.
+    negative:
+        For ``"two_component"``: also collect what the inactive pattern a₋ needs.
+    """
+    if estimator == "linear":
+        return frozenset(_NEEDS["linear"])
+    if estimator == "two_component":
+        return frozenset(_NEEDS["negative" if negative else "positive"])
+    if estimator in ("filter", "identity"):
+        return frozenset()
+    raise ValueError(
+        f"unknown estimator {estimator!r}; choose 'two_component', 'linear', 'filter' or "
+        "'identity'"
+    )
+
+
+@dataclass
+class LayerStatistics:
+    """Float64 sums of one Linear/Conv layer over every sample seen so far.
+
+    Parameters
+    ----------
+    out_features:
+        ``O``: output units (channels).
+    groups:
+        ``G``: convolution groups (1 for Linear).
+    patch_size:
+        ``D``: inputs per unit, ``weight[0].numel()``.
+    sums:
+        Names from :data:`SUM_NAMES` to collect.
+    device:
+        Where the sums live (the model's device: no host copies per batch).
+    """
+
+    out_features: int
+    groups: int
+    patch_size: int
+    sums: frozenset[str]
+    device: torch.device | str = "cpu"
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tensors:
+            shapes = {
+                "count": (),
+                "sum_y": (self.out_features,),
+                "sum_x": (self.groups, self.patch_size),
+                "sum_xy": (self.out_features, self.patch_size),
+                "count_plus": (self.out_features,),
+                "sum_x_plus": (self.out_features, self.patch_size),
+                "sum_xy_plus": (self.out_features, self.patch_size),
+            }
+            self.tensors = {
+                name: torch.zeros(shapes[name], dtype=torch.float64, device=self.device)
+                for name in SUM_NAMES
+                if name in self.sums
+            }
+
+    # ------------------------------------------------------------------ access
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(
+                f"sum {name!r} was not collected (collected: {sorted(self.tensors)}); fit again "
+                "with an estimator that needs it"
+            ) from None
+
+    @property
+    def count(self) -> int:
+        """Number of samples (rows, or output positions × images) accumulated."""
+        return int(self.tensors["count"].item())
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def update(
+        self,
+        geometry: LayerGeometry,
+        x: Tensor,
+        out: Tensor,
+        bias: Tensor | None,
+        weight_shape: torch.Size,
+        precision: str = "float64",
+    ) -> None:
+        """Add one batch: the layer's input ``x`` and its output ``out`` (bias included).
+
+        Parameters
+        ----------
+        geometry:
+            The layer's geometry (see :func:`patternnet.layers.geometry`).
+        x, out:
+            Input and output of one forward call of the layer.
+        bias:
+            The layer's bias or None; ``y = out − bias`` and the mask is ``out > 0``.
+        weight_shape:
+            Shape of the layer's weight.
+        precision:
+            ``"float64"``: products computed in float64 (exact; batch splits agree to
+            rounding). ``"float32"``: products computed per batch in float32 and added into
+            the float64 sums (fast; see the docs for the measured error).
+        """
+        if precision == "float64":
+            dtype = torch.float64
+        elif precision == "float32":
+            dtype = torch.float32
+        else:
+            raise ValueError(f"precision must be 'float64' or 'float32', not {precision!r}")
+        x = x.detach().to(dtype)
+        out = out.detach().to(dtype)
+        channel_dim = -1 if geometry.kind == "linear" else 1
+        if bias is not None:
+            shape = [1] * out.dim()
+            shape[channel_dim] = -1
+            y = out - bias.detach().to(dtype).view(shape)
+        else:
+            y = out
+        O, G = self.out_features, self.groups
+        need = self.tensors
+        parts: list[Tensor] = []
+        names: list[str] = []
+        m = None
+        if "count_plus" in need:
+            m = (out > 0).to(dtype)
+            parts += [y * m, m]
+            names += ["sum_xy_plus", "sum_x_plus"]
+        if "sum_xy" in need:
+            parts.append(y)
+            names.append("sum_xy")
+        samples = out.numel() // O
+
+        if geometry.kind == "linear":
+            x2, _ = geometry.flatten_linear(x, out)
+            rows = [p.reshape(-1, O) for p in parts]
+            if rows:
+                product = geometry.weight_product(x2, torch.cat(rows, dim=1), weight_shape)
+                for i, name in enumerate(names):
+                    need[name] += product[i * O : (i + 1) * O].to(torch.float64)
+            if "sum_x" in need:
+                need["sum_x"] += x2.sum(0, dtype=torch.float64).view(1, -1)
+        else:
+            # Stack per group so that the grouped weight-gradient keeps groups aligned:
+            # (N, G, parts·O/G [+1 ones channel], *spatial) -> (N, G·K, *spatial).
+            n, spatial = out.shape[0], out.shape[2:]
+            per_group = [p.reshape(n, G, O // G, *spatial) for p in parts]
+            if "sum_x" in need:
+                per_group.append(out.new_ones(n, G, 1, *spatial))
+            if per_group:
+                stacked = torch.cat(per_group, dim=2)
+                k = stacked.shape[2]
+                stacked = stacked.reshape(n, G * k, *spatial)
+                product = geometry.weight_product(
+                    x, stacked, torch.Size((G * k, *weight_shape[1:]))
+                )
+                product = product.reshape(G, k, -1).to(torch.float64)
+                for i, name in enumerate(names):
+                    block = product[:, i * (O // G) : (i + 1) * (O // G)]
+                    need[name] += block.reshape(O, -1)
+                if "sum_x" in need:
+                    need["sum_x"] += product[:, -1]
+        need["count"] += samples
+        need["sum_y"] += y.transpose(0, channel_dim).reshape(O, -1).sum(1, dtype=torch.float64)
+        if m is not None:
+            need["count_plus"] += m.transpose(0, channel_dim).reshape(O, -1).sum(
+                1, dtype=torch.float64
+            )
+
+    # ------------------------------------------------------------------ merge
+    def merge_(self, other: LayerStatistics) -> LayerStatistics:
+        """Add another partial fit's sums into these (in place) and return self."""
+        if (self.out_features, self.groups, self.patch_size) != (
+            other.out_features,
+            other.groups,
+            other.patch_size,
+        ) or set(self.tensors) != set(other.tensors):
+            raise ValueError(
+                "cannot merge statistics of different layers or estimators: "
+                f"{(self.out_features, self.groups, self.patch_size, sorted(self.tensors))} vs "
+                f"{(other.out_features, other.groups, other.patch_size, sorted(other.tensors))}"
+            )
+        for name, tensor in self.tensors.items():
+            tensor += other.tensors[name].to(tensor.device)
+        return self
+
+    def all_reduce_(self, group: object | None = None) -> LayerStatistics:
+        """Sum these statistics over all processes of ``torch.distributed`` (in place)."""
+        import torch.distributed as dist
+
+        for name in SUM_NAMES:
+            if name in self.tensors:
+                dist.all_reduce(self.tensors[name], op=dist.ReduceOp.SUM, group=group)
+        return self
+
+
+class Statistics(Mapping[str, LayerStatistics]):
+    """The :class:`LayerStatistics` of every fitted layer of a model, by qualified name.
+
+    ``Statistics`` are what a fit accumulates; :func:`patternnet.patterns.estimators`
+    turns them into patterns. They merge with ``+``/:meth:`merge_` (partial fits over disjoint
+    data) and :meth:`all_reduce_` (``torch.distributed``).
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, LayerStatistics],
+        *,
+        estimator: str,
+        negative: bool = True,
+        images: int = 0,
+        batches: int = 0,
+    ) -> None:
+        self.layers = dict(layers)
+        self.estimator = estimator
+        self.negative = negative
+        self.images = images
+        self.batches = batches
+
+    def __getitem__(self, name: str) -> LayerStatistics:
+        return self.layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def merge_(self, other: Statistics) -> Statistics:
+        """Add the sums of a partial fit over other data (in place) and return self."""
+        if set(self.layers) != set(other.layers) or self.estimator != other.estimator:
+            raise ValueError(
+                "cannot merge statistics of different models or estimators "
+                f"({self.estimator!r} over {len(self)} layers vs {other.estimator!r} over "
+                f"{len(other)} layers)"
+            )
+        for name, layer in self.layers.items():
+            layer.merge_(other.layers[name])
+        self.images += other.images
+        self.batches += other.batches
+        return self
+
+    def __add__(self, other: Statistics) -> Statistics:
+        result = self.copy()
+        return result.merge_(other)
+
+    def copy(self) -> Statistics:
+        """A deep copy."""
+        layers = {
+            name: LayerStatistics(
+                layer.out_features,
+                layer.groups,
+                layer.patch_size,
+                layer.sums,
+                layer.device,
+                {k: v.clone() for k, v in layer.tensors.items()},
+            )
+            for name, layer in self.layers.items()
+        }
+        return Statistics(
+            layers,
+            estimator=self.estimator,
+            negative=self.negative,
+            images=self.images,
+            batches=self.batches,
+        )
+
+    def all_reduce_(self, group: object | None = None) -> Statistics:
+        """Sum over all ``torch.distributed`` processes (in place); counts included."""
+        import torch.distributed as dist
+
+        for name in sorted(self.layers):
+            self.layers[name].all_reduce_(group)
+        counts = torch.tensor(
+            [self.images, self.batches],
+            dtype=torch.float64,
+            device=next(iter(self.layers.values())).tensors["count"].device
+            if self.layers
+            else "cpu",
+        )
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        self.images, self.batches = int(counts[0].item()), int(counts[1].item())
+        return self
+
+    # ------------------------------------------------------------------ flat form
+    def state_tensors(self) -> dict[str, Tensor]:
+        """All sums as one flat ``{"layer::sum": tensor}`` dict (for checkpoints)."""
+        return {
+            f"{name}::{key}": tensor
+            for name, layer in self.layers.items()
+            for key, tensor in layer.tensors.items()
+        }
+
+    def describe(self) -> dict[str, object]:
+        """JSON-able description of the layout (without the numbers)."""
+        return {
+            "estimator": self.estimator,
+            "negative": self.negative,
+            "images": self.images,
+            "batches": self.batches,
+            "layers": {
+                name: [layer.out_features, layer.groups, layer.patch_size, sorted(layer.sums)]
+                for name, layer in self.layers.items()
+            },
+        }
+
+    @classmethod
+    def from_state(
+        cls, description: Mapping[str, object], tensors: Mapping[str, Tensor]
+    ) -> Statistics:
+        """Rebuild from :meth:`describe` and :meth:`state_tensors` output."""
+        layers = {}
+        for name, (out_features, groups, patch_size, sums) in description["layers"].items():
+            layers[name] = LayerStatistics(
+                int(out_features),
+                int(groups),
+                int(patch_size),
+                frozenset(sums),
+                "cpu",
+                {key: tensors[f"{name}::{key}"].to(torch.float64) for key in sums},
+            )
+        return cls(
+            layers,
+            estimator=str(description["estimator"]),
+            negative=bool(description["negative"]),
+            images=int(description["images"]),
+            batches=int(description["batches"]),
+        )
+
+    def to(self, device: torch.device | str) -> Statistics:
+        """Move all sums to ``device`` (in place) and return self."""
+        for layer in self.layers.values():
+            layer.device = device
+            layer.tensors = {k: v.to(device) for k, v in layer.tensors.items()}
+        return self
+
+

@@ -1,0 +1,278 @@
+"""``Patterns``: fitted patterns by layer name, with metadata, saved as safetensors.
+
+A :class:`Patterns` maps a module's qualified name (``"features.0"``) to its tensors
+(``"a"``, ``"a_plus"``, ``"a_minus"``), each shaped like that module's weight. Its metadata
+records the estimator, sample counts, the layers' shapes and a fingerprint of the model's
+architecture, so that a file is never applied to a model it was not fitted on.
+
+Files are safetensors: loading parses a JSON header and raw arrays and never executes code
+(no pickle). Writing goes to a temporary file in the same folder, is flushed to disk and then
+renamed over the target, so a crash while saving leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import geometry, is_linear_layer
+
+__all__ = ["Patterns", "architecture", "fingerprint", "atomic_write"]
+
+FORMAT_VERSION = 1
+PATTERN_NAMES = ("a", "a_plus", "a_minus")
+
+
+def architecture(model: nn.Module) -> list[dict[str, Any]]:
+    """Describe every Linear/Conv layer of ``model``: name, type, weight shape, geometry."""
+    layers = []
+    for name, module in model.named_modules():
+        if not is_linear_layer(module):
+            continue
+        g = geometry(module)
+        layers.append(
+            {
+                "name": name,
+                "type": type(module).__name__,
+                "weight_shape": list(module.weight.shape),
+                "stride": list(g.stride),
+                "padding": list(g.padding),
+                "pre_pad": list(g.pre_pad) if g.pre_pad else None,
+                "dilation": list(g.dilation),
+                "groups": g.groups,
+            }
+        )
+    return layers
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of :func:`architecture` (what a patterns file must match)."""
+    text = json.dumps(architecture(model), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
+    """Call ``write(tmp_path)`` and rename the result over ``path`` once it is complete.
+
+    The temporary file lives in the target's folder (same file system), is fsynced, and is
+    removed if ``write`` fails; the target is either the old file or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Patterns(Mapping[str, dict[str, Tensor]]):
+    """Fitted patterns of a model, by the qualified name of each Linear/Conv module.
+
+    Parameters
+    ----------
+    layers:
+        ``{module name: {"a_plus": tensor, ...}}``; tensors shaped like the module's weight.
+    estimator:
+        ``"two_component"``, ``"linear"``, ``"filter"`` or ``"identity"``.
+    metadata:
+        JSON-able details: ``fingerprint``, ``architecture``, ``report`` (per-layer sample
+        counts, dead and degenerate units), ``images``, ``precision``.
+
+    Examples
+    --------
+    >>> patterns = patternnet.fit_patterns(model, loader)           # doctest: +SKIP
+    >>> patterns["features.0"]["a_plus"].shape == model.features[0].weight.shape  # doctest: +SKIP
+    >>> patterns.save("vgg16.patterns.safetensors")                  # doctest: +SKIP
+    >>> patterns = Patterns.load("vgg16.patterns.safetensors", model=model)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, Mapping[str, Tensor]],
+        *,
+        estimator: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._layers = {name: dict(tensors) for name, tensors in layers.items()}
+        self.estimator = estimator
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    # ------------------------------------------------------------------ mapping
+    def __getitem__(self, name: str) -> dict[str, Tensor]:
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise KeyError(
+                f"no patterns for layer {name!r}; fitted layers: {list(self._layers)[:8]}"
+                + (" ..." if len(self._layers) > 8 else "")
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        names = sorted({key for tensors in self._layers.values() for key in tensors})
+        return (
+            f"Patterns(estimator={self.estimator!r}, layers={len(self)}, tensors={names}, "
+            f"images={self.metadata.get('images')})"
+        )
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The architecture fingerprint of the model the patterns were fitted on."""
+        return self.metadata.get("fingerprint")
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Patterns:
+        """A copy with every tensor moved/cast."""
+        layers = {
+            name: {key: t.to(device=device, dtype=dtype) for key, t in tensors.items()}
+            for name, tensors in self._layers.items()
+        }
+        return Patterns(layers, estimator=self.estimator, metadata=self.metadata)
+
+    # ------------------------------------------------------------------ checks
+    def check(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` unless these patterns fit ``model``'s architecture.
+
+        The message names the first layer that does not match.
+        """
+        expected = {layer["name"]: layer for layer in self.metadata.get("architecture", [])}
+        actual = {layer["name"]: layer for layer in architecture(model)}
+        for name in list(expected) + [n for n in actual if n not in expected]:
+            if name not in actual:
+                raise ValueError(
+                    f"patterns were fitted on a model with layer {name!r} "
+                    f"({expected[name]['type']} {expected[name]['weight_shape']}), which this "
+                    "model does not have: these patterns belong to another architecture"
+                )
+            if name not in expected:
+                raise ValueError(
+                    f"this model's layer {name!r} ({actual[name]['type']} "
+                    f"{actual[name]['weight_shape']}) has no patterns: they were fitted on "
+                    "another architecture; fit patterns for this model"
+                )
+            if expected[name] != actual[name]:
+                diff = {
+                    k: (expected[name][k], actual[name].get(k))
+                    for k in expected[name]
+                    if expected[name][k] != actual[name].get(k)
+                }
+                raise ValueError(
+                    f"layer {name!r} does not match the patterns: (patterns, model) differ in "
+                    f"{diff}; these patterns were fitted on another architecture"
+                )
+        for name, tensors in self._layers.items():
+            shape = list(actual[name]["weight_shape"])
+            for key, tensor in tensors.items():
+                if list(tensor.shape) != shape:
+                    raise ValueError(
+                        f"pattern {name}/{key} has shape {list(tensor.shape)} but the layer's "
+                        f"weight has shape {shape}"
+                    )
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a safetensors file atomically (temp file + rename); return its path."""
+        from safetensors.torch import save_file
+
+        tensors = {
+            f"{name}/{key}": t.detach().to("cpu").contiguous()
+            for name, layer in self._layers.items()
+            for key, t in layer.items()
+        }
+        header = {
+            "format": "patternnet",
+            "format_version": str(FORMAT_VERSION),
+            "estimator": self.estimator,
+            "metadata": json.dumps(self.metadata, sort_keys=True),
+        }
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+        return Path(path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Patterns:
+        """Read a file written by :meth:`save`; never executes code from it.
+
+        Parameters
+        ----------
+        path:
+            The ``.safetensors`` file.
+        model:
+            If given, the patterns are checked against its architecture (:meth:`check`).
+        device:
+            Where to put the tensors.
+
+        Raises
+        ------
+        FileNotFoundError
+            If there is no such file.
+        ValueError
+            If the file is not a patternnet safetensors file, is truncated or corrupted, or
+            does not fit ``model``.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no patterns file at {str(path)!r}")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                header = handle.metadata() or {}
+                keys = list(handle.keys())
+                if header.get("format") != "patternnet":
+                    raise ValueError(
+                        f"{str(path)!r} is a safetensors file but not a patternnet patterns "
+                        "file (its header has no 'format: patternnet')"
+                    )
+                tensors = {key: handle.get_tensor(key) for key in keys}
+            metadata = json.loads(header["metadata"])
+            estimator = header["estimator"]
+            if int(header.get("format_version", "0")) > FORMAT_VERSION:
+                raise ValueError(
+                    f"{str(path)!r} was written by a newer patternnet (format "
+                    f"{header['format_version']}); upgrade patternnet to read it"
+                )
+        except ValueError:
+            raise
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(
+                f"cannot read patterns from {str(path)!r}: not a valid safetensors file "
+                f"(truncated or corrupted?): {error}"
+            ) from None
+        layers: dict[str, dict[str, Tensor]] = {}
+        for key, tensor in tensors.items():
+            name, _, kind = key.rpartition("/")
+            if kind not in PATTERN_NAMES or not name:
+                raise ValueError(f"{str(path)!r} holds an unexpected tensor {key!r}")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{str(path)!r}: pattern {key!r} holds NaN or Inf values")
+            layers.setdefault(name, {})[kind] = tensor.to(device)
+        patterns = cls(layers, estimator=estimator, metadata=metadata)
+        if model is not None:
+            patterns.check(model)
+        return patterns
