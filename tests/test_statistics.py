@@ -199,3 +199,35 @@ def test_float32_precision_is_close_to_float64() -> None:
     for name in exact:
         for key, a in exact[name].items():
             torch.testing.assert_close(fast[name][key], a, rtol=1e-3, atol=1e-4)
+
+
+def test_dataloader_tuples_and_tensor_give_the_same_patterns() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = _model()
+    x = torch.randn(18, 2, 8, 8, dtype=torch.float64)
+    labels = torch.zeros(18, dtype=torch.long)
+    loader = DataLoader(TensorDataset(x, labels), batch_size=5)
+    from_loader = pn.fit_patterns(model, loader, progress=False)
+    from_tensor = pn.fit_patterns(model, x, progress=False)
+    from_generator = pn.fit_patterns(model, (b for b in x.split(4)), progress=False)
+    assert from_loader.metadata["images"] == 18
+    for name in from_tensor:
+        for key, a in from_tensor[name].items():
+            torch.testing.assert_close(from_loader[name][key], a, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(from_generator[name][key], a, rtol=1e-10, atol=1e-12)
+
+
+def test_reused_module_accumulates_every_call() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.fc(x)))
+
+    model = Twice().double()
+    x = torch.randn(10, 4, dtype=torch.float64)
+    stats = collect_statistics(model, x, progress=False)
+    assert stats["fc"].count == 20
