@@ -1,0 +1,112 @@
+"""A linear image benchmark with a signal, a distractor and a pure suppressor region.
+
+After Wilming, Budding, Müller, Haufe, "Scrutinizing XAI using linear ground-truth data with
+suppressor variables", Machine Learning 111 (2022). Each ``size×size`` one-channel image is
+
+``x = a·z + d·ζ + ε``
+
+- ``a``: the signal pattern, the indicator of the block ``A`` (top-left);
+- ``z = s·(2c − 1) + τ·ξ``: the class-dependent signal amplitude (``c ∈ {0, 1}``, ``ξ ~ N(0,1)``);
+- ``d``: the distractor pattern, the indicator of ``A`` and of a second block ``B``
+  (bottom-right); ``ζ ~ N(0, σ_d²)`` is independent of the class;
+- ``ε``: Gaussian noise of standard deviation ``σ_n``, white or (``noise_smoothing > 0``)
+  spatially correlated by a Gaussian filter.
+
+``B`` holds no information about the class at all (a *suppressor*), yet the Bayes-optimal linear
+classifier ``w ∝ Σ_within⁻¹ a`` weighs it with opposite sign to cancel the distractor in ``A``.
+Gradient-type explanations therefore show ``B``; the signal ``a`` does not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import GroundTruthData, seeded_generator
+from .noise import smooth
+
+__all__ = ["suppressor_images"]
+
+
+def suppressor_images(
+    n: int = 2000,
+    *,
+    size: int = 8,
+    block: int = 3,
+    signal_strength: float = 1.0,
+    signal_jitter: float = 0.5,
+    distractor_std: float = 1.0,
+    noise_std: float = 0.2,
+    noise_smoothing: float = 0.0,
+    seed: int = 0,
+) -> GroundTruthData:
+    """Generate the suppressor benchmark.
+
+    Parameters
+    ----------
+    n:
+        Number of images (classes balanced in expectation).
+    size:
+        Image side (``≥ 2·block + 2``).
+    block:
+        Side of the signal block ``A`` (rows/cols ``1 … block``) and the suppressor block ``B``
+        (the same block mirrored to the bottom-right corner).
+    signal_strength, signal_jitter:
+        ``s`` and ``τ`` of the signal amplitude ``z``.
+    distractor_std:
+        ``σ_d``.
+    noise_std, noise_smoothing:
+        ``σ_n`` and the standard deviation (pixels) of the Gaussian filter that correlates the
+        noise (0: white noise).
+    seed:
+        Seed of the generator.
+
+    Returns
+    -------
+    GroundTruthData
+        ``inputs`` ``(n, 1, size, size)``, ``targets`` class labels, ``signal`` ``a·z``;
+        ``signal_mask`` is ``A``, ``regions`` holds ``"suppressor"`` (``B``) and
+        ``"distractor"`` (``A ∪ B``).
+    """
+    if size < 2 * block + 2:
+        raise ValueError(
+            f"size {size} is too small for two blocks of {block}: use ≥ {2 * block + 2}"
+        )
+    generator = seeded_generator(seed)
+    a = torch.zeros(size, size)
+    a[1 : 1 + block, 1 : 1 + block] = 1.0
+    b = torch.zeros(size, size)
+    b[size - 1 - block : size - 1, size - 1 - block : size - 1] = 1.0
+    d = a + b
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    z = signal_strength * (2 * labels.float() - 1) + signal_jitter * torch.randn(
+        n, generator=generator
+    )
+    zeta = distractor_std * torch.randn(n, generator=generator)
+    noise = torch.randn(n, 1, size, size, generator=generator)
+    if noise_smoothing > 0:
+        noise = smooth(noise, noise_smoothing)
+    signal = z[:, None, None, None] * a
+    inputs = signal + zeta[:, None, None, None] * d + noise_std * noise
+    shape = (n, 1, size, size)
+    return GroundTruthData(
+        inputs=inputs,
+        targets=labels,
+        signal=signal,
+        signal_mask=(a > 0).expand(shape).clone(),
+        regions={
+            "suppressor": (b > 0).expand(shape).clone(),
+            "distractor": (d > 0).expand(shape).clone(),
+        },
+        name="suppressor",
+        params={
+            "n": n,
+            "size": size,
+            "block": block,
+            "signal_strength": signal_strength,
+            "signal_jitter": signal_jitter,
+            "distractor_std": distractor_std,
+            "noise_std": noise_std,
+            "noise_smoothing": noise_smoothing,
+            "seed": seed,
+        },
+    )

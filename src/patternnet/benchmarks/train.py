@@ -1,0 +1,134 @@
+"""Small models and a small trainer for the ground-truth benchmarks (seconds on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import GroundTruthData, seeded_generator
+
+__all__ = ["accuracy", "linear_classifier", "small_cnn", "train_classifier"]
+
+
+def linear_classifier(input_shape: Sequence[int], classes: int = 2, *, seed: int = 0) -> nn.Module:
+    """``Flatten → Linear``: logistic regression on the flattened input."""
+    generator = seeded_generator(seed)
+    features = math.prod(input_shape)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(features, classes))
+    _init(model, generator)
+    return model
+
+
+def small_cnn(
+    input_shape: Sequence[int],
+    classes: int = 2,
+    *,
+    channels: int = 8,
+    hidden: int = 32,
+    seed: int = 0,
+) -> nn.Module:
+    """A tiny VGG-style network: two conv-ReLU-maxpool stages, then two dense layers.
+
+    Parameters
+    ----------
+    input_shape:
+        ``(C, H, W)`` with ``H`` and ``W`` divisible by 4.
+    classes, channels, hidden:
+        Outputs, channels of the first conv (the second has twice as many), hidden units.
+    seed:
+        Seed of the initialisation.
+    """
+    c, h, w = input_shape
+    if h % 4 or w % 4:
+        raise ValueError(f"small_cnn needs H and W divisible by 4, got {h}×{w}")
+    model = nn.Sequential(
+        nn.Conv2d(c, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(channels, 2 * channels, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * channels * (h // 4) * (w // 4), hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    )
+    _init(model, seeded_generator(seed))
+    return model
+
+
+def _init(model: nn.Module, generator: torch.Generator) -> None:
+    """Kaiming-uniform weights and zero biases, drawn from ``generator`` (reproducible)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                fan_in = module.weight[0].numel()
+                bound = math.sqrt(6.0 / fan_in) / math.sqrt(2.0)
+                module.weight.copy_(
+                    (torch.rand(module.weight.shape, generator=generator) * 2 - 1) * bound
+                )
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int = 512) -> float:
+    """Fraction of correctly classified samples (eval mode, mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        correct = 0
+        for x, y in zip(inputs.split(batch_size), labels.split(batch_size)):
+            correct += int((model(x).argmax(1) == y).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(1, len(labels))
+
+
+def train_classifier(
+    model: nn.Module,
+    data: GroundTruthData | tuple[Tensor, Tensor],
+    *,
+    epochs: int = 20,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> nn.Module:
+    """Train ``model`` in place with Adam and cross-entropy; returns it in eval mode.
+
+    Parameters
+    ----------
+    model:
+        A classifier returning logits.
+    data:
+        A :class:`GroundTruthData` with class labels, or ``(inputs, labels)``.
+    epochs, batch_size, lr, weight_decay:
+        The optimisation (Adam; weight decay keeps separable problems' weights finite).
+    seed:
+        Seed of the shuffling.
+    """
+    if isinstance(data, GroundTruthData):
+        inputs, labels = data.inputs, data.targets
+    else:
+        inputs, labels = data
+    if labels.is_floating_point():
+        raise TypeError("train_classifier needs integer class labels")
+    generator = seeded_generator(seed)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    n = inputs.shape[0]
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            index = order[start : start + batch_size]
+            optimiser.zero_grad()
+            loss = F.cross_entropy(model(inputs[index]), labels[index])
+            loss.backward()
+            optimiser.step()
+    model.eval()
+    return model
