@@ -1,0 +1,269 @@
+"""Which modules of a model PatternNet can explain, checked before any data is read.
+
+Every module of a model falls into one of these kinds (:func:`classify`):
+
+``linear``
+    ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (groups and depthwise included): each gets patterns
+    and a weight-swap rule (method.md §3-§4).
+``batchnorm``
+    ``BatchNorm1d/2d/3d``/``SyncBatchNorm`` with running statistics. When it directly follows
+    a Linear/Conv it is **folded** into that layer (:class:`~patternnet.engine.canonize.
+    BatchNormFolding`). Otherwise it is **standalone** (pre-activation ResNets, BN after a
+    ReLU): a fixed per-channel affine map ``s ⊙ x + t`` that the backward pass crosses as the
+    gradient does, multiplied by ``s = γ/√(σ²+ε)``. It has no pattern of its own; this is the
+    documented choice for standalone BatchNorm (its shift ``t`` is a bias, which no backward
+    rule of PatternNet carries).
+``activation``
+    Element-wise non-linearities (ReLU, LeakyReLU, PReLU, ELU, GELU, SiLU, sigmoid, tanh ...):
+    the gradient's gate/derivative passes. The two-component estimator splits each unit by the
+    sign of its pre-activation, so LeakyReLU/PReLU pass ``a₋`` on their negative side; for
+    layers that feed a smooth activation (:data:`SMOOTH_ACTIVATIONS`), where the split has no
+    meaning, the fit uses the linear pattern instead (:func:`smooth_activation_layers`).
+``passthrough``
+    Weight-free modules (pooling with its switches, Flatten, Dropout in eval mode, Identity,
+    Upsample, padding, any parameter-free module of the user's): pure functions of their
+    input, crossed by the gradient.
+``container``
+    Modules that only call children (``Sequential``, blocks).
+``unsupported``
+    Modules with weights of their own that are not a Linear/Conv/BatchNorm/PReLU: LSTM/GRU,
+    ``MultiheadAttention``, ``Embedding``, LayerNorm/GroupNorm, transposed convolutions,
+    BatchNorm without running statistics, uninitialised lazy layers, and blocks holding a
+    parameter directly (e.g. a class token). :func:`check_supported` raises one
+    :class:`UnsupportedModuleError` naming all of them. A user who knows that a module of
+    theirs is a pure per-element function may declare it with :func:`register_passthrough`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import is_linear_layer
+from .canonize import is_batchnorm
+
+__all__ = [
+    "ACTIVATIONS",
+    "KINDS",
+    "SMOOTH_ACTIVATIONS",
+    "ModuleSupport",
+    "UnsupportedModuleError",
+    "check_supported",
+    "classify",
+    "register_passthrough",
+    "smooth_activation_layers",
+]
+
+KINDS = ("linear", "batchnorm", "activation", "passthrough", "container", "unsupported")
+
+#: Element-wise activation modules (weight-free, except PReLU's slope).
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+    nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+    nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Threshold, nn.Softmax,
+    nn.LogSoftmax, nn.Softmax2d,
+)
+
+#: Activations whose input has no meaningful active/inactive split (no linear piece): layers
+#: feeding them use the linear pattern ``a``.
+SMOOTH_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Hardswish,
+    nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
+)
+_SMOOTH_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
+    {
+        torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.gelu, F.silu, F.mish, F.softplus,
+        F.hardswish, F.hardsigmoid, F.logsigmoid, F.softsign, F.tanhshrink,
+    }
+)
+_SMOOTH_METHODS = frozenset({"sigmoid", "tanh", "sigmoid_", "tanh_"})
+
+_PASSTHROUGH_TYPES: set[type[nn.Module]] = set()
+
+
+class UnsupportedModuleError(TypeError):
+    """A model holds modules with weights that PatternNet has no backward rule for.
+
+    Attributes
+    ----------
+    modules:
+        ``[(qualified name, type name, reason), ...]`` of every unsupported module.
+    """
+
+    def __init__(self, message: str, modules: list[tuple[str, str, str]]) -> None:
+        super().__init__(message)
+        self.modules = modules
+
+
+@dataclass(frozen=True)
+class ModuleSupport:
+    """How one module is treated.
+
+    Attributes
+    ----------
+    name:
+        Qualified name (``""`` for the model itself).
+    type:
+        The module's class name.
+    kind:
+        One of :data:`KINDS`.
+    note:
+        Details: ``"folded into conv1"`` / ``"standalone"`` for BatchNorm, the reason for an
+        unsupported module.
+    """
+
+    name: str
+    type: str
+    kind: str
+    note: str = ""
+
+
+def register_passthrough(*types: type[nn.Module]) -> None:
+    """Declare module types (with weights) that the backward pass may cross like the gradient.
+
+    Only for modules that are a per-element or otherwise *fixed* map of their input whose
+    gradient is the right thing to pass backward; PatternNet learns no pattern for them.
+    """
+    for module_type in types:
+        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+            raise TypeError(f"register_passthrough takes nn.Module subclasses, not {module_type!r}")
+        _PASSTHROUGH_TYPES.add(module_type)
+
+
+def _kind(module: nn.Module) -> tuple[str, str]:
+    direct = [name for name, _ in module.named_parameters(recurse=False)]
+    if any(
+        isinstance(p, nn.parameter.UninitializedParameter)
+        for p in module.parameters(recurse=False)
+    ):
+        return "unsupported", "uninitialised lazy layer: run one forward pass first"
+    if is_linear_layer(module):
+        return "linear", ""
+    if is_batchnorm(module):
+        if module.running_mean is None:
+            return "unsupported", (
+                "track_running_stats=False: normalises each batch by its own statistics even "
+                "in eval mode (not a fixed map)"
+            )
+        return "batchnorm", ""
+    if isinstance(module, tuple(_PASSTHROUGH_TYPES)):
+        return "passthrough", "registered"
+    if isinstance(module, ACTIVATIONS):
+        return "activation", ""
+    if direct:
+        return "unsupported", f"holds weights {', '.join(direct[:4])} with no PatternNet rule"
+    if next(module.children(), None) is not None:
+        return "container", ""
+    return "passthrough", ""
+
+
+def classify(model: nn.Module, *, folding: bool = True) -> dict[str, ModuleSupport]:
+    """Say how every module of ``model`` is treated (see the module docstring).
+
+    Parameters
+    ----------
+    model:
+        Any ``nn.Module``.
+    folding:
+        Find which BatchNorms are folded (traces the model with ``torch.fx``); False leaves
+        the note of BatchNorms empty.
+
+    Returns
+    -------
+    dict
+        ``{qualified name: ModuleSupport}`` in ``named_modules`` order. Modules inside an
+        unsupported module are not listed.
+    """
+    folded: dict[str, str] = {}
+    if folding:
+        from .canonize import BatchNormFolding
+
+        pairs, _ = BatchNormFolding().pairs(model)
+        folded = {bn: layer for layer, bn in pairs.items()}
+    result: dict[str, ModuleSupport] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        kind, note = _kind(module)
+        if kind == "unsupported":
+            inside.append(name)
+        elif kind == "batchnorm" and folding:
+            note = f"folded into {folded[name]}" if name in folded else "standalone"
+        result[name] = ModuleSupport(name, type(module).__name__, kind, note)
+    return result
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModuleError` naming every module PatternNet cannot explain.
+
+    Cheap (no tracing, no data): called by :func:`~patternnet.patterns.fit.collect_statistics`
+    before it reads the first batch, and by methods that install backward rules before
+    their forward pass.
+    """
+    bad = [
+        (s.name or "<model>", s.type, s.note)
+        for s in classify(model, folding=False).values()
+        if s.kind == "unsupported"
+    ]
+    if not bad:
+        return
+    lines = "\n".join(f"  - {name} ({kind}): {reason}" for name, kind, reason in bad)
+    raise UnsupportedModuleError(
+        f"patternnet cannot explain {type(model).__name__}: {len(bad)} module(s) have weights "
+        f"that no PatternNet rule covers:\n{lines}\n"
+        "Patterns exist for Linear and Conv1d/2d/3d layers (BatchNorm with running statistics "
+        "is folded or crossed as a per-channel map); weight-free modules pass the gradient. "
+        "Remove or replace these modules, explain a sub-network without them, or, if one is a "
+        "fixed map whose gradient may pass, declare its type with "
+        "patternnet.engine.support.register_passthrough(Type).",
+        bad,
+    )
+
+
+def smooth_activation_layers(model: nn.Module) -> dict[str, str]:
+    """Linear/Conv layers whose output (after a folded BatchNorm) feeds a smooth activation.
+
+    Found by ``torch.fx`` tracing (no data); a model that cannot be traced gives ``{}``.
+
+    Returns
+    -------
+    dict
+        ``{layer name: activation name}`` for layers that feed only smooth activations
+        (:data:`SMOOTH_ACTIVATIONS`, ``torch.sigmoid``, ``F.gelu`` ...). Their two-component
+        split is meaningless: the fit gives them the linear pattern.
+    """
+    from .canonize import BatchNormFolding, _LeafTracer
+
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - untraceable: no smooth-activation information
+        return {}
+    modules = dict(model.named_modules())
+    folded_bns = set(BatchNormFolding().pairs(model)[0].values())
+    result: dict[str, str] = {}
+
+    def smooth(node: torch.fx.Node) -> str | None:
+        if node.op == "call_module" and isinstance(modules[node.target], SMOOTH_ACTIVATIONS):
+            return type(modules[node.target]).__name__
+        if node.op == "call_function" and node.target in _SMOOTH_FUNCTIONS:
+            return getattr(node.target, "__name__", str(node.target))
+        if node.op == "call_method" and node.target in _SMOOTH_METHODS:
+            return str(node.target)
+        return None
+
+    for node in graph.nodes:
+        if node.op != "call_module" or not is_linear_layer(modules[node.target]):
+            continue
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and users[0].target in folded_bns:
+            users = list(users[0].users)
+        names = [smooth(user) for user in users]
+        if users and all(names):
+            result[node.target] = names[0]
+    return result
