@@ -1,0 +1,294 @@
+"""Patterns files: refused when they do not fit, never unpickled, written atomically (issue 8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from patternnet import PatternAttribution, PatternNet, Patterns, fit_patterns
+from patternnet.patterns import store
+
+
+def model(padding: int = 1, hidden: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    size = 8 + 2 * padding - 2
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=padding),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * (size // 2) ** 2, hidden),
+    )
+
+
+X = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture()
+def saved(tmp_path: Path) -> tuple[Patterns, Path]:
+    patterns = fit_patterns(model(), X, progress=False)
+    return patterns, patterns.save(tmp_path / "model.patterns.safetensors")
+
+
+def header(**fields: str) -> dict[str, str]:
+    base = {"format": "patternnet", "format_version": "1", "estimator": "linear", "metadata": "{}"}
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+# ---------------------------------------------------------------------- round trip
+def test_round_trip_is_exact_and_checked(saved: tuple[Patterns, Path]) -> None:
+    patterns, path = saved
+    loaded = Patterns.load(path, model=model())
+    assert loaded.estimator == patterns.estimator
+    assert loaded.metadata == json.loads(json.dumps(patterns.metadata))
+    for name in patterns:
+        for key, tensor in patterns[name].items():
+            assert torch.equal(loaded[name][key], tensor)
+    x = X[:3]
+    torch.testing.assert_close(
+        PatternNet(model(), loaded).attribute(x), PatternNet(model(), patterns).attribute(x)
+    )
+
+
+# ---------------------------------------------------------------------- other architectures
+@pytest.mark.parametrize(
+    ("other", "match"),
+    [
+        (model(padding=2), r"layer '0' does not match.*padding"),
+        (model(hidden=5), r"layer '4' does not match.*weight_shape"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), r"layer '0'"),
+        (
+            nn.Sequential(*model(), nn.ReLU(), nn.Linear(3, 2)),
+            r"this model's layer '6' \(Linear \[2, 3\]\) has no patterns",
+        ),
+    ],
+    ids=["padding", "width", "other layers", "extra layer"],
+)
+def test_load_refuses_another_architecture_naming_the_layer(
+    saved: tuple[Patterns, Path], other: nn.Module, match: str
+) -> None:
+    _, path = saved
+    with pytest.raises(ValueError, match=match):
+        Patterns.load(path, model=other)
+    with pytest.raises(ValueError, match=match):
+        PatternAttribution(other, Patterns.load(path))
+
+
+def test_fingerprint_differs_for_another_architecture() -> None:
+    assert store.fingerprint(model()) == store.fingerprint(model())
+    assert store.fingerprint(model()) != store.fingerprint(model(padding=2))
+
+
+def test_patterns_without_architecture_are_checked_by_shape(tmp_path: Path) -> None:
+    """A hand-made file (no architecture recorded) is still checked layer by layer."""
+    right = {"0/a": torch.ones(4, 1, 3, 3), "4/a": torch.ones(3, 64)}
+    wrong = {"0/a": torch.ones(4, 1, 3, 3), "4/a": torch.ones(3, 63)}
+    save_file(right, tmp_path / "right.safetensors", metadata=header())
+    save_file(wrong, tmp_path / "wrong.safetensors", metadata=header())
+    Patterns.load(tmp_path / "right.safetensors", model=model())
+    with pytest.raises(ValueError, match=r"pattern 4/a has shape \[3, 63\].*\[3, 64\]"):
+        Patterns.load(tmp_path / "wrong.safetensors", model=model())
+    with pytest.raises(ValueError, match=r"pattern 4/a has shape"):  # before any forward pass
+        PatternNet(model(), Patterns.load(tmp_path / "wrong.safetensors"))
+    partial = Patterns({"0": {"a": torch.ones(4, 1, 3, 3)}}, estimator="linear")
+    with pytest.raises(ValueError, match=r"layers without patterns \['4'\]"):
+        PatternNet(model(), partial)
+
+
+# ---------------------------------------------------------------------- damaged files
+def test_truncated_files_are_refused(saved: tuple[Patterns, Path], tmp_path: Path) -> None:
+    _, path = saved
+    raw = path.read_bytes()
+    for cut in sorted({0, 1, 7, 8, 9, 100, len(raw) // 2, len(raw) - 1}):
+        damaged = tmp_path / f"cut{cut}.safetensors"
+        damaged.write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match="truncated or corrupted"):
+            Patterns.load(damaged)
+
+
+def test_corrupted_tensor_bytes_are_refused(saved: tuple[Patterns, Path], tmp_path: Path) -> None:
+    _, path = saved
+    raw = path.read_bytes()
+    start = 8 + int.from_bytes(raw[:8], "little")  # the tensor data after the JSON header
+    for offset in (start, (start + len(raw)) // 2, len(raw) - 1):
+        damaged = bytearray(raw)
+        damaged[offset] ^= 0x01  # one bit: a finite, plausible, wrong value
+        target = tmp_path / "flipped.safetensors"
+        target.write_bytes(bytes(damaged))
+        with pytest.raises(ValueError, match="corrupted.*checksum"):
+            Patterns.load(target)
+
+
+def test_corrupted_header_is_refused(saved: tuple[Patterns, Path], tmp_path: Path) -> None:
+    _, path = saved
+    raw = path.read_bytes()
+    for offset in (8, 9, 20, 8 + int.from_bytes(raw[:8], "little") - 1):
+        damaged = bytearray(raw)
+        damaged[offset] = ord("#")
+        target = tmp_path / "header.safetensors"
+        target.write_bytes(bytes(damaged))
+        with pytest.raises(ValueError, match="corrupted|damaged"):
+            Patterns.load(target)
+
+
+@pytest.mark.parametrize(
+    ("fields", "tensors", "match"),
+    [
+        ({"metadata": "{oops"}, None, "damaged"),
+        ({"metadata": "[1, 2]"}, None, "not a JSON object"),
+        ({"metadata": None}, None, "damaged"),
+        ({"format_version": "one"}, None, "damaged"),
+        ({"format_version": "99"}, None, "newer patternnet"),
+        ({"estimator": "zzz"}, None, "unknown estimator 'zzz'"),
+        ({"format": None}, None, "not a patternnet patterns file"),
+        ({}, {"0/a": torch.full((2,), float("nan"))}, "NaN or Inf"),
+        ({}, {"0/a": torch.ones(2, dtype=torch.int64)}, "int64"),
+        ({}, {"a": torch.ones(2)}, "unexpected tensor 'a'"),
+        ({}, {"0/weight": torch.ones(2)}, "unexpected tensor '0/weight'"),
+    ],
+    ids=[
+        "bad json",
+        "json list",
+        "no metadata",
+        "bad version",
+        "newer version",
+        "unknown estimator",
+        "foreign safetensors",
+        "nan pattern",
+        "integer pattern",
+        "no layer name",
+        "unknown kind",
+    ],
+)
+def test_malformed_patternnet_files_are_refused(
+    tmp_path: Path, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None, match: str
+) -> None:
+    path = tmp_path / "made.safetensors"
+    save_file(tensors or {"0/a": torch.ones(4, 1, 3, 3)}, path, metadata=header(**fields))
+    with pytest.raises(ValueError, match=match):
+        Patterns.load(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"hello world\n" * 40, bytes(range(256)) * 4, b"\xff" * 16, b"{}"],
+    ids=["empty", "text", "bytes", "huge header length", "json"],
+)
+def test_files_that_are_not_safetensors_are_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        Patterns.load(path)
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no patterns file"):
+        Patterns.load(tmp_path / "absent.safetensors")
+    with pytest.raises(FileNotFoundError, match="no patterns file"):
+        Patterns.load(tmp_path)
+
+
+# ---------------------------------------------------------------------- never unpickle
+class Payload:
+    """Unpickling this object creates a marker file: proof that code from a file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "torch.save legacy", "pickle"])
+def test_pickles_are_never_unpickled(
+    tmp_path: Path, writer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.safetensors"
+    payload = {"0/a": torch.ones(4, 1, 3, 3), "trap": Payload(marker)}
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=writer == "torch.save")
+    armed = tmp_path / "armed"
+    pickle.loads(pickle.dumps(Payload(armed)))
+    assert armed.exists()  # the payload is live: unpickling it would run code
+    calls: list[str] = []
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: calls.append("pickle.load"))
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append("pickle.loads"))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append("torch.load"))
+    with pytest.raises(ValueError, match="never unpickles"):
+        Patterns.load(path, model=model())
+    assert not marker.exists()
+    assert calls == []
+
+
+# ---------------------------------------------------------------------- atomic writing
+def _fail_midway(error: BaseException) -> Any:
+    real = store.atomic_write
+
+    def write(path: Any, write_fn: Any) -> None:
+        def partial(tmp: str) -> None:
+            write_fn(tmp)  # the whole new file, then chop it: a crash mid-write
+            with open(tmp, "r+b") as handle:
+                handle.truncate(os.path.getsize(tmp) // 2)
+            raise error
+
+        real(path, partial)
+
+    return write
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_crash_while_saving_keeps_the_previous_file(
+    saved: tuple[Patterns, Path], monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    patterns, path = saved
+    before = path.read_bytes()
+    other = fit_patterns(model(), X.flip(0)[:5], estimator="linear", progress=False)
+    monkeypatch.setattr(store, "atomic_write", _fail_midway(error))
+    with pytest.raises(type(error)):
+        other.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left
+    Patterns.load(path, model=model())
+
+
+def test_crash_inside_the_safetensors_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    patterns = fit_patterns(model(), X, progress=False)
+    path = patterns.save(tmp_path / "p.safetensors")
+    before = path.read_bytes()
+
+    def broken(tensors: Any, filename: str, metadata: Any = None) -> None:
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("writer crashed")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="writer crashed"):
+        patterns.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+
+
+def test_save_creates_folders_and_overwrites(tmp_path: Path) -> None:
+    patterns = fit_patterns(model(), X, estimator="linear", progress=False)
+    path = patterns.save(tmp_path / "a" / "b" / "p.safetensors")
+    assert Patterns.load(path).estimator == "linear"
+    again = fit_patterns(model(), X, progress=False)
+    again.save(path)
+    assert Patterns.load(path).estimator == "two_component"
+    assert [p.name for p in path.parent.iterdir()] == ["p.safetensors"]
