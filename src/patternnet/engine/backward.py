@@ -14,6 +14,12 @@ installs rules on a borrowed model and removes them afterwards:
   ``nn.ReLU`` or written as ``F.relu`` in the model's forward) and wraps its result the same
   way. In-place variants are computed out of place while rules are active, so that the rule
   sees the input before the activation.
+- **additions** of two branches (``a + b``, ``a += b``, ``torch.add``, ``a.add_(b)``: the
+  sums of residual networks), opt-in through :func:`addition_rules`: the same mode catches an
+  addition of two same-shaped tensors that both carry the graph, and the rule splits what
+  arrives at the sum between the summands: its ``save`` receives ``x = (a, b)`` and its
+  ``backward`` returns ``(to_a, to_b)``. Without an addition rule the sum passes the same
+  quantity to both summands, as the gradient does.
 
 Nothing is stored on the user's modules; hooks and modes live inside :func:`rules_applied`.
 """
@@ -29,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Rule", "rules_applied", "ACTIVATION_FUNCTIONS"]
+__all__ = ["Rule", "rules_applied", "relu_rules", "addition_rules", "ACTIVATION_FUNCTIONS",
+           "ADDITION_FUNCTIONS"]
 
 
 class Rule:
@@ -80,6 +87,20 @@ def _wrap(rule: Rule, module: nn.Module | None, x: Any, output: Any) -> Any:
     return _Swapped.apply(rule, module, state, x, [output.detach()])
 
 
+class _SwappedSum(torch.autograd.Function):
+    """``a + b`` on the forward values; ``rule.backward`` splits the way back."""
+
+    @staticmethod
+    def forward(ctx: Any, rule: Rule, state: Any, a: Tensor, b: Tensor, box: list) -> Tensor:
+        ctx.rule, ctx.state = rule, state
+        return box[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+        to_a, to_b = ctx.rule.backward(None, ctx.state, grad_output)
+        return None, None, to_a, to_b, None
+
+
 def _module_hook(rule: Rule) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not args:
@@ -101,6 +122,39 @@ ACTIVATION_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
 }
 _RELU_FAMILY = frozenset(ACTIVATION_FUNCTIONS)
 
+#: Spellings of a tensor addition (``a + b`` calls ``Tensor.add``, ``a += b`` ``Tensor.add_``).
+ADDITION_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
+    {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
+)
+_IN_PLACE_ADDITIONS = frozenset({Tensor.add_, Tensor.__iadd__})
+
+
+def _sum(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
+    """Apply an addition rule to ``a + b`` when both summands carry the graph, else add."""
+    a = args[0] if args else kwargs.get("input")
+    b = args[1] if len(args) > 1 else kwargs.get("other")
+    if not (
+        torch.is_grad_enabled()
+        and isinstance(a, Tensor)
+        and isinstance(b, Tensor)
+        and a.requires_grad
+        and b.requires_grad
+        and a.shape == b.shape
+        and len(args) <= 2
+        and set(kwargs) <= {"other", "input", "alpha"}
+        and kwargs.get("alpha", 1) == 1
+    ):
+        return func(*args, **kwargs)
+    in_place = func in _IN_PLACE_ADDITIONS
+    values = a.detach() + b.detach()
+    # An in-place sum overwrites ``a``: the rule must see its value before.
+    summands = (a.detach().clone() if in_place else a.detach(), b.detach())
+    state = rule.save(None, summands, values)
+    result = _SwappedSum.apply(rule, state, a, b, [values])
+    if in_place:
+        return a.copy_(result)
+    return result
+
 
 class _FunctionRules(TorchFunctionMode):
     """Apply rules to activation functions called anywhere during the forward pass."""
@@ -116,6 +170,8 @@ class _FunctionRules(TorchFunctionMode):
         rule = self.rules.get(func)
         if rule is None:
             return func(*args, **kwargs)
+        if func in ADDITION_FUNCTIONS:
+            return _sum(rule, func, args, kwargs)
         x = args[0]
         if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled():
             # Compute out of place: the rule needs the activation's input, and an in-place
@@ -131,6 +187,11 @@ def relu_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:
     return {func: rule for func in _RELU_FAMILY}
 
 
+def addition_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:
+    """The same rule for every spelling of a two-branch addition (see the module docstring)."""
+    return {func: rule for func in ADDITION_FUNCTIONS}
+
+
 @contextmanager
 def rules_applied(
     module_rules: Mapping[nn.Module, Rule],
@@ -143,7 +204,8 @@ def rules_applied(
     module_rules:
         ``{module: rule}``; each call of the module (reused modules too) is wrapped.
     function_rules:
-        ``{function: rule}`` for activation functions (see :func:`relu_rules`).
+        ``{function: rule}`` for activation functions (see :func:`relu_rules`) and additions
+        (see :func:`addition_rules`).
     """
     with ExitStack() as stack:
         for module, rule in module_rules.items():

@@ -36,6 +36,8 @@ Every module of a model falls into one of these kinds (:func:`classify`):
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +57,7 @@ __all__ = [
     "UnsupportedModuleError",
     "check_supported",
     "classify",
+    "linear_pattern_layers",
     "register_passthrough",
     "smooth_activation_layers",
 ]
@@ -238,11 +241,16 @@ def smooth_activation_layers(model: nn.Module) -> dict[str, str]:
         (:data:`SMOOTH_ACTIVATIONS`, ``torch.sigmoid``, ``F.gelu`` ...). Their two-component
         split is meaningless: the fit gives them the linear pattern.
     """
-    from .canonize import BatchNormFolding, _LeafTracer
+    from .canonize import BatchNormFolding, _LeafTracer, _structure_key
 
+    key = _structure_key(model)
+    cached = _SMOOTH_CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        return dict(cached[1])
     try:
         graph = _LeafTracer().trace(model)
     except Exception:  # noqa: BLE001 - untraceable: no smooth-activation information
+        _SMOOTH_CACHE[model] = (key, {})
         return {}
     modules = dict(model.named_modules())
     folded_bns = set(BatchNormFolding().pairs(model)[0].values())
@@ -266,4 +274,36 @@ def smooth_activation_layers(model: nn.Module) -> dict[str, str]:
         names = [smooth(user) for user in users]
         if users and all(names):
             result[node.target] = names[0]
-    return result
+    _SMOOTH_CACHE[model] = (key, result)
+    return dict(result)
+
+
+_SMOOTH_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def linear_pattern_layers(model: nn.Module, negative: bool = True) -> set[str]:
+    """Layers a two-component fit gives the linear pattern; warns once, naming them.
+
+    These are the layers of :func:`smooth_activation_layers`. Their linear pattern
+    ``a = cov[x, y] / wᵀcov[x, y]`` comes from the sums a two-component fit with
+    ``negative=True`` already holds (``count, sum_x, sum_y, sum_xy``). With ``negative=False``
+    those sums are missing and the layers keep ``a₊`` (the warning says so).
+    """
+    layers = smooth_activation_layers(model)
+    if not layers:
+        return set()
+    names = ", ".join(f"{layer} (→ {act})" for layer, act in layers.items())
+    if negative:
+        warnings.warn(
+            f"layers feeding a smooth activation have no active/inactive split; they get the "
+            f"linear pattern instead of a₊/a₋: {names}",
+            stacklevel=3,
+        )
+        return set(layers)
+    warnings.warn(
+        f"layers feeding a smooth activation have no active/inactive split, but "
+        f"negative=False did not collect the sums of their linear pattern; they keep a₊: "
+        f"{names}",
+        stacklevel=3,
+    )
+    return set()
