@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import patternnet as pn
@@ -176,3 +177,170 @@ class Smooth(nn.Module):
 
 def test_smooth_activation_layers() -> None:
     assert smooth_activation_layers(Smooth()) == {"a": "GELU", "b": "tanh", "d": "sigmoid"}
+
+
+# --------------------------------------------------------------- end to end, module by module
+
+
+def weight_patterns(model: nn.Module) -> pn.Patterns:
+    from patternnet.engine.canonize import Canonical, default_canonizers
+    from patternnet.patterns.fit import linear_layers
+
+    canonical = Canonical(model, default_canonizers())
+    layers = {n: {"a": canonical.weight(n).detach().clone()} for n in linear_layers(model)}
+    return pn.Patterns(layers, estimator="linear")
+
+
+def gradient_times_logit(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    xg = x.clone().requires_grad_(True)
+    logit = model(xg)[:, target]
+    (grad,) = torch.autograd.grad(logit.sum(), xg)
+    return grad * logit.detach().view(-1, *([1] * (x.dim() - 1)))
+
+
+def conv1d_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1, bias=False),
+        nn.BatchNorm1d(4),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(4, 4, 3, padding="same", padding_mode="reflect", groups=2),
+        nn.LeakyReLU(0.1),
+        nn.AvgPool1d(2),
+        nn.Dropout(0.3),
+        nn.Upsample(scale_factor=2),
+        nn.Conv1d(4, 5, 3, stride=2),
+        nn.PReLU(),
+        nn.AdaptiveMaxPool1d(2),
+        nn.Identity(),
+        nn.Flatten(),
+        nn.Linear(10, 3),
+    ).double().eval()
+
+
+def conv3d_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.BatchNorm3d(4),
+        nn.ReLU(inplace=True),
+        nn.MaxPool3d(2),
+        nn.Conv3d(4, 4, 3, padding=1, groups=4),  # depthwise
+        nn.ReLU(),
+        nn.AvgPool3d(1),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Dropout(),
+        nn.Linear(4, 3),
+    ).double().eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"), [(conv1d_net, (2, 16)), (conv3d_net, (1, 4, 6, 6))]
+)
+def test_conv1d_and_conv3d_networks_end_to_end(build, shape) -> None:
+    model = build()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    assert all(s.kind != "unsupported" for s in classify(model).values())
+    data = torch.randn(10, *shape, dtype=torch.float64)
+    x = data[:3]
+    # with weight patterns PatternNet is exactly gradient × logit through every module
+    signal = pn.PatternNet(model, weight_patterns(model)).attribute(x, target=1)
+    torch.testing.assert_close(signal, gradient_times_logit(model, x, 1))
+    patterns = pn.fit_patterns(model, data, batch_size=4, progress=False)
+    assert set(patterns) == {n for n, m in model.named_modules()
+                             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv3d))}
+    for method in (pn.PatternNet(model, patterns), pn.PatternAttribution(model, patterns)):
+        result = method.attribute(x)
+        assert result.shape == x.shape and torch.isfinite(result).all()
+        assert result.abs().sum() > 0
+
+
+class MixedReLU(nn.Module):
+    """The same network written with F.relu, torch.relu, Tensor.relu_ and nn.ReLU(inplace)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+        self.relus = nn.ModuleList([nn.ReLU(inplace=True), nn.ReLU(), nn.ReLU()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.functional:
+            h = self.relus[0](self.conv1(x))          # in place module
+            h = F.relu(self.conv2(h))                  # functional
+            h = self.conv3(h).relu_()                  # in place method
+            return self.fc(torch.flatten(F.max_pool2d(h, 2), 1))
+        h = self.relus[0](self.conv1(x))
+        h = self.relus[1](self.conv2(h))
+        h = self.relus[2](self.conv3(h))
+        return self.fc(F.max_pool2d(h, 2).view(h.shape[0], -1))
+
+
+def test_functional_and_inplace_relu_mix_matches_module_twin() -> None:
+    torch.manual_seed(0)
+    mixed = MixedReLU(functional=True).double().eval()
+    twin = MixedReLU(functional=False).double().eval()
+    twin.load_state_dict(mixed.state_dict())
+    data = torch.randn(12, 3, 6, 6, dtype=torch.float64)
+    x = data[:3]
+    torch.testing.assert_close(mixed(x), twin(x))
+    signal = pn.PatternNet(mixed, weight_patterns(mixed)).attribute(x, target=0)
+    torch.testing.assert_close(signal, gradient_times_logit(mixed, x, 0))
+    ours = pn.fit_patterns(mixed, data, progress=False)
+    theirs = pn.fit_patterns(twin, data, progress=False)
+    for name in ours:
+        for key in ours[name]:
+            torch.testing.assert_close(ours[name][key], theirs[name][key])
+    for method in (pn.PatternNet, pn.PatternAttribution):
+        torch.testing.assert_close(
+            method(mixed, ours).attribute(x), method(twin, theirs).attribute(x)
+        )
+
+
+def test_leaky_relu_passes_a_minus_on_its_negative_side() -> None:
+    torch.manual_seed(0)
+    l1, l2 = nn.Linear(4, 6).double(), nn.Linear(6, 3).double()
+    model = nn.Sequential(l1, nn.LeakyReLU(0.2), l2).eval()
+    data = torch.randn(200, 4, dtype=torch.float64)
+    patterns = pn.fit_patterns(model, data, progress=False)
+    assert set(patterns["0"]) == {"a_plus", "a_minus"}
+    x = data[:5]
+    signal = pn.PatternNet(model, patterns).attribute(x, target=2)
+    # reference: backward by hand with the forward masks
+    a_plus, a_minus = patterns["0"]["a_plus"], patterns["0"]["a_minus"]
+    a2 = patterns["2"]["a_plus"]  # the output layer: every unit "active" side by its sign
+    out1 = l1(x).detach()
+    y = l2(model[1](out1)).detach()[:, 2]
+    m2 = (y > 0).double()
+    a2_row = m2[:, None] * a2[2] + (1 - m2[:, None]) * patterns["2"]["a_minus"][2]
+    g = a2_row * y[:, None]                                  # at the LeakyReLU output
+    g = g * torch.where(out1 > 0, 1.0, 0.2)                  # LeakyReLU's gradient
+    m1 = (out1 > 0).double()
+    expected = (g * m1) @ a_plus + (g * (1 - m1)) @ a_minus
+    torch.testing.assert_close(signal, expected)
+
+
+def test_smooth_activations_get_the_linear_pattern_with_one_warning() -> None:
+    torch.manual_seed(0)
+    model = Smooth().double().eval()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    data = torch.randn(64, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="linear pattern") as record:
+        patterns = pn.fit_patterns(model, data, progress=False)
+    assert len([w for w in record if "smooth" in str(w.message)]) == 1
+    assert "a (→ GELU)" in str(record[0].message)
+    assert set(patterns["a"]) == {"a"} and set(patterns["c"]) == {"a_plus", "a_minus"}
+    linear = pn.fit_patterns(model, data, estimator="linear", progress=False)
+    for name in ("a", "b", "d"):
+        torch.testing.assert_close(patterns[name]["a"], linear[name]["a"])
+    signal = pn.PatternNet(model, patterns).attribute(data[:4], target=0)
+    assert torch.isfinite(signal).all()
+    with pytest.warns(UserWarning, match="keep a₊"):
+        positive = pn.fit_patterns(model, data, negative=False, progress=False)
+    assert set(positive["a"]) == {"a_plus"}
