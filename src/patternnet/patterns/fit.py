@@ -9,17 +9,27 @@ The sums are then turned into :class:`~patternnet.patterns.store.Patterns` by th
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..borrow import borrowed, model_device, model_dtype
+from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from ..engine.canonize import Canonical, Canonizer
+from ..engine.support import check_supported, linear_pattern_layers
 from ..layers import geometry, is_linear_layer
+from . import distributed as distributed_mod
 from . import estimators
-from .statistics import LayerStatistics, Statistics, required_sums
+from .checkpoint import (
+    Checkpointer,
+    check_context,
+    load_checkpoint,
+    rank_path,
+    remove_stale_temporaries,
+)
+from .statistics import DEFAULT_FLUSH_EVERY, LayerStatistics, Statistics, required_sums
 from .store import Patterns, architecture, fingerprint
 
 __all__ = ["collect_statistics", "compute_patterns", "fit_patterns", "iter_batches"]
@@ -53,6 +63,12 @@ def iter_batches(
     ValueError
         For empty data, empty batches, or NaN/Inf values.
     """
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be a positive int or None, not {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of samples or None, not {limit!r}")
     if isinstance(data, Tensor):
         if data.dim() == 0 or data.shape[0] == 0:
             raise ValueError(
@@ -90,6 +106,13 @@ def iter_batches(
             )
         if batch.dim() == 0 or batch.shape[0] == 0:
             raise ValueError(f"batch {index} is empty (shape {tuple(batch.shape)})")
+        if batch.dim() == 1:
+            raise ValueError(
+                f"batch {index} has shape {tuple(batch.shape)}, without a batch dimension; "
+                "data must be (N, ...): for one feature per sample use x.unsqueeze(1)"
+            )
+        if batch.is_meta:
+            raise ValueError(f"batch {index} is on the meta device (no values); pass real data")
         if not torch.isfinite(batch).all():
             raise ValueError(
                 f"batch {index} holds NaN or Inf values; clean the data before fitting"
@@ -144,17 +167,24 @@ def collect_statistics(
     limit: int | None = None,
     canonizers: Sequence[Canonizer] | None = None,
     statistics: Statistics | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_minutes: float | None = None,
+    resume: bool = False,
+    distributed: bool | None = None,
 ) -> Statistics:
     """Accumulate the sums every estimator needs, in one pass over ``data``.
 
     Parameters are those of :func:`fit_patterns`; ``statistics`` continues an earlier partial
-    fit (its sums are added to, in place).
+    fit (its sums are added to, in place; not with ``resume``). In a distributed fit every
+    rank returns the all-reduced statistics of the whole data.
 
     Returns
     -------
     Statistics
         Float64 sums per layer (on ``device``), mergeable with other partial fits.
     """
+    check_supported(model)  # before any data is read
     target_device = model_device(model)
     if device is not None and torch.device(device) != target_device:
         dev = torch.device(device)
@@ -164,6 +194,41 @@ def collect_statistics(
                 f"first (model.to({str(device)!r})): patternnet does not move a borrowed model"
             )
     canonical = Canonical(model, _default_canonizers(canonizers))
+    use_distributed = distributed_mod.resolve(distributed)
+    rank = distributed_mod.rank() if use_distributed else 0
+    world = distributed_mod.world_size() if use_distributed else 1
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=path (the file to resume from)")
+    if checkpoint is not None and statistics is not None:
+        raise ValueError("pass either statistics= (continue in memory) or checkpoint=, not both")
+    flush_every = DEFAULT_FLUSH_EVERY
+    if checkpoint_every is not None:
+        flush_every = max(1, min(DEFAULT_FLUSH_EVERY, int(checkpoint_every)))
+    context: dict[str, Any] = {
+        "fingerprint": fingerprint(model),
+        "estimator": estimator,
+        "negative": negative,
+        "precision": precision,
+        "rank": rank,
+        "world_size": world,
+    }
+    checkpoint_path = None
+    resumed = False
+    if checkpoint is not None:
+        checkpoint_path = rank_path(checkpoint, rank, world)
+        remove_stale_temporaries(checkpoint_path)
+        if checkpoint_path.exists():
+            if not resume:
+                raise ValueError(
+                    f"checkpoint {checkpoint_path} exists; pass resume=True to continue that "
+                    "fit, or delete the file (or choose another path) to start afresh"
+                )
+            statistics, saved = load_checkpoint(checkpoint_path)
+            check_context(checkpoint_path, saved, context)
+            statistics.to(target_device)
+            flush_every = int(saved.get("flush_every", flush_every))
+            resumed = True
+    context["flush_every"] = flush_every
     stats = statistics or _new_statistics(model, canonical, estimator, negative, target_device)
     if stats.estimator != estimator:
         raise ValueError(
@@ -175,6 +240,8 @@ def collect_statistics(
         )
     if not next(iter(stats.layers.values())).sums:
         return stats  # identity/filter estimators need no data
+    if use_distributed:
+        data, limit = distributed_mod.shard(data, batch_size, limit, rank, world)
     dtype = model_dtype(model)
     modules = linear_layers(model)
     handles = []
@@ -189,35 +256,120 @@ def collect_statistics(
 
         return hook
 
-    bar = _progress(progress, limit)
+    checkpointer = None
+    if checkpoint_path is not None:
+        checkpointer = Checkpointer(
+            checkpoint_path, every=checkpoint_every, minutes=checkpoint_minutes, context=context
+        )
+        checkpointer.start(stats.batches)
+    skip = (stats.batches, stats.images) if resumed else (0, 0)
+    bar = _progress(
+        progress and rank == 0, _total_samples(data, batch_size, limit), initial=skip[1]
+    )
     with borrowed(model, warn_train=TRAIN_MODE_WARNING):
         try:
             for name, module in modules.items():
                 handles.append(module.register_forward_hook(make_hook(name, module)))
             with torch.no_grad(), canonical.active():
-                for batch in iter_batches(data, batch_size, limit=limit):
+                for batch in _remaining_batches(data, batch_size, limit, *skip):
                     batch = batch.to(device=target_device, dtype=dtype)
-                    canonical(batch)
+                    forward_checked(canonical, batch)
                     stats.images += batch.shape[0]
                     stats.batches += 1
+                    if stats.batches % flush_every == 0:
+                        stats.flush()
+                    if checkpointer is not None and checkpointer.due(stats):
+                        checkpointer.save(stats)
                     if bar is not None:
                         bar.update(batch.shape[0])
+            stats.flush()
+            if checkpointer is not None:
+                checkpointer.save(stats, complete=True)
         finally:
             for handle in handles:
                 handle.remove()
             if bar is not None:
                 bar.close()
+    if use_distributed:
+        stats.all_reduce_()
     return stats
 
 
-def _progress(enabled: bool, total: int | None) -> Any:
+def _remaining_batches(
+    data: Any, batch_size: int | None, limit: int | None, batches: int, images: int
+) -> Iterator[Tensor]:
+    """The batches of ``data`` after the first ``batches`` (which held ``images`` samples).
+
+    A resumed fit skips what its checkpoint already holds; the count of skipped samples must
+    match, or the data (or the batch size) changed since the checkpoint was written.
+    """
+    if batches == 0:
+        yield from iter_batches(data, batch_size, limit=limit)
+        return
+
+    def mismatch(seen: int, count: int) -> ValueError:
+        return ValueError(
+            f"the checkpoint holds {batches} batches of {images} samples, but the first "
+            f"{count} batches of this data hold {seen} samples: resume with the same data, "
+            "order, batch size and limit as the interrupted fit"
+        )
+
+    if isinstance(data, Tensor):
+        size = batch_size or DEFAULT_BATCH_SIZE
+        start = min(batches * size, data.shape[0])
+        consumed = start if limit is None else min(start, limit)
+        if consumed != images:
+            raise mismatch(consumed, batches)
+        rest = None if limit is None else limit - images
+        if start < data.shape[0] and rest != 0:
+            yield from iter_batches(data[start:], size, limit=rest)
+        return
+    seen = 0
+    count = 0
+    for batch in iter_batches(data, batch_size, limit=limit):
+        if count < batches:
+            seen += batch.shape[0]
+            count += 1
+            continue
+        if seen != images:
+            raise mismatch(seen, count)
+        yield batch
+    if count != batches or seen != images:
+        raise mismatch(seen, count)
+
+
+def _total_samples(data: Any, batch_size: int | None, limit: int | None) -> int | None:
+    """The number of samples ``data`` will yield, when known (for the progress bar's ETA)."""
+    total: int | None = None
+    if isinstance(data, Tensor):
+        total = data.shape[0] if data.dim() else None
+    else:
+        dataset = getattr(data, "dataset", None)
+        sampler = getattr(data, "sampler", None)
+        try:
+            if sampler is not None and getattr(data, "batch_size", None) is not None:
+                total = len(sampler)
+            elif dataset is not None:
+                total = len(dataset)
+        except TypeError:
+            total = None
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    return total
+
+
+def _progress(enabled: bool, total: int | None, initial: int = 0) -> Any:
+    """A tqdm bar in images (it shows images/s, and the ETA when the total is known)."""
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
-    return tqdm(total=total, unit="img", desc="fitting patterns", leave=False)
+    return tqdm(
+        total=total, initial=initial, unit="img", desc="fitting patterns", leave=False,
+        smoothing=0.1,
+    )
 
 
 def compute_patterns(
@@ -248,8 +400,19 @@ def compute_patterns(
     estimator = statistics.estimator
     layers: dict[str, dict[str, Tensor]] = {}
     report: dict[str, Any] = {}
+    statistics.flush()
+    smooth = set()
+    if estimator == "two_component":
+        smooth = linear_pattern_layers(model, statistics.negative)
     for name, layer_stats in statistics.items():
         weight = canonical.weight(name).detach()
+        broken = sorted(k for k, t in layer_stats.tensors.items() if not torch.isfinite(t).all())
+        if broken:
+            raise ValueError(
+                f"the statistics of layer {name!r} hold NaN or Inf ({', '.join(broken)}): the "
+                "model produced non-finite values there (NaN/Inf weights, or overflow in low "
+                "precision: fit a float32 copy of the model)"
+            )
         shape = weight.shape
         if estimator == "identity":
             layers[name] = {}
@@ -258,6 +421,9 @@ def compute_patterns(
             a, rep = estimators.filter_pattern(weight)
             tensors = {"a": a}
         elif estimator == "linear":
+            a, rep = estimators.linear_pattern(layer_stats, weight)
+            tensors = {"a": a}
+        elif estimator == "two_component" and name in smooth:
             a, rep = estimators.linear_pattern(layer_stats, weight)
             tensors = {"a": a}
         elif estimator == "two_component":
@@ -302,6 +468,11 @@ def fit_patterns(
     precision: str = "float64",
     limit: int | None = None,
     canonizers: Sequence[Canonizer] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_minutes: float | None = None,
+    resume: bool = False,
+    distributed: bool | None = None,
 ) -> Patterns:
     """Learn the signal estimator of every Linear/Conv layer of ``model`` from ``data``.
 
@@ -320,8 +491,9 @@ def fit_patterns(
         ``"two_component"`` (a₊, a₋; default), ``"linear"`` (a), ``"filter"`` or
         ``"identity"``.
     negative:
-        With ``"two_component"``: also fit a₋ (``False`` halves the statistics; PatternNet then
-        uses a₊ everywhere, as the Keras reference implementation did).
+        With ``"two_component"``: also fit a₋. ``False`` stores two ``(O, D)`` sums per layer
+        instead of three (2/3 of the memory, and of the statistics' arithmetic); PatternNet
+        then uses a₊ everywhere, as the Keras reference implementation did.
     batch_size:
         Batch size when ``data`` is a tensor (default 32).
     device:
@@ -330,11 +502,36 @@ def fit_patterns(
         Show a tqdm progress bar.
     precision:
         ``"float64"`` (default): products and sums in float64, any batch split agrees to
-        rounding. ``"float32"``: per-batch products in float32, sums in float64 (faster).
+        rounding. ``"float32"``: products in float32, convolution products summed over a few
+        batches in float32 buffers, then added into float64 sums (method.md §9). Faster on
+        CPUs and GPUs without fast float64; the patterns differ from a float64 fit by about
+        1e-5 relative (measured on VGG16, see ``benchmarks/README.md``).
     limit:
         Use at most this many samples.
     canonizers:
         Graph rewrites applied first (default: fold BatchNorm into the preceding layer).
+    checkpoint:
+        A file to save the statistics to while fitting (atomically: a kill never leaves a
+        broken file). With ``resume=True`` an existing checkpoint is continued: the batches it
+        holds are skipped (never added twice) and the result equals that of an uninterrupted
+        fit with the same options. The data must come in the same order with the same batch
+        size (a shuffling ``DataLoader`` needs a seeded generator); a ``DataLoader`` still
+        loads the skipped batches, a tensor does not. In a distributed fit each rank writes
+        ``<checkpoint>.rank<r>of<n>``. The file is kept after the fit (delete it yourself).
+    checkpoint_every:
+        Save after this many batches (at the next flush of the float32 buffers, every
+        ``min(8, checkpoint_every)`` batches).
+    checkpoint_minutes:
+        Save after this many minutes (default 10 when neither option is given).
+    resume:
+        Continue from ``checkpoint`` if it exists (else start afresh). Without it an existing
+        checkpoint is an error, so that a finished fit is never overwritten by mistake.
+    distributed:
+        Fit with ``torch.distributed``: each rank adds its share of ``data`` (pass the whole
+        data on every rank; see :mod:`patternnet.patterns.distributed` for how it is sharded)
+        and one all-reduce sums the ranks; every rank returns the same patterns (save them on
+        rank 0 only). ``None`` (default): when a process group is initialised with more than
+        one process.
 
     Returns
     -------
@@ -346,7 +543,15 @@ def fit_patterns(
     --------
     >>> patterns = fit_patterns(model, loader)                          # doctest: +SKIP
     >>> PatternAttribution(model, patterns).attribute(images)           # doctest: +SKIP
+
+    A long fit that can be killed and restarted with the same call:
+
+    >>> patterns = fit_patterns(model, loader, checkpoint="fit.ckpt",  # doctest: +SKIP
+    ...                         checkpoint_minutes=5, resume=True)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    check_supported(model)
     needs_data = bool(required_sums(estimator, negative))
     if data is None and needs_data:
         raise ValueError(f"estimator {estimator!r} needs data to fit patterns on")
@@ -362,8 +567,16 @@ def fit_patterns(
             precision=precision,
             limit=limit,
             canonizers=canonizers,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            checkpoint_minutes=checkpoint_minutes,
+            resume=resume,
+            distributed=distributed,
         )
     else:
         canonical = Canonical(model, _default_canonizers(canonizers))
         stats = _new_statistics(model, canonical, estimator, negative, model_device(model))
-    return compute_patterns(model, stats, canonizers=canonizers)
+    patterns = compute_patterns(model, stats, canonizers=canonizers)
+    if needs_data:
+        patterns.metadata["precision"] = precision
+    return patterns

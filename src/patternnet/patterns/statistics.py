@@ -34,7 +34,17 @@ from torch import Tensor
 
 from ..layers import LayerGeometry
 
-__all__ = ["LayerStatistics", "Statistics", "SUM_NAMES", "required_sums"]
+__all__ = ["LayerStatistics", "Statistics", "SUM_NAMES", "required_sums", "DEFAULT_FLUSH_EVERY"]
+
+#: A linear layer flushes its held-back rows once they hold this many values (64 MB in
+#: float32): large enough that the dense layers' product is one big matrix multiplication,
+#: small enough to stay a small part of one batch's memory.
+ROW_BUFFER_ELEMENTS = 1 << 24
+#: Float32 products are formed in chunks of at most this many values before being added into
+#: the float64 sums (bounds the temporary memory of huge dense layers).
+_CHUNK_ELEMENTS = 1 << 24
+#: ``collect_statistics`` flushes all held-back products every this many batches.
+DEFAULT_FLUSH_EVERY = 8
 
 SUM_NAMES = ("count", "sum_y", "sum_x", "sum_xy", "count_plus", "sum_x_plus", "sum_xy_plus")
 
@@ -44,6 +54,14 @@ _NEEDS = {
     "positive": {"count", "sum_y", "count_plus", "sum_x_plus", "sum_xy_plus"},
     "negative": {"count", "sum_y", "sum_x", "sum_xy", "count_plus", "sum_x_plus", "sum_xy_plus"},
 }
+
+
+def _compute_dtype(precision: str) -> torch.dtype:
+    if precision == "float64":
+        return torch.float64
+    if precision == "float32":
+        return torch.float32
+    raise ValueError(f"precision must be 'float64' or 'float32', not {precision!r}")
 
 
 def required_sums(estimator: str, negative: bool = True) -> frozenset[str]:
@@ -92,6 +110,13 @@ class LayerStatistics:
     sums: frozenset[str]
     device: torch.device | str = "cpu"
     tensors: dict[str, Tensor] = field(default_factory=dict)
+    # Held-back products (see ``flush``): linear input rows with their stacked output
+    # gradients, and a float32 staging sum of stacked convolution products.
+    _rows: list[tuple[Tensor, Tensor]] = field(default_factory=list, init=False, repr=False)
+    _row_names: list[str] = field(default_factory=list, init=False, repr=False)
+    _row_count: int = field(default=0, init=False, repr=False)
+    _stage: Tensor | None = field(default=None, init=False, repr=False)
+    _stage_names: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.tensors:
@@ -112,6 +137,7 @@ class LayerStatistics:
 
     # ------------------------------------------------------------------ access
     def __getitem__(self, name: str) -> Tensor:
+        self.flush()
         try:
             return self.tensors[name]
         except KeyError:
@@ -123,6 +149,7 @@ class LayerStatistics:
     @property
     def count(self) -> int:
         """Number of samples (rows, or output positions × images) accumulated."""
+        self.flush()
         return int(self.tensors["count"].item())
 
     # ------------------------------------------------------------------ update
@@ -138,6 +165,9 @@ class LayerStatistics:
     ) -> None:
         """Add one batch: the layer's input ``x`` and its output ``out`` (bias included).
 
+        Products may be held back (see :meth:`flush`): read the sums through ``stats[name]``,
+        :meth:`flush` first, or use a finished :func:`~patternnet.patterns.fit.collect_statistics`.
+
         Parameters
         ----------
         geometry:
@@ -149,19 +179,24 @@ class LayerStatistics:
         weight_shape:
             Shape of the layer's weight.
         precision:
-            ``"float64"``: products computed in float64 (exact; batch splits agree to
-            rounding). ``"float32"``: products computed per batch in float32 and added into
-            the float64 sums (fast; see the docs for the measured error).
+            ``"float64"``: products computed in float64 (exact up to float64 rounding, any
+            batch split agrees). ``"float32"``: products computed in float32, convolution
+            products summed over a few batches in float32 staging buffers, then added into the
+            float64 sums by :meth:`flush` (fast; error measured in ``benchmarks/README.md``).
+
+        Notes
+        -----
+        Linear layers hold back their input rows and stacked output gradients (a few batches,
+        at most ``ROW_BUFFER_ELEMENTS`` values) and add their product in one matrix
+        multiplication at :meth:`flush`: with small batches the per-batch product of a dense
+        layer is a rank-``batch`` update of a huge ``(O, D)`` matrix whose cost is reading and
+        writing that matrix (method.md §9), so fewer, larger products are several times faster.
         """
-        if precision == "float64":
-            dtype = torch.float64
-        elif precision == "float32":
-            dtype = torch.float32
-        else:
-            raise ValueError(f"precision must be 'float64' or 'float32', not {precision!r}")
+        dtype = _compute_dtype(precision)
+        given = x
         x = x.detach().to(dtype)
         out = out.detach().to(dtype)
-        channel_dim = -1 if geometry.kind == "linear" else 1
+        channel_dim = out.dim() - 1 if geometry.kind == "linear" else 1
         if bias is not None:
             shape = [1] * out.dim()
             shape[channel_dim] = -1
@@ -184,11 +219,13 @@ class LayerStatistics:
 
         if geometry.kind == "linear":
             x2, _ = geometry.flatten_linear(x, out)
-            rows = [p.reshape(-1, O) for p in parts]
-            if rows:
-                product = geometry.weight_product(x2, torch.cat(rows, dim=1), weight_shape)
-                for i, name in enumerate(names):
-                    need[name] += product[i * O : (i + 1) * O].to(torch.float64)
+            if parts:
+                rows = parts[0].reshape(-1, O) if len(parts) == 1 else torch.cat(
+                    [p.reshape(-1, O) for p in parts], dim=1
+                )
+                if x2.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
+                    x2 = x2.clone()  # held across batches: never alias the model's tensors
+                self._hold_rows(x2, rows, names)
             if "sum_x" in need:
                 need["sum_x"] += x2.sum(0, dtype=torch.float64).view(1, -1)
         else:
@@ -196,27 +233,80 @@ class LayerStatistics:
             # (N, G, parts·O/G [+1 ones channel], *spatial) -> (N, G·K, *spatial).
             n, spatial = out.shape[0], out.shape[2:]
             per_group = [p.reshape(n, G, O // G, *spatial) for p in parts]
+            stack_names = list(names)
             if "sum_x" in need:
                 per_group.append(out.new_ones(n, G, 1, *spatial))
+                stack_names.append("sum_x")
             if per_group:
-                stacked = torch.cat(per_group, dim=2)
+                stacked = torch.cat(per_group, dim=2) if len(per_group) > 1 else per_group[0]
                 k = stacked.shape[2]
                 stacked = stacked.reshape(n, G * k, *spatial)
                 product = geometry.weight_product(
                     x, stacked, torch.Size((G * k, *weight_shape[1:]))
-                )
-                product = product.reshape(G, k, -1).to(torch.float64)
-                for i, name in enumerate(names):
-                    block = product[:, i * (O // G) : (i + 1) * (O // G)]
-                    need[name] += block.reshape(O, -1)
-                if "sum_x" in need:
-                    need["sum_x"] += product[:, -1]
+                ).reshape(G, k, -1)
+                if precision == "float64":
+                    self._add_stacked(product, stack_names)
+                elif self._stage is None:
+                    self._stage, self._stage_names = product, stack_names
+                else:
+                    self._stage += product
         need["count"] += samples
-        need["sum_y"] += y.transpose(0, channel_dim).reshape(O, -1).sum(1, dtype=torch.float64)
+        dims = [d for d in range(y.dim()) if d != channel_dim]
+        need["sum_y"] += y.sum(dims, dtype=torch.float64)
         if m is not None:
-            need["count_plus"] += m.transpose(0, channel_dim).reshape(O, -1).sum(
-                1, dtype=torch.float64
-            )
+            need["count_plus"] += m.sum(dims, dtype=torch.float64)
+
+    # ------------------------------------------------------------------ held-back products
+    @property
+    def pending(self) -> bool:
+        """True while some products are held back (see :meth:`flush`)."""
+        return bool(self._rows) or self._stage is not None
+
+    @torch.no_grad()
+    def flush(self) -> LayerStatistics:
+        """Add every held-back product into the float64 sums (in place) and return self."""
+        if self._stage is not None:
+            self._add_stacked(self._stage, self._stage_names)
+            self._stage, self._stage_names = None, []
+        if self._rows:
+            xs = torch.cat([r[0] for r in self._rows]) if len(self._rows) > 1 else self._rows[0][0]
+            gs = torch.cat([r[1] for r in self._rows]) if len(self._rows) > 1 else self._rows[0][1]
+            names = self._row_names
+            self._rows, self._row_count = [], 0
+            O = self.out_features
+            for i, name in enumerate(names):
+                target = self.tensors[name]
+                g = gs[:, i * O : (i + 1) * O].t()
+                if xs.dtype == torch.float64:
+                    target.addmm_(g, xs)
+                    continue
+                # float32: the product in chunks of output units, each added into float64.
+                step = max(1, _CHUNK_ELEMENTS // max(1, xs.shape[1]))
+                for start in range(0, O, step):
+                    chunk = g[start : start + step].mm(xs)
+                    target[start : start + step] += chunk
+        return self
+
+    def _hold_rows(self, x: Tensor, rows: Tensor, names: list[str]) -> None:
+        self._rows.append((x.contiguous(), rows.contiguous()))
+        self._row_names = names
+        self._row_count += x.shape[0]
+        if self._row_count * (x.shape[1] + rows.shape[1]) >= ROW_BUFFER_ELEMENTS:
+            self.flush()
+
+    def _add_stacked(self, product: Tensor, names: list[str]) -> None:
+        """Add a ``(G, K, D)`` stacked conv product (blocks of ``O/G`` rows per name)."""
+        G, O = self.groups, self.out_features
+        start = 0
+        for name in names:
+            width = 1 if name == "sum_x" else O // G
+            block = product[:, start : start + width]
+            start += width
+            target = self.tensors[name]
+            if name == "sum_x":
+                target += block.reshape(G, -1)
+            else:
+                target.view(G, O // G, -1).add_(block)
 
     # ------------------------------------------------------------------ merge
     def merge_(self, other: LayerStatistics) -> LayerStatistics:
@@ -231,6 +321,8 @@ class LayerStatistics:
                 f"{(self.out_features, self.groups, self.patch_size, sorted(self.tensors))} vs "
                 f"{(other.out_features, other.groups, other.patch_size, sorted(other.tensors))}"
             )
+        self.flush()
+        other.flush()
         for name, tensor in self.tensors.items():
             tensor += other.tensors[name].to(tensor.device)
         return self
@@ -239,6 +331,7 @@ class LayerStatistics:
         """Sum these statistics over all processes of ``torch.distributed`` (in place)."""
         import torch.distributed as dist
 
+        self.flush()
         for name in SUM_NAMES:
             if name in self.tensors:
                 dist.all_reduce(self.tensors[name], op=dist.ReduceOp.SUM, group=group)
@@ -295,8 +388,20 @@ class Statistics(Mapping[str, LayerStatistics]):
         result = self.copy()
         return result.merge_(other)
 
+    @property
+    def pending(self) -> bool:
+        """True while some layer holds back products (see :meth:`LayerStatistics.flush`)."""
+        return any(layer.pending for layer in self.layers.values())
+
+    def flush(self) -> Statistics:
+        """Add every held-back product into the float64 sums (in place) and return self."""
+        for layer in self.layers.values():
+            layer.flush()
+        return self
+
     def copy(self) -> Statistics:
-        """A deep copy."""
+        """A deep copy (held-back products are flushed first)."""
+        self.flush()
         layers = {
             name: LayerStatistics(
                 layer.out_features,
@@ -320,6 +425,7 @@ class Statistics(Mapping[str, LayerStatistics]):
         """Sum over all ``torch.distributed`` processes (in place); counts included."""
         import torch.distributed as dist
 
+        self.flush()
         for name in sorted(self.layers):
             self.layers[name].all_reduce_(group)
         counts = torch.tensor(
@@ -336,6 +442,7 @@ class Statistics(Mapping[str, LayerStatistics]):
     # ------------------------------------------------------------------ flat form
     def state_tensors(self) -> dict[str, Tensor]:
         """All sums as one flat ``{"layer::sum": tensor}`` dict (for checkpoints)."""
+        self.flush()
         return {
             f"{name}::{key}": tensor
             for name, layer in self.layers.items()
@@ -380,6 +487,7 @@ class Statistics(Mapping[str, LayerStatistics]):
 
     def to(self, device: torch.device | str) -> Statistics:
         """Move all sums to ``device`` (in place) and return self."""
+        self.flush()
         for layer in self.layers.values():
             layer.device = device
             layer.tensors = {k: v.to(device) for k, v in layer.tensors.items()}

@@ -1,0 +1,220 @@
+"""Atomic checkpoints of a fit's statistics, so that a long fit can be killed and resumed.
+
+A checkpoint is a safetensors file holding every float64 sum of a
+:class:`~patternnet.patterns.statistics.Statistics` and, in its JSON header, the layout of the
+sums and what the fit had consumed: the number of batches and images already added. Resuming
+loads the sums and skips exactly those batches of the data, so that no image enters the sums
+twice and the result equals that of an uninterrupted fit with the same options.
+
+Checkpoints are written only when nothing is held back in the statistics (right after a
+flush, see :meth:`Statistics.flush`): the arithmetic of a checkpointed fit is then the same,
+operation for operation, whether it was interrupted or not. The file is written beside its
+target and renamed over it (:func:`~patternnet.patterns.store.atomic_write`), so a kill during
+the write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .statistics import Statistics
+from .store import atomic_write
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Checkpointer",
+    "check_context",
+    "load_checkpoint",
+    "rank_path",
+    "remove_stale_temporaries",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "patternnet-statistics-checkpoint"
+CHECKPOINT_VERSION = 1
+#: The fit options a resumed fit must share with the checkpoint.
+MUST_MATCH = ("fingerprint", "estimator", "negative", "precision", "rank", "world_size")
+
+
+def _write_file(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], path: str) -> None:
+    """Write ``tensors`` and ``metadata`` to ``path`` (the temporary file of ``atomic_write``)."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), path, metadata=dict(metadata))
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], statistics: Statistics, context: Mapping[str, Any]
+) -> Path:
+    """Write ``statistics`` and the fit's ``context`` to ``path`` atomically.
+
+    Parameters
+    ----------
+    path:
+        The checkpoint file (its folder is created).
+    statistics:
+        The sums so far; held-back products are flushed first.
+    context:
+        JSON-able description of the fit (fingerprint, estimator, precision, ...), checked
+        when resuming; see :data:`MUST_MATCH`.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    statistics.flush()
+    tensors = {
+        key: tensor.detach().to("cpu").contiguous()
+        for key, tensor in statistics.state_tensors().items()
+    }
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "version": str(CHECKPOINT_VERSION),
+        "statistics": json.dumps(statistics.describe()),
+        "context": json.dumps(dict(context)),
+    }
+    path = Path(path)
+    atomic_write(path, lambda tmp: _write_file(tensors, metadata, tmp))
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Statistics, dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Returns
+    -------
+    statistics, context:
+        The sums (on the CPU; move them with :meth:`Statistics.to`) and the fit's context.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a patternnet checkpoint or was written by a newer version.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    tensors: dict[str, Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[key] = handle.get_tensor(key)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({error}); delete it to start the fit afresh"
+        ) from error
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} is not a patternnet statistics checkpoint (format "
+            f"{metadata.get('format')!r}); pass another checkpoint path"
+        )
+    if int(metadata.get("version", "0")) > CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path} was written by a newer patternnet (checkpoint version "
+            f"{metadata['version']}); upgrade patternnet to resume it"
+        )
+    statistics = Statistics.from_state(json.loads(metadata["statistics"]), tensors)
+    return statistics, json.loads(metadata["context"])
+
+
+def check_context(path: str | os.PathLike[str], saved: Mapping[str, Any],
+                  current: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` if a checkpoint was written by a fit with other options."""
+    for key in MUST_MATCH:
+        if saved.get(key) != current.get(key):
+            raise ValueError(
+                f"checkpoint {path} was written with {key}={saved.get(key)!r} but this fit has "
+                f"{key}={current.get(key)!r}; resume with the same model and options, or pass "
+                "another checkpoint path"
+            )
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> None:
+    """Delete temporary files left by a write of ``path`` that was killed (not the file)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+class Checkpointer:
+    """Decide when a fit writes its checkpoint, and write it.
+
+    Parameters
+    ----------
+    path:
+        The checkpoint file.
+    every:
+        Write after at least this many batches since the last checkpoint.
+    minutes:
+        Write after at least this many minutes since the last checkpoint (or the start).
+        When neither ``every`` nor ``minutes`` is given, every 10 minutes.
+    context:
+        What :func:`save_checkpoint` records about the fit.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        every: int | None = None,
+        minutes: float | None = None,
+        context: Mapping[str, Any],
+    ) -> None:
+        if every is not None and every < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of batches, not {every}")
+        if minutes is not None and minutes <= 0:
+            raise ValueError(f"checkpoint_minutes must be positive, not {minutes}")
+        if every is None and minutes is None:
+            minutes = 10.0
+        self.path = Path(path)
+        self.every = every
+        self.minutes = minutes
+        self.context = dict(context)
+        self._last_batches = 0
+        self._last_time = time.monotonic()
+        self.written = 0
+
+    def start(self, batches: int) -> None:
+        """Count from ``batches`` (a resumed fit) and from now."""
+        self._last_batches = batches
+        self._last_time = time.monotonic()
+
+    def due(self, statistics: Statistics) -> bool:
+        """True when a checkpoint is due and nothing is held back."""
+        if statistics.pending:
+            return False
+        if self.every is not None and statistics.batches - self._last_batches >= self.every:
+            return True
+        return (
+            self.minutes is not None
+            and time.monotonic() - self._last_time >= 60.0 * self.minutes
+        )
+
+    def save(self, statistics: Statistics, **extra: Any) -> None:
+        """Write the checkpoint now."""
+        context = dict(self.context, images=statistics.images, batches=statistics.batches)
+        context.update(extra)
+        save_checkpoint(self.path, statistics, context)
+        self._last_batches = statistics.batches
+        self._last_time = time.monotonic()
+        self.written += 1
+
+
+
+def rank_path(path: str | os.PathLike[str], rank: int, world: int) -> Path:
+    """The checkpoint file of one rank: ``path`` itself in a one-process fit."""
+    path = Path(path)
+    if world <= 1:
+        return path
+    return path.with_name(f"{path.name}.rank{rank}of{world}")

@@ -1,0 +1,253 @@
+"""Checkpointed fits: a fit killed at any point and resumed equals the uninterrupted fit.
+
+"KilledError" is simulated two ways: an exception raised from the data (between checkpoints) or
+from inside the checkpoint write (in-process, cheap), and a real ``SIGKILL`` of a child
+process (between checkpoints and in the middle of writing a checkpoint file). The sample
+counts are compared exactly: an image added twice, or skipped, would change them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import patternnet as pn
+from patternnet.patterns import checkpoint as checkpoint_mod
+from patternnet.patterns.checkpoint import load_checkpoint
+from patternnet.patterns.fit import collect_statistics
+
+BATCH = 4
+N = 40  # 10 batches
+
+
+class KilledError(Exception):
+    """Stands for the process being killed."""
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16, 6),
+        nn.ReLU(),
+        nn.Linear(6, 3),
+    ).double()
+
+
+def make_data() -> torch.Tensor:
+    return torch.randn(N, 2, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def batches_until(data: torch.Tensor, stop: int):
+    """The batches of ``data``, raising :class:`KilledError` when batch ``stop`` is requested."""
+    for index, batch in enumerate(data.split(BATCH)):
+        if index == stop:
+            raise KilledError(f"killed before batch {stop}")
+        yield batch
+
+
+def assert_same(a: pn.Statistics, b: pn.Statistics) -> None:
+    assert (a.images, a.batches) == (b.images, b.batches)
+    for name in a:
+        for key, tensor in a[name].tensors.items():
+            other = b[name].tensors[key]
+            if "count" in key:
+                assert torch.equal(tensor.cpu(), other.cpu()), (name, key)
+            else:
+                torch.testing.assert_close(tensor, other, rtol=1e-12, atol=1e-12)
+
+
+def fit(data, path: Path, **options) -> pn.Statistics:
+    options.setdefault("checkpoint_every", 2)
+    return collect_statistics(
+        make_model(), data, batch_size=BATCH, progress=False, checkpoint=path, **options
+    )
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("stop", [1, 5, 8])
+def test_killed_between_checkpoints_resumes_exactly(tmp_path: Path, precision: str,
+                                                    stop: int) -> None:
+    x = make_data()
+    reference = fit(x, tmp_path / "ref.ckpt", precision=precision)
+    path = tmp_path / "fit.ckpt"
+    with pytest.raises(KilledError):
+        fit(batches_until(x, stop), path, precision=precision)
+    saved, _ = load_checkpoint(path) if path.exists() else (None, None)
+    assert saved is None or saved.batches == 2 * (stop // 2)
+    # Count the forward passes of the resumed fit: only the missing batches are read.
+    model = make_model()
+    calls = []
+    handle = model[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    resumed = collect_statistics(
+        model, x, batch_size=BATCH, progress=False, checkpoint=path, checkpoint_every=2,
+        resume=True, precision=precision,
+    )
+    handle.remove()
+    assert sum(calls) == N - (0 if saved is None else saved.images)
+    assert_same(resumed, reference)
+    # The patterns equal the uninterrupted fit's, and a fit without checkpoints to rounding.
+    plain = collect_statistics(make_model(), x, batch_size=BATCH, progress=False,
+                               precision=precision)
+    a = pn.compute_patterns(make_model(), resumed)
+    b = pn.compute_patterns(make_model(), plain)
+    tolerance = 1e-10 if precision == "float64" else 1e-4
+    for name in a:
+        for key in a[name]:
+            torch.testing.assert_close(a[name][key], b[name][key], rtol=tolerance, atol=tolerance)
+
+
+def test_killed_during_checkpoint_write_keeps_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = make_data()
+    reference = fit(x, tmp_path / "ref.ckpt")
+    path = tmp_path / "fit.ckpt"
+    real_write = checkpoint_mod._write_file
+    writes = []
+
+    def write_then_die(tensors, metadata, tmp):
+        writes.append(tmp)
+        if len(writes) == 3:  # the third checkpoint (6 batches): half a file, then killed
+            real_write(tensors, metadata, tmp)
+            size = os.path.getsize(tmp)
+            with open(tmp, "r+b") as handle:
+                handle.truncate(size // 2)
+            raise KilledError("killed while writing")
+        real_write(tensors, metadata, tmp)
+
+    monkeypatch.setattr(checkpoint_mod, "_write_file", write_then_die)
+    with pytest.raises(KilledError):
+        fit(x, path)
+    monkeypatch.undo()
+    saved, context = load_checkpoint(path)
+    assert (saved.batches, context["batches"]) == (4, 4)
+    assert not list(tmp_path.glob(".fit.ckpt.*.tmp"))
+    resumed = fit(x, path, resume=True)
+    assert_same(resumed, reference)
+
+
+def test_resume_by_minutes_and_from_generic_iterable(tmp_path: Path) -> None:
+    x = make_data()
+    reference = collect_statistics(make_model(), x, batch_size=BATCH, progress=False)
+    path = tmp_path / "fit.ckpt"
+    with pytest.raises(KilledError):
+        collect_statistics(make_model(), batches_until(x, 9), progress=False, checkpoint=path,
+                           checkpoint_minutes=1e-9)
+    saved, _ = load_checkpoint(path)
+    assert saved.batches == 8  # checkpoints wait for the flush of held-back rows (8 batches)
+    resumed = collect_statistics(make_model(), list(x.split(BATCH)), progress=False,
+                                 checkpoint=path, resume=True, checkpoint_minutes=1e-9)
+    for name in reference:
+        for key, tensor in reference[name].tensors.items():
+            torch.testing.assert_close(resumed[name].tensors[key], tensor, rtol=1e-10,
+                                       atol=1e-12)
+    assert resumed.images == N
+
+
+def test_resume_refuses_other_options_or_data(tmp_path: Path) -> None:
+    x = make_data()
+    path = tmp_path / "fit.ckpt"
+    with pytest.raises(KilledError):
+        fit(batches_until(x, 5), path)
+    with pytest.raises(ValueError, match="resume=True"):
+        fit(x, path)
+    with pytest.raises(ValueError, match="precision"):
+        fit(x, path, resume=True, precision="float32")
+    with pytest.raises(ValueError, match="negative"):
+        fit(x, path, resume=True, negative=False)
+    with pytest.raises(ValueError, match="same data"):
+        collect_statistics(make_model(), x, batch_size=3, progress=False, checkpoint=path,
+                           resume=True)
+    with pytest.raises(ValueError, match="same data"):
+        collect_statistics(make_model(), list(x[:6].split(BATCH)), progress=False,
+                           checkpoint=path, resume=True)
+    with pytest.raises(ValueError, match="checkpoint=path"):
+        collect_statistics(make_model(), x, progress=False, resume=True)
+    other = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(48, 2)).double()
+    with pytest.raises(ValueError, match="fingerprint"):
+        collect_statistics(other, x, batch_size=BATCH, progress=False, checkpoint=path,
+                           resume=True)
+
+
+def test_fit_patterns_resumes_a_finished_checkpoint_without_reading_data(
+    tmp_path: Path,
+) -> None:
+    x = make_data()
+    path = tmp_path / "fit.ckpt"
+    first = pn.fit_patterns(make_model(), x, batch_size=BATCH, progress=False, checkpoint=path,
+                            checkpoint_every=3)
+    again = pn.fit_patterns(make_model(), x, batch_size=BATCH, progress=False, checkpoint=path,
+                            checkpoint_every=3, resume=True)
+    assert again.metadata["images"] == N
+    for name in first:
+        for key in first[name]:
+            assert torch.equal(first[name][key], again[name][key])
+
+
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    sys.path.insert(0, {tests!r})
+    from test_resume import BATCH, make_data, make_model
+    from patternnet.patterns import checkpoint as checkpoint_mod
+    from patternnet.patterns.fit import collect_statistics
+
+    torch.set_num_threads(1)
+    mode, path = sys.argv[1], sys.argv[2]
+    x = make_data()
+    real_write = checkpoint_mod._write_file
+    writes = []
+
+    def write_then_die(tensors, metadata, tmp):
+        writes.append(tmp)
+        real_write(tensors, metadata, tmp)
+        if len(writes) == 2:
+            with open(tmp, "r+b") as handle:
+                handle.truncate(os.path.getsize(tmp) // 3)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def data():
+        for index, batch in enumerate(x.split(BATCH)):
+            if mode == "between" and index == 7:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+    if mode == "write":
+        checkpoint_mod._write_file = write_then_die
+    collect_statistics(make_model(), data(), progress=False, checkpoint=path,
+                       checkpoint_every=2)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["between", "write"])
+def test_sigkilled_process_resumes_exactly(tmp_path: Path, mode: str) -> None:
+    x = make_data()
+    path = tmp_path / "fit.ckpt"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=str(Path(__file__).parent)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(script), mode, str(path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    saved, _ = load_checkpoint(path)
+    assert saved.batches == (6 if mode == "between" else 2)
+    if mode == "write":
+        assert list(tmp_path.glob(".fit.ckpt.*.tmp"))  # the torn temporary file is left
+    resumed = fit(x, path, resume=True)
+    assert not list(tmp_path.glob(".fit.ckpt.*.tmp"))
+    assert_same(resumed, fit(x, tmp_path / "ref.ckpt"))
