@@ -13,18 +13,29 @@ Linear/Conv rules
 ReLU rules
     :class:`DeconvNetReLU` (pass positive values, ignore the forward gate) and
     :class:`GuidedReLU` (forward gate and positive values). The gradient needs no rule.
+
+LRP rules (Linear/Conv unless said otherwise)
+    :class:`Epsilon` / :class:`Z`, :class:`AlphaBeta` / :class:`ZPlus`, :class:`WSquare`,
+    :class:`Flat`, :class:`ZBox`; :class:`Norm` for average pools, :class:`Pass` for
+    activations. :func:`identity_estimator_rules` is PatternAttribution's identity estimator.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from ..layers import LayerGeometry, geometry
+from ..layers import LayerGeometry, geometry, is_linear_layer
 from .backward import Rule
 
-__all__ = ["WeightSwap", "DeconvNetReLU", "GuidedReLU"]
+__all__ = [
+    "WeightSwap", "DeconvNetReLU", "GuidedReLU",
+    "Epsilon", "Z", "AlphaBeta", "ZPlus", "WSquare", "Flat", "ZBox", "Norm", "Pass",
+    "AVERAGE_POOLS", "identity_estimator_rules", "stabilize", "relevance_ratio",
+    "ProportionalSum",
+]
 
 
 class WeightSwap(Rule):
@@ -90,3 +101,384 @@ def elementwise_product(weight: Tensor, pattern: Tensor) -> Tensor:
     return weight.detach() * as_dtype(pattern, weight)
 
 
+
+
+# ------------------------------------------------------------------------------ LRP rules
+#
+# Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2017, 2019). Each rule
+# maps the relevance ``R`` at a layer's output to its input as
+#
+#     R_in = Σ_k  x_k ⊙ W_kᵀ (R / stab(z))          z = Σ_k W_k x_k (+ b_k)
+#
+# with its own modified inputs ``x_k`` and weights ``W_k`` (e.g. ``x⁺, W⁺`` for z⁺). The rules
+# hold only their hyper-parameters: the layer's weight, bias and geometry are read from the
+# module during the forward pass (inside a canonical form, i.e. BatchNorm already folded), so
+# one rule object may serve many layers. ``stab(z) = z + ε·sign(z)`` with sign(0) = +1, the
+# convention Zennit uses; ``ε = 0`` means a plain division where units with ``z = 0`` pass no
+# relevance.
+
+
+def stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """``z + ε·sign(z)`` with ``sign(0) = +1``, so that no denominator is zero."""
+    sign = (z >= 0).to(z.dtype) * 2 - 1
+    return z + sign * epsilon
+
+
+def relevance_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
+    """``R / stab(z)``; for ``ε = 0`` units with ``z = 0`` pass nothing (no NaN)."""
+    if epsilon:
+        return relevance / stabilize(z, epsilon)
+    return torch.where(z == 0, torch.zeros_like(relevance), relevance / z)
+
+
+def _layer(module: nn.Module | None, rule: Rule) -> tuple[LayerGeometry, Tensor, Tensor | None]:
+    """Geometry, weight and bias of the Linear/Conv layer a rule is applied to."""
+    if module is None or not is_linear_layer(module):
+        where = "a function" if module is None else type(module).__name__
+        raise TypeError(
+            f"{type(rule).__name__} is a rule for Linear/Conv layers and was applied to {where}; "
+            "put it on nn.Linear/nn.Conv1d/2d/3d modules only"
+        )
+    bias = module.bias.detach() if module.bias is not None else None
+    return geometry(module), module.weight.detach(), bias
+
+
+def _check_epsilon(name: str, value: float) -> float:
+    value = float(value)
+    if not value >= 0:
+        raise ValueError(f"{name} must be a number ≥ 0, got {value!r}")
+    return value
+
+
+class Epsilon(Rule):
+    """LRP-ε (Bach et al. 2015): ``R_in = x ⊙ Wᵀ(R / stab(z))``, ``z = Wx + b``.
+
+    ``z`` is the layer's own output, saved in the forward pass: no extra forward is needed.
+
+    Parameters
+    ----------
+    epsilon:
+        Added to ``|z|`` (with z's sign); it absorbs weak or contradictory relevance. 0 is
+        the z rule (:class:`Z`).
+    bias:
+        Whether the bias is part of ``z`` (it then absorbs its share of relevance). With
+        ``bias=False`` (or bias-free layers) and ``ε = 0`` relevance is conserved.
+    """
+
+    def __init__(self, epsilon: float = 1e-6, *, bias: bool = True) -> None:
+        self.epsilon = _check_epsilon("epsilon", epsilon)
+        self.bias = bool(bias)
+
+    def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
+        layer, weight, bias = _layer(module, self)
+        z = output.detach()
+        if not self.bias and bias is not None:
+            z = z - _channel_view(bias, z, layer)
+        return layer, weight, x.detach(), z
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        layer, weight, x, z = state
+        ratio = relevance_ratio(grad_output, z, self.epsilon)
+        return x * layer.transpose(ratio, weight, x.shape)
+
+
+class Z(Epsilon):
+    """LRP-0, the z rule: :class:`Epsilon` with ``ε = 0`` (gradient × input for bias-free nets).
+
+    The identity signal estimator gives exactly this rule (method.md §4).
+    """
+
+    def __init__(self, *, bias: bool = True) -> None:
+        super().__init__(0.0, bias=bias)
+
+
+class AlphaBeta(Rule):
+    """LRP-αβ (Bach et al. 2015): positive and negative contributions weighted apart.
+
+    With ``p = W⁺x⁺ + W⁻x⁻ (+ b⁺)`` and ``n = W⁻x⁺ + W⁺x⁻ (+ b⁻) = z − p``::
+
+        R_in = α [x⁺ ⊙ W⁺ᵀ(R/p) + x⁻ ⊙ W⁻ᵀ(R/p)] − β [x⁺ ⊙ W⁻ᵀ(R/n) + x⁻ ⊙ W⁺ᵀ(R/n)]
+
+    (each denominator stabilised). ``n`` is taken from the saved output, so one extra
+    forward (``W⁺x⁺``) is needed for non-negative inputs, two for signed inputs.
+
+    Parameters
+    ----------
+    alpha, beta:
+        Non-negative with ``α − β = 1`` (relevance is then conserved): (1, 0) is z⁺,
+        (2, 1) the common choice for lower layers.
+    stabilizer:
+        ε of the denominators.
+    bias:
+        Whether ``b⁺`` counts as a positive and ``b⁻`` as a negative contribution (Zennit's
+        convention).
+    """
+
+    def __init__(
+        self, alpha: float = 2.0, beta: float = 1.0, *, stabilizer: float = 1e-6,
+        bias: bool = True,
+    ) -> None:
+        alpha, beta = float(alpha), float(beta)
+        if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
+            raise ValueError(
+                f"AlphaBeta needs alpha ≥ 0, beta ≥ 0 and alpha − beta = 1 (conservation); got "
+                f"alpha={alpha}, beta={beta} (e.g. alpha=1, beta=0 or alpha=2, beta=1)"
+            )
+        self.alpha, self.beta = alpha, beta
+        self.stabilizer = _check_epsilon("stabilizer", stabilizer)
+        self.bias = bool(bias)
+
+    def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
+        layer, weight, bias = _layer(module, self)
+        x = x.detach()
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        x_pos = x.clamp(min=0)
+        x_neg = x.clamp(max=0) if bool((x < 0).any()) else None
+        b_pos = bias.clamp(min=0) if (self.bias and bias is not None) else None
+        positive = layer.forward(x_pos, w_pos, b_pos)
+        if x_neg is not None:
+            positive = positive + layer.forward(x_neg, w_neg)
+        negative = None
+        if self.beta:
+            z = output.detach()
+            if not self.bias and bias is not None:
+                z = z - _channel_view(bias, z, layer)
+            negative = z - positive
+        return layer, (w_pos, w_neg), (x_pos, x_neg), positive, negative
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        layer, (w_pos, w_neg), (x_pos, x_neg), positive, negative = state
+        shape = x_pos.shape
+        ratio = relevance_ratio(grad_output, positive, self.stabilizer) * self.alpha
+        on_pos = layer.transpose(ratio, w_pos, shape)
+        on_neg = layer.transpose(ratio, w_neg, shape) if x_neg is not None else None
+        if negative is not None:
+            ratio = relevance_ratio(grad_output, negative, self.stabilizer) * self.beta
+            on_pos = on_pos - layer.transpose(ratio, w_neg, shape)
+            if x_neg is not None:
+                on_neg = on_neg - layer.transpose(ratio, w_pos, shape)
+        result = x_pos * on_pos
+        if x_neg is not None:
+            result = result + x_neg * on_neg
+        return result
+
+
+class ZPlus(AlphaBeta):
+    """LRP-z⁺ (Montavon et al. 2017): :class:`AlphaBeta` with ``α = 1, β = 0``.
+
+    For the non-negative inputs of ReLU layers, ``R_in = x ⊙ W⁺ᵀ(R / W⁺x)``: Deep Taylor
+    decomposition with the root point on the segment to the origin.
+    """
+
+    def __init__(self, *, stabilizer: float = 1e-6, bias: bool = True) -> None:
+        super().__init__(1.0, 0.0, stabilizer=stabilizer, bias=bias)
+
+
+class _InputFree(Rule):
+    """Rules that ignore the input's values: ``R_in = Vᵀ(R / V·1)`` for a weight ``V``."""
+
+    def __init__(self, *, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = _check_epsilon("stabilizer", stabilizer)
+
+    def _weight(self, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
+        layer, weight, _ = _layer(module, self)
+        weight = self._weight(weight)
+        # The denominator does not depend on the sample: one row of ones gives it for all.
+        ones = x.new_ones((1,) + tuple(x.shape[1:]))
+        return layer, weight, x.shape, layer.forward(ones, weight)
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        layer, weight, shape, z = state
+        return layer.transpose(relevance_ratio(grad_output, z, self.stabilizer), weight, shape)
+
+
+class WSquare(_InputFree):
+    """The w² rule (Montavon et al. 2017): ``R_i = Σ_j w_ij² / Σ_i' w_i'j² · R_j``.
+
+    Deep Taylor decomposition for an unbounded input domain; the filter signal estimator gives
+    this rule (method.md §4). At the zero-padded border of a convolution the sum runs over the
+    inputs inside the image only (so relevance is conserved), as in Zennit; no bias.
+    """
+
+    def _weight(self, weight: Tensor) -> Tensor:
+        return weight * weight
+
+
+class Flat(_InputFree):
+    """The flat rule (Lapuschkin et al. 2019): relevance spread evenly over the receptive field."""
+
+    def _weight(self, weight: Tensor) -> Tensor:
+        return torch.ones_like(weight)
+
+
+def _bound(value: float | Tensor, x: Tensor, name: str) -> Tensor:
+    """A bound of the input domain broadcast to ``(1 or N, *x.shape[1:])``."""
+    bound = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    try:
+        if bound.dim() == x.dim():
+            return bound.expand((bound.shape[0],) + tuple(x.shape[1:]))
+        return bound.expand((1,) + tuple(x.shape[1:]))
+    except RuntimeError as error:
+        raise ValueError(
+            f"{name} has shape {tuple(bound.shape)}, which does not broadcast to the layer's "
+            f"input {tuple(x.shape)}; give a number or e.g. a (1, C, 1, 1) tensor per channel"
+        ) from error
+
+
+class ZBox(Rule):
+    """The z^B rule for a bounded input domain ``low ≤ x ≤ high`` (Montavon et al. 2017).
+
+    ``z = Wx − W⁺l − W⁻h`` and ``R_in = x ⊙ Wᵀs − l ⊙ W⁺ᵀs − h ⊙ W⁻ᵀs`` with
+    ``s = R / stab(z)``; the bias cancels. Meant for the first layer (pixels).
+
+    Parameters
+    ----------
+    low, high:
+        The smallest and largest possible input values: numbers, or tensors that broadcast to
+        the input (e.g. ``(1, 3, 1, 1)`` per channel after normalisation).
+    stabilizer:
+        ε of the denominator.
+    """
+
+    def __init__(
+        self, low: float | Tensor, high: float | Tensor, *, stabilizer: float = 1e-6
+    ) -> None:
+        if low is None or high is None:
+            raise ValueError(
+                "ZBox needs the input domain's bounds low and high (e.g. low=0, high=1 for "
+                "pixels in [0, 1], or the normalised bounds per channel)"
+            )
+        self.low, self.high = low, high
+        self.stabilizer = _check_epsilon("stabilizer", stabilizer)
+
+    def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
+        layer, weight, bias = _layer(module, self)
+        low, high = _bound(self.low, x, "low"), _bound(self.high, x, "high")
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        z = output.detach()
+        if bias is not None:
+            z = z - _channel_view(bias, z, layer)
+        z = z - layer.forward(low, w_pos) - layer.forward(high, w_neg)
+        return layer, (weight, w_pos, w_neg), (x.detach(), low, high), z
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        layer, (weight, w_pos, w_neg), (x, low, high), z = state
+        ratio = relevance_ratio(grad_output, z, self.stabilizer)
+        shape = x.shape
+        return (
+            x * layer.transpose(ratio, weight, shape)
+            - low * layer.transpose(ratio, w_pos, shape)
+            - high * layer.transpose(ratio, w_neg, shape)
+        )
+
+
+class Norm(Rule):
+    """Relevance split in proportion to the inputs of a linear, weight-free module.
+
+    ``R_in = x ⊙ J_fᵀ(R / stab(f(x)))`` — the ε rule for average pooling (and sums) as in
+    Zennit's composites; the module's own ``forward`` (without hooks) gives ``J_fᵀ``.
+    """
+
+    def __init__(self, *, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = _check_epsilon("stabilizer", stabilizer)
+
+    def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
+        if module is None:
+            raise TypeError("Norm is a rule for modules (e.g. nn.AvgPool2d), not for functions")
+        return x.detach(), output.detach()
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        x, output = state
+        ratio = relevance_ratio(grad_output, output, self.stabilizer)
+        with torch.enable_grad():
+            probe = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(module.forward(probe), probe, ratio)
+        return x * grad
+
+
+class Pass(Rule):
+    """Pass what arrives unchanged (LRP through an activation, ignoring its gate, as Zennit)."""
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        return grad_output
+
+
+def _channel_view(bias: Tensor, z: Tensor, layer: LayerGeometry) -> Tensor:
+    """The bias shaped to broadcast against a layer output ``z``."""
+    if layer.kind == "linear":
+        return bias.to(z.dtype)
+    return bias.to(z.dtype).reshape((-1,) + (1,) * layer.spatial_dims)
+
+
+#: Modules whose relevance is split by :class:`Norm` in the LRP presets (as Zennit does).
+AVERAGE_POOLS: tuple[type[nn.Module], ...] = (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+
+
+def identity_estimator_rules(
+    model: nn.Module, canonical: Any = None
+) -> tuple[dict[nn.Module, Rule], dict[Any, Rule]]:
+    """PatternAttribution with the identity estimator ``S_x(x) = x``: LRP-z (method.md §4).
+
+    The z rule on every Linear/Conv layer and :class:`Norm` (without stabiliser) on average
+    pools, so that for bias-free ReLU networks the result is gradient × input.
+
+    Parameters
+    ----------
+    model:
+        The borrowed model.
+    canonical:
+        Its canonical form (unused: the rules read the canonical weights during the forward
+        pass).
+    """
+    z, norm = Z(), Norm(stabilizer=0.0)
+    rules: dict[nn.Module, Rule] = {}
+    for module in model.modules():
+        if is_linear_layer(module):
+            rules[module] = z
+        elif isinstance(module, AVERAGE_POOLS):
+            rules[module] = norm
+    return rules, {}
+
+
+# ------------------------------------------------------------------------ additions
+
+
+class ProportionalSum(Rule):
+    """Split what arrives at a sum ``z = a + b`` in proportion to the summands.
+
+    ``R_a = a ⊙ R / stab(z)`` and ``R_b = b ⊙ R / stab(z)``, so ``R_a + R_b = R`` up to the
+    stabiliser: the z rule of LRP applied to the addition of a residual block (what Zennit's
+    ResNet canonizer does with its ``Sum`` module and ``Norm`` rule). Installed with
+    :func:`~patternnet.engine.backward.addition_rules`; the engine hands ``save`` the pair
+    ``(a, b)`` and expects a pair back from ``backward``.
+
+    This is the rule for *relevance* (PatternAttribution, LRP): a relevance decomposition
+    must split a sum, whereas the gradient — and PatternNet's signal, a modified gradient —
+    passes the same value to both summands (no rule). With it, PatternAttribution conserves
+    relevance through a residual block: each Linear/Conv layer conserves it (``Σᵢ wᵢaᵢ = 1``)
+    and so does the sum.
+
+    Parameters
+    ----------
+    stabilizer:
+        ε in ``stab(z) = z + ε·sign(z)`` (sign(0) = +1); 0 gives nothing to both summands
+        where ``z = 0``.
+    """
+
+    def __init__(self, *, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = _check_epsilon("stabilizer", stabilizer)
+
+    def save(self, module: nn.Module | None, x: Any, output: Tensor) -> Any:
+        a, b = x
+        return a, b, output
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Any:
+        a, b, z = state
+        ratio = relevance_ratio(grad_output, z, self.stabilizer)
+        return a * ratio, b * ratio

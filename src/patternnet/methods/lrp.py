@@ -1,0 +1,323 @@
+"""Layer-wise relevance propagation and Deep Taylor decomposition on the one engine.
+
+LRP (Bach et al. 2015) redistributes the selected logit ``y_c`` layer by layer; each
+Linear/Conv layer gets a rule from :mod:`patternnet.engine.rules` (z, ε, z⁺, αβ, w², flat,
+z^B). Everything else follows the gradient: ReLU gates and max-pool switches (winner takes
+all), flatten, views, skip connections (relevance arriving at an addition is passed to both
+branches, as the gradient does and as Zennit does without its ResNet canonizer). Average
+pools split relevance in proportion to their inputs (:class:`~patternnet.engine.rules.Norm`,
+as Zennit's composites do). BatchNorm is folded into the layer before it by the canonizers.
+
+Presets (the composites of the literature, named as in Zennit where it has them):
+
+========================== ================================================================
+``z``                      z rule on every layer (= gradient × input for bias-free ReLU nets)
+``epsilon``                ε rule on every layer
+``zplus``                  z⁺ on every layer
+``alpha1beta0``            αβ with α=1, β=0 on every layer (the same as ``zplus``)
+``alpha2beta1``            αβ with α=2, β=1 on every layer
+``w2``                     w² on every layer
+``flat``                   flat on every layer
+``epsilon_plus``           z⁺ on convolutions, ε on dense layers
+``epsilon_plus_flat``      ``epsilon_plus`` with the flat rule on the first layer
+``epsilon_alpha2beta1``    α2β1 on convolutions, ε on dense layers
+``epsilon_alpha2beta1_flat`` ``epsilon_alpha2beta1`` with the flat rule on the first layer
+========================== ================================================================
+
+References
+----------
+Bach et al., "On pixel-wise explanations for non-linear classifier decisions by layer-wise
+relevance propagation", PLoS ONE 2015. Montavon et al., "Explaining nonlinear classification
+decisions with deep Taylor decomposition", Pattern Recognition 2017. Montavon et al.,
+"Layer-wise relevance propagation: an overview", 2019. Kindermans et al., ICLR 2018, Sec. 4
+(the estimator view: identity → z rule, filter → w² rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..engine.backward import Rule, relu_rules
+from ..engine.canonize import Canonical, Canonizer
+from ..engine.rules import (
+    AVERAGE_POOLS,
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Norm,
+    Pass,
+    WSquare,
+    Z,
+    ZBox,
+    ZPlus,
+)
+from ..layers import is_linear_layer
+from .base import Attribution
+
+__all__ = ["LRP", "DeepTaylor", "PRESETS", "logit_start"]
+
+CONVOLUTIONS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+DENSE: tuple[type[nn.Module], ...] = (nn.Linear,)
+LINEAR_AND_CONV: tuple[type[nn.Module], ...] = CONVOLUTIONS + DENSE
+
+#: Preset name → one-line description.
+PRESETS: dict[str, str] = {
+    "z": "z rule (LRP-0) on every Linear/Conv layer",
+    "epsilon": "ε rule on every Linear/Conv layer",
+    "zplus": "z⁺ rule on every Linear/Conv layer",
+    "alpha1beta0": "αβ rule with α=1, β=0 on every Linear/Conv layer",
+    "alpha2beta1": "αβ rule with α=2, β=1 on every Linear/Conv layer",
+    "w2": "w² rule on every Linear/Conv layer",
+    "flat": "flat rule on every Linear/Conv layer",
+    "epsilon_plus": "z⁺ on convolutions, ε on dense layers",
+    "epsilon_plus_flat": "flat on the first layer, z⁺ on convolutions, ε on dense layers",
+    "epsilon_alpha2beta1": "α2β1 on convolutions, ε on dense layers",
+    "epsilon_alpha2beta1_flat": "flat on the first layer, α2β1 on convolutions, ε on dense layers",
+}
+
+LayerKey = str | type | tuple[type, ...]
+RuleSpec = str | Rule | Mapping[LayerKey, Rule]
+
+
+def logit_start(logits: Tensor, target: Tensor) -> Tensor:
+    """The selected logit's value ``y_c`` at the target, zeros elsewhere."""
+    start = logits.new_zeros(logits.shape)
+    start.scatter_(1, target[:, None], logits.gather(1, target[:, None]))
+    return start
+
+
+def _preset(
+    name: str, epsilon: float, stabilizer: float
+) -> tuple[list[tuple[LayerKey, Rule]], Rule | None]:
+    """The layer map and first-layer rule of a preset."""
+    every = {
+        "z": Z(),
+        "epsilon": Epsilon(epsilon),
+        "zplus": ZPlus(stabilizer=stabilizer),
+        "alpha1beta0": AlphaBeta(1.0, 0.0, stabilizer=stabilizer),
+        "alpha2beta1": AlphaBeta(2.0, 1.0, stabilizer=stabilizer),
+        "w2": WSquare(stabilizer=stabilizer),
+        "flat": Flat(stabilizer=stabilizer),
+    }
+    if name in every:
+        return [(LINEAR_AND_CONV, every[name])], None
+    conv_rule = {
+        "epsilon_plus": ZPlus(stabilizer=stabilizer),
+        "epsilon_plus_flat": ZPlus(stabilizer=stabilizer),
+        "epsilon_alpha2beta1": AlphaBeta(2.0, 1.0, stabilizer=stabilizer),
+        "epsilon_alpha2beta1_flat": AlphaBeta(2.0, 1.0, stabilizer=stabilizer),
+    }
+    if name not in conv_rule:
+        raise ValueError(f"unknown LRP preset {name!r}; choose one of {', '.join(PRESETS)}")
+    first = Flat(stabilizer=stabilizer) if name.endswith("_flat") else None
+    return [(CONVOLUTIONS, conv_rule[name]), (DENSE, Epsilon(epsilon))], first
+
+
+def _check_rule(rule: Any, where: str) -> Rule:
+    if not isinstance(rule, Rule):
+        raise TypeError(
+            f"{where} must be a rule from patternnet.engine.rules (e.g. Epsilon(), ZPlus()), "
+            f"not {type(rule).__name__}"
+        )
+    return rule
+
+
+class LRP(Attribution):
+    """Layer-wise relevance propagation with a rule per layer.
+
+    Parameters
+    ----------
+    model:
+        The classifier (borrowed, never changed).
+    rules:
+        A preset name (see the module docstring / :data:`PRESETS`), one rule for every
+        Linear/Conv layer, or a mapping from layer keys to rules, tried in this order: a
+        qualified module name (``"features.0"``), then module types (``nn.Conv2d`` or a tuple
+        of types) in the mapping's order. Average pools get :class:`Norm` unless the mapping
+        names them.
+    epsilon:
+        ε of the ε rule in presets.
+    stabilizer:
+        ε of the other rules' denominators (z⁺, αβ, w², flat, z^B, average pools).
+    first:
+        A rule for the first Linear/Conv layer (in the order of ``model.named_modules()``),
+        e.g. ``ZBox(low=0, high=1)`` for pixels; overrides the preset's first layer.
+    pass_relu:
+        If True, relevance passes ReLUs without their gate (Zennit's ``Pass`` rule). It only
+        matters for rules that give relevance to inactive units (w², flat, z^B above a ReLU);
+        the default keeps the gradient's gate, as PatternAttribution does.
+    canonizers, output_selector:
+        See :class:`~patternnet.methods.base.Attribution`.
+
+    Examples
+    --------
+    >>> relevance = LRP(model, "epsilon_plus_flat").attribute(images)  # doctest: +SKIP
+    >>> from patternnet.engine.rules import Epsilon, ZPlus, ZBox        # doctest: +SKIP
+    >>> LRP(model, {nn.Conv2d: ZPlus(), nn.Linear: Epsilon(0.25)},
+    ...     first=ZBox(low=-2.2, high=2.7))                            # doctest: +SKIP
+
+    Notes
+    -----
+    The backward pass starts from the selected logit's value ``y_c``; for bias-free layers,
+    ``ε → 0`` and no average pools or additions, the input relevance sums to ``y_c``.
+    Additions (skip connections) pass relevance to both branches, as the gradient does.
+    """
+
+    name = "lrp"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rules: RuleSpec = "epsilon_plus",
+        *,
+        epsilon: float = 1e-6,
+        stabilizer: float = 1e-6,
+        first: Rule | None = None,
+        pass_relu: bool = False,
+        canonizers: Sequence[Canonizer] | None = None,
+        output_selector: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        super().__init__(model, canonizers=canonizers, output_selector=output_selector)
+        self.preset = rules if isinstance(rules, str) else None
+        pool_rule: Rule = Norm(stabilizer=stabilizer)
+        if isinstance(rules, str):
+            layer_map, preset_first = _preset(rules, epsilon, stabilizer)
+            if rules == "z":
+                pool_rule = Norm(stabilizer=0.0)
+            first = first if first is not None else preset_first
+        elif isinstance(rules, Rule):
+            layer_map = [(LINEAR_AND_CONV, rules)]
+        elif isinstance(rules, Mapping):
+            layer_map = [(key, _check_rule(rule, f"rules[{key!r}]")) for key, rule in rules.items()]
+        else:
+            raise TypeError(
+                "rules must be a preset name, a rule, or a mapping {layer name or type: rule}; "
+                f"got {type(rules).__name__}"
+            )
+        self.first = None if first is None else _check_rule(first, "first")
+        self.layer_map = layer_map
+        self.pool_rule = pool_rule
+        self.pass_relu = bool(pass_relu)
+        self.assignment = self._assign()
+
+    def _match(self, name: str, module: nn.Module) -> Rule | None:
+        for key, rule in self.layer_map:
+            if isinstance(key, str):
+                if key == name:
+                    return rule
+            elif isinstance(module, key):
+                return rule
+        return None
+
+    def _assign(self) -> dict[nn.Module, Rule]:
+        """The rule of every Linear/Conv layer and average pool; clear errors for gaps."""
+        names = {key for key, _ in self.layer_map if isinstance(key, str)}
+        modules = dict(self.model.named_modules())
+        unknown = sorted(names - set(modules))
+        if unknown:
+            raise ValueError(
+                f"rules name layers the model does not have: {unknown}; names are qualified "
+                "module names as in model.named_modules()"
+            )
+        assignment: dict[nn.Module, Rule] = {}
+        missing = []
+        first_done = False
+        for name, module in modules.items():
+            if is_linear_layer(module):
+                by_name = next((r for k, r in self.layer_map if k == name), None)
+                rule = by_name
+                if rule is None and self.first is not None and not first_done:
+                    rule = self.first
+                if rule is None:
+                    rule = self._match(name, module)
+                first_done = True
+                if rule is None:
+                    missing.append(f"{name} ({type(module).__name__})")
+                else:
+                    assignment[module] = rule
+            elif isinstance(module, AVERAGE_POOLS):
+                assignment[module] = self._match(name, module) or self.pool_rule
+        if missing:
+            raise ValueError(
+                f"no LRP rule for the layers {missing}; add their types or names to rules, "
+                "e.g. {nn.Conv2d: ZPlus(), nn.Linear: Epsilon()}"
+            )
+        if not any(is_linear_layer(m) for m in assignment):
+            raise ValueError(
+                f"{type(self.model).__name__} has no Linear/Conv layer for LRP rules to act on"
+            )
+        return assignment
+
+    def rules(
+        self, canonical: Canonical
+    ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
+        """The assigned rules; ReLUs keep their gate unless ``pass_relu``."""
+        functions: dict[Callable[..., Any], Rule] = relu_rules(Pass()) if self.pass_relu else {}
+        return dict(self.assignment), functions
+
+    def start(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Start from the selected logit's value ``y_c`` (zeros elsewhere)."""
+        return logit_start(logits, target)
+
+    def __repr__(self) -> str:
+        what = repr(self.preset) if self.preset else "custom rules"
+        return f"{type(self).__name__}({type(self.model).__name__}, {what})"
+
+
+class DeepTaylor(LRP):
+    """Deep Taylor decomposition (Montavon et al. 2017) for ReLU networks.
+
+    z⁺ on every Linear/Conv layer above the input (their inputs are ReLU outputs, ``x ≥ 0``);
+    at the input layer z^B for a bounded domain ``[low, high]``, or w² when no bounds are
+    given (the unbounded domain ℝᵈ). Biases take no relevance (the root points of the
+    derivation ignore them), so relevance is conserved where the network has no biases.
+
+    Parameters
+    ----------
+    model:
+        The classifier (borrowed, never changed).
+    low, high:
+        The input domain's bounds (numbers or tensors broadcasting to the input, e.g.
+        ``(1, 3, 1, 1)`` per channel); both or neither.
+    stabilizer:
+        ε of the denominators.
+    pass_relu, canonizers, output_selector:
+        See :class:`LRP`.
+    """
+
+    name = "deep_taylor"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        low: float | Tensor | None = None,
+        high: float | Tensor | None = None,
+        *,
+        stabilizer: float = 1e-6,
+        pass_relu: bool = False,
+        canonizers: Sequence[Canonizer] | None = None,
+        output_selector: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        if (low is None) != (high is None):
+            raise ValueError(
+                "DeepTaylor needs both low and high (a bounded input domain, z^B rule) or "
+                "neither (unbounded, w² rule)"
+            )
+        first: Rule
+        if low is None:
+            first = WSquare(stabilizer=stabilizer)
+        else:
+            first = ZBox(low, high, stabilizer=stabilizer)
+        super().__init__(
+            model,
+            {LINEAR_AND_CONV: ZPlus(stabilizer=stabilizer, bias=False)},
+            stabilizer=stabilizer,
+            first=first,
+            pass_relu=pass_relu,
+            canonizers=canonizers,
+            output_selector=output_selector,
+        )
+        self.preset = "deep_taylor"
