@@ -1,0 +1,212 @@
+"""The ``patternnet`` command end to end on a tiny model and tiny data in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from patternnet.cli import main
+from patternnet.patterns.store import Patterns
+
+TINY_MODELS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def tiny_cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+        )
+
+    def not_a_model():
+        return 3
+    """
+)
+MODEL = "tiny_models_for_cli:tiny_cnn"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A folder with the factory module, a .npy of 48 inputs and 4 PNG images."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tiny_models_for_cli.py").write_text(TINY_MODELS)
+    rng = np.random.default_rng(0)
+    np.save(root / "inputs.npy", rng.normal(size=(48, 1, 8, 8)).astype(np.float32))
+    for cls in ("a", "b"):
+        for i in range(2):
+            folder = root / "images" / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(
+                folder / f"{cls}{i}.png"
+            )
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def patterns_file(workspace):
+    path = workspace / "tiny.patterns.safetensors"
+    code = main(["fit", "--model", MODEL, "--data", str(workspace / "inputs.npy"),
+                 "--out", str(path), "--batch-size", "16", "--quiet"])  # fmt: skip
+    assert code == 0
+    return path
+
+
+def tiny_model():
+    import tiny_models_for_cli
+
+    return tiny_models_for_cli.tiny_cnn()
+
+
+def test_fit_writes_patterns_for_every_layer(patterns_file):
+    patterns = Patterns.load(patterns_file, model=tiny_model())
+    assert patterns.estimator == "two_component"
+    assert set(patterns) == {"0", "4"}
+    assert patterns["0"]["a_plus"].shape == (4, 1, 3, 3)
+    assert patterns["4"]["a_minus"].shape == (3, 64)
+    assert patterns.metadata["images"] == 48
+
+
+def test_fit_image_folder_with_limit_and_linear_estimator(workspace, capsys):
+    out = workspace / "linear.safetensors"
+    code, _, err = run(capsys, "fit", "--model", MODEL, "--data", workspace / "images",
+                       "--out", out, "--estimator", "linear", "--limit", "3", "--mode", "L",
+                       "--workers", "0", "--quiet")  # fmt: skip
+    assert code == 0, err
+    patterns = Patterns.load(out)
+    assert patterns.estimator == "linear" and patterns.metadata["images"] == 3
+    assert patterns["0"]["a"].shape == (4, 1, 3, 3)
+
+
+def test_explain_writes_png_and_arrays(workspace, patterns_file, capsys):
+    out = workspace / "explained"
+    images = sorted((workspace / "images").rglob("*.png"))[:2]
+    code, _, err = run(capsys, "explain", "--model", MODEL, "--patterns", patterns_file,
+                       "--method", "pattern_net,pattern_attribution,gradient,lrp_epsilon",
+                       *images, "--out", out, "--mode", "L", "--target", "1")  # fmt: skip
+    assert code == 0, err
+    for image in images:
+        assert (out / f"{image.stem}.png").stat().st_size > 1000
+        for method in ("pattern_net", "pattern_attribution", "gradient", "lrp_epsilon"):
+            array = np.load(out / f"{image.stem}.{method}.npy")
+            assert array.shape == (1, 8, 8) and np.isfinite(array).all()
+    # the saved PatternNet array is what the API computes for target 1
+    from patternnet import PatternNet
+    from patternnet.data import load_image
+
+    model = tiny_model()
+    x = load_image(images[0])[None]
+    expected = PatternNet(model, Patterns.load(patterns_file)).attribute(x, target=1)[0]
+    np.testing.assert_allclose(
+        np.load(out / f"{images[0].stem}.pattern_net.npy"), expected.numpy(), rtol=1e-5
+    )
+
+
+def test_evaluate_writes_report(workspace, patterns_file, capsys):
+    out = workspace / "report"
+    code, _, err = run(capsys, "evaluate", "--model", MODEL, "--patterns", patterns_file,
+                       "--data", workspace / "inputs.npy", "--out", out, "--quiet")  # fmt: skip
+    assert code == 0, err
+    report = (out / "report.md").read_text()
+    assert "ρ(S)" in report and "two_component" in report
+    csv = (out / "quality.csv").read_text().splitlines()
+    assert csv[0].startswith("layer,random,filter,two_component")
+    assert len(csv) == 3  # header + two layers
+
+
+def test_methods_lists_the_registry(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    names = {line.split()[0] for line in out.splitlines()}
+    assert {"pattern_net", "pattern_attribution", "gradient", "lrp_epsilon"} <= names
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fit", "--model", MODEL, "--data", "inputs.npy"], "required: --out"),
+        (["fit", "--model", MODEL, "--data", "x", "--out", "p", "--estimator", "magic"],
+         "invalid choice: 'magic'"),
+        (["fit", "--model", MODEL, "--data", "x", "--out", "p", "--limit", "0"],
+         "must be at least 1"),
+        (["fit", "--model", MODEL, "--data", "nowhere.npy", "--out", "p"], "does not exist"),
+        (["fit", "--model", "no_such_module:f", "--data", "x", "--out", "p"], "--model"),
+        (["fit", "--model", "tiny_models_for_cli:not_a_model", "--data", "x", "--out", "p"],
+         "--model"),
+        (["explain", "--model", MODEL, "--method", "pattern_net", "a.png", "--out", "o"],
+         "needs --patterns"),
+        (["explain", "--model", MODEL, "--method", "telepathy", "a.png", "--out", "o"],
+         "unknown method 'telepathy'"),
+        (["explain", "--model", MODEL, "--patterns", "missing.safetensors", "a.png",
+          "--out", "o"], "no such file"),
+        (["explain", "--model", MODEL, "--method", "gradient", "missing.png", "--out", "o"],
+         "missing.png"),
+        (["fit", "--model", MODEL, "--data", "x", "--out", "p", "--mean", "a,b"],
+         "comma-separated list of numbers"),
+        (["frobnicate"], "invalid choice"),
+        (["demo", "--epochs", "-1"], "must be at least 1"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(workspace, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(workspace)
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("patternnet") and "error:" in lines[0]
+    assert message in lines[0]
+
+
+def test_demo_without_data_says_how_to_get_it(tmp_path, capsys):
+    code, _, err = run(capsys, "demo", "--data", tmp_path, "--out", tmp_path / "o", "--quiet")
+    assert code == 2
+    assert "Fashion-MNIST was not found" in err and "apt-get install dataset-fashion-mnist" in err
+
+
+def test_python_dash_m_runs_fit_in_a_fresh_process(workspace, tmp_path):
+    out = tmp_path / "p.safetensors"
+    env = dict(os.environ, PYTHONPATH=f"{workspace}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = subprocess.run(
+        [sys.executable, "-m", "patternnet", "fit", "--model", MODEL, "--data",
+         str(workspace / "inputs.npy"), "--out", str(out), "--limit", "20"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "fitted two_component patterns for 2 layers on 20 samples" in result.stderr
+    assert Patterns.load(out).metadata["images"] == 20
+    bad = subprocess.run([sys.executable, "-m", "patternnet", "fit"], capture_output=True,
+                         text=True, env=env)  # fmt: skip
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_help_explains_every_option(capsys):
+    import argparse
+
+    from patternnet.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"fit", "explain", "evaluate", "demo", "methods"} <= set(commands.choices)
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"patternnet {name}: {action.option_strings or action.dest}"
+        code, out, _ = run(capsys, name, "--help")
+        assert code == 0 and out.startswith(f"usage: patternnet {name}")
