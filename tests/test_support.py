@@ -344,3 +344,76 @@ def test_smooth_activations_get_the_linear_pattern_with_one_warning() -> None:
     with pytest.warns(UserWarning, match="keep a₊"):
         positive = pn.fit_patterns(model, data, negative=False, progress=False)
     assert set(positive["a"]) == {"a_plus"}
+
+
+# --------------------------------------------------------------- standalone BatchNorm
+
+
+class BNPatternNet(pn.PatternNet):
+    def rules(self, canonical):
+        from patternnet.engine.support import standalone_batchnorm_rules
+
+        module_rules, function_rules = super().rules(canonical)
+        extra = standalone_batchnorm_rules(self.model, canonical, attribution=False)
+        return {**module_rules, **extra}, function_rules
+
+
+class BNPatternAttribution(pn.PatternAttribution):
+    def rules(self, canonical):
+        from patternnet.engine.support import standalone_batchnorm_rules
+
+        module_rules, function_rules = super().rules(canonical)
+        extra = standalone_batchnorm_rules(self.model, canonical, attribution=True)
+        return {**module_rules, **extra}, function_rules
+
+
+def preactivation_net(relu: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.BatchNorm2d(2),                       # standalone: input normalisation
+        nn.Conv2d(2, 3, 3),
+        nn.ReLU() if relu else nn.Identity(),
+        nn.BatchNorm2d(3),                       # standalone: after the activation
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 4),
+    ).double()
+    for bn in (model[0], model[3]):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.3, 3.0)
+        bn.weight.data.normal_(1.0, 0.5)
+        bn.bias.data.normal_()
+    model[3].weight.data[1] = 0.0  # a dead channel (γ = 0)
+    return model.eval()
+
+
+def test_standalone_batchnorm_is_a_per_channel_linear_unit_for_patternnet() -> None:
+    model = preactivation_net()
+    assert {s.note for s in classify(model).values() if s.kind == "batchnorm"} == {"standalone"}
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    signal = BNPatternNet(model, weight_patterns(model)).attribute(x, target=1)
+    # reference: the gradient, with each BatchNorm's backward factor s replaced by 1/s
+    handles = []
+    for bn in (model[0], model[3]):
+        s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+        ratio = torch.where(s != 0, 1 / torch.where(s != 0, s, 1.0) ** 2, 0.0).view(1, -1, 1, 1)
+        handles.append(bn.register_full_backward_hook(
+            lambda m, gin, gout, ratio=ratio: (gin[0] * ratio,)))
+    try:
+        expected = gradient_times_logit(model, x, 1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(signal, expected)
+    assert not torch.allclose(signal, gradient_times_logit(model, x, 1))
+
+
+def test_standalone_batchnorm_conserves_relevance_in_patternattribution() -> None:
+    model = preactivation_net(relu=False)
+    model[3].weight.data[1] = 0.7  # no dead channel: every unit conserves
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    logits = model(x).detach()
+    target = logits.argmax(1)
+    relevance = BNPatternAttribution(model, estimator="filter").attribute(x, target)
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), logits.gather(1, target[:, None])[:, 0])
+    plain = pn.PatternAttribution(model, estimator="filter").attribute(x, target)
+    assert (plain.sum((1, 2, 3)) - relevance.sum((1, 2, 3))).abs().min() > 1e-3

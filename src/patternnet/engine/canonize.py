@@ -379,9 +379,8 @@ class BatchNormFolding:
     tracing (:func:`traced_batchnorm_pairs`), or, when ``example`` is given, by one probe
     forward pass (:func:`probed_batchnorm_pairs`). A BatchNorm is folded only when it reads
     the layer's output directly, nothing else reads that output, and both run once per
-    forward pass. Every other BatchNorm stays **standalone**: a per-channel affine map that
-    the backward pass crosses like the gradient (multiplied by ``s``; see
-    :mod:`patternnet.engine.support`).
+    forward pass. Every other BatchNorm stays **standalone**: a per-channel linear unit (see
+    :func:`patternnet.engine.support.standalone_batchnorm_rules`).
 
     Parameters
     ----------

@@ -34,7 +34,7 @@ __all__ = [
     "WeightSwap", "DeconvNetReLU", "GuidedReLU",
     "Epsilon", "Z", "AlphaBeta", "ZPlus", "WSquare", "Flat", "ZBox", "Norm", "Pass",
     "AVERAGE_POOLS", "identity_estimator_rules", "stabilize", "relevance_ratio",
-    "ProportionalSum",
+    "ProportionalSum", "ChannelScale",
 ]
 
 
@@ -482,3 +482,25 @@ class ProportionalSum(Rule):
         a, b, z = state
         ratio = relevance_ratio(grad_output, z, self.stabilizer)
         return a * ratio, b * ratio
+
+
+class ChannelScale(Rule):
+    """Multiply what passes back through a per-channel map by a fixed factor per channel.
+
+    The rule of a standalone BatchNorm ``y = s ⊙ x + t`` seen as one linear unit per channel
+    (see :func:`patternnet.engine.support.standalone_batchnorm_rules`): its normalised pattern
+    is ``a = 1/s``, so PatternNet passes ``g / s`` and PatternAttribution ``g · s · (1/s) = g``.
+
+    Parameters
+    ----------
+    factor:
+        ``(C,)`` factors for the channels (dimension 1 of the module's input).
+    """
+
+    def __init__(self, factor: Tensor) -> None:
+        self.factor = factor.detach()
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        shape = [1] * grad_output.dim()
+        shape[1] = -1
+        return grad_output * self.factor.to(grad_output).view(shape)

@@ -9,10 +9,13 @@ Every module of a model falls into one of these kinds (:func:`classify`):
     ``BatchNorm1d/2d/3d``/``SyncBatchNorm`` with running statistics. When it directly follows
     a Linear/Conv it is **folded** into that layer (:class:`~patternnet.engine.canonize.
     BatchNormFolding`). Otherwise it is **standalone** (pre-activation ResNets, BN after a
-    ReLU): a fixed per-channel affine map ``s ⊙ x + t`` that the backward pass crosses as the
-    gradient does, multiplied by ``s = γ/√(σ²+ε)``. It has no pattern of its own; this is the
-    documented choice for standalone BatchNorm (its shift ``t`` is a bias, which no backward
-    rule of PatternNet carries).
+    ReLU): a fixed per-channel affine map ``y = s ⊙ x + t``, ``s = γ/√(σ²+ε)``, i.e. one
+    linear unit with a single input per channel. Every signal estimator of such a unit gives
+    the same normalised pattern ``a = 1/s`` (``wᵀa = 1`` with ``w = s``; no data needed), so
+    :func:`standalone_batchnorm_rules` passes ``g/s`` back for PatternNet and ``g·s·a = g``
+    (relevance conserved) for PatternAttribution; ``s = 0`` is a dead unit (pattern 0). The
+    shift ``t`` is a bias, which no backward rule carries. Without these rules (the plain
+    gradient, or a method that does not install them) the backward pass multiplies by ``s``.
 ``activation``
     Element-wise non-linearities (ReLU, LeakyReLU, PReLU, ELU, GELU, SiLU, sigmoid, tanh ...):
     the gradient's gate/derivative passes. The two-component estimator splits each unit by the
@@ -60,6 +63,7 @@ __all__ = [
     "linear_pattern_layers",
     "register_passthrough",
     "smooth_activation_layers",
+    "standalone_batchnorm_rules",
 ]
 
 KINDS = ("linear", "batchnorm", "activation", "passthrough", "container", "unsupported")
@@ -307,3 +311,43 @@ def linear_pattern_layers(model: nn.Module, negative: bool = True) -> set[str]:
         stacklevel=3,
     )
     return set()
+
+
+def standalone_batchnorm_rules(
+    model: nn.Module, canonical: Any, *, attribution: bool
+) -> dict[nn.Module, Any]:
+    """Rules for the BatchNorms the canonical form did not fold (per-channel linear units).
+
+    Parameters
+    ----------
+    model:
+        The borrowed model.
+    canonical:
+        Its :class:`~patternnet.engine.canonize.Canonical` form (folded BatchNorms are in
+        ``canonical.form.bypass`` and get no rule).
+    attribution:
+        False for PatternNet (pass ``g · a`` with the pattern ``a = 1/s``), True for
+        PatternAttribution (pass ``g · s ⊙ a = g``).
+
+    Returns
+    -------
+    dict
+        ``{batchnorm module: ChannelScale rule}``, to merge into a method's module rules.
+    """
+    from .canonize import batchnorm_scale_shift
+    from .rules import ChannelScale
+
+    rules: dict[nn.Module, Any] = {}
+    for name, module in model.named_modules():
+        if not is_batchnorm(module) or name in canonical.form.bypass:
+            continue
+        if module.running_mean is None:
+            continue  # reported by check_supported
+        scale, _ = batchnorm_scale_shift(module)
+        alive = scale != 0
+        if attribution:
+            factor = alive.to(torch.float64)
+        else:
+            factor = torch.where(alive, 1.0 / torch.where(alive, scale, 1.0), 0.0)
+        rules[module] = ChannelScale(factor)
+    return rules
