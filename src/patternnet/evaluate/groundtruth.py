@@ -1,0 +1,148 @@
+"""Metrics of an explanation against a known signal (ground-truth benchmarks).
+
+All metrics work per sample on the flattened explanation and return one value per sample
+(``(N,)`` float64); average them for a table. Explanations of any method are compared by their
+magnitude ``|e|`` (the sign of an explanation is method-specific; where the signal lives is not).
+
+- :func:`signal_cosine` — cosine similarity of ``|e|`` to ``|true signal|`` (1 = the explanation
+  has exactly the shape of the signal);
+- :func:`topk_precision` — the fraction of the ``k`` features with the largest ``|e|`` that lie
+  in the signal mask (``k`` = the mask's size by default);
+- :func:`region_mass` — the fraction of ``Σ|e|`` that falls in a region (e.g. the suppressor
+  region, which holds no information about the target and should get none);
+- :func:`ground_truth_metrics` — all of them for one explanation of a
+  :class:`~patternnet.benchmarks.GroundTruthData`.
+
+References
+----------
+Wilming et al., "Scrutinizing XAI using linear ground-truth data with suppressor variables",
+Machine Learning 2022; Clark et al., "XAI-TRIS", Machine Learning 2024.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ground_truth_metrics", "region_mass", "signal_cosine", "topk_precision"]
+
+EPS = 1e-30
+
+
+def _flat(name: str, tensor: Tensor, n: int | None = None) -> Tensor:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a tensor, not {type(tensor).__name__}")
+    if tensor.dim() < 2:
+        raise ValueError(f"{name} must be a batch (N, ...), got shape {tuple(tensor.shape)}")
+    if n is not None and tensor.shape[0] != n:
+        raise ValueError(f"{name} has {tensor.shape[0]} samples, the explanation has {n}")
+    return tensor.detach().reshape(tensor.shape[0], -1).to("cpu")
+
+
+def _same_shape(explanation: Tensor, other: Tensor, name: str) -> Tensor:
+    if other.shape != explanation.shape:
+        try:
+            other = other.expand_as(explanation)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} has shape {tuple(other.shape)}, the explanation "
+                f"{tuple(explanation.shape)}; they must match"
+            ) from None
+    return other
+
+
+def signal_cosine(explanation: Tensor, signal: Tensor) -> Tensor:
+    """Cosine similarity of ``|explanation|`` and ``|signal|`` per sample.
+
+    Parameters
+    ----------
+    explanation:
+        ``(N, ...)`` explanations.
+    signal:
+        The true signal (or its pattern, or its 0/1 mask), broadcastable to ``explanation``.
+
+    Returns
+    -------
+    Tensor
+        ``(N,)`` float64 in ``[0, 1]``; 0 for an all-zero explanation or signal.
+    """
+    signal = _same_shape(explanation, signal, "signal")
+    e = _flat("explanation", explanation).abs().double()
+    s = _flat("signal", signal, e.shape[0]).abs().double()
+    return (e * s).sum(1) / (e.norm(dim=1) * s.norm(dim=1)).clamp(min=EPS)
+
+
+def topk_precision(explanation: Tensor, mask: Tensor, k: int | None = None) -> Tensor:
+    """Fraction of the ``k`` largest ``|explanation|`` features that lie in ``mask``.
+
+    Parameters
+    ----------
+    explanation:
+        ``(N, ...)`` explanations.
+    mask:
+        Boolean signal mask broadcastable to ``explanation``.
+    k:
+        How many top features to count; default: each sample's number of mask features.
+        Ties are broken by position (the first features win).
+
+    Returns
+    -------
+    Tensor
+        ``(N,)`` float64 in ``[0, 1]``.
+    """
+    mask = _same_shape(explanation, mask, "mask")
+    e = _flat("explanation", explanation).abs().double()
+    m = _flat("mask", mask, e.shape[0]).bool()
+    sizes = m.sum(1) if k is None else torch.full((e.shape[0],), int(k))
+    if bool((sizes < 1).any()) or bool((sizes > e.shape[1]).any()):
+        raise ValueError(f"k must lie in 1 … {e.shape[1]}; got {sizes.tolist()[:5]}")
+    # stable sort so that equal magnitudes keep their order (deterministic ties)
+    order = torch.sort(e, dim=1, descending=True, stable=True).indices
+    hits = torch.gather(m, 1, order).double()
+    rank = torch.arange(e.shape[1])[None, :]
+    return (hits * (rank < sizes[:, None])).sum(1) / sizes.double()
+
+
+def region_mass(explanation: Tensor, region: Tensor) -> Tensor:
+    """Fraction of ``Σ|explanation|`` inside ``region`` per sample (0 for a zero explanation)."""
+    region = _same_shape(explanation, region, "region")
+    e = _flat("explanation", explanation).abs().double()
+    r = _flat("region", region, e.shape[0]).bool()
+    return (e * r).sum(1) / e.sum(1).clamp(min=EPS)
+
+
+def ground_truth_metrics(
+    explanation: Tensor, data: Any, *, k: int | None = None
+) -> dict[str, float]:
+    """All ground-truth metrics of ``explanation`` on ``data``, averaged over samples.
+
+    Parameters
+    ----------
+    explanation:
+        ``(N, ...)`` explanations of ``data.inputs`` (or of its first ``N`` samples).
+    data:
+        A :class:`~patternnet.benchmarks.GroundTruthData`.
+    k:
+        For :func:`topk_precision` (default: the mask size).
+
+    Returns
+    -------
+    dict
+        ``{"signal_cosine", "topk_precision", "mass_<region>" for each region}``.
+    """
+    n = explanation.shape[0]
+    truth = data.subset(slice(0, n))
+    if truth.inputs.shape != explanation.shape:
+        raise ValueError(
+            f"explanation has shape {tuple(explanation.shape)}, the data's inputs "
+            f"{tuple(truth.inputs.shape)}"
+        )
+    out = {
+        "signal_cosine": float(signal_cosine(explanation, truth.signal).mean()),
+        "topk_precision": float(topk_precision(explanation, truth.signal_mask, k).mean()),
+    }
+    for name, region in truth.regions.items():
+        out[f"mass_{name}"] = float(region_mass(explanation, region).mean())
+    return out

@@ -1,0 +1,194 @@
+"""ρ(S) (method.md §5): the paper's toy example and a float64 reference by explicit regression."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from patternnet import fit_patterns
+from patternnet.benchmarks import toy_data, toy_model
+from patternnet.evaluate import estimator_quality
+from patternnet.evaluate.quality import QUALITY_ESTIMATORS
+
+
+@pytest.fixture(scope="module")
+def toy_table():
+    # The linear pattern's sampling error is ~ 0.7/sqrt(n); ρ(S_a) ≥ 0.99 needs n ≳ 10⁴.
+    data = toy_data(40000, mu=0.5, sigma=1.0, seed=3)
+    fit, regression, evaluation = data.split(20000, 10000, 10000)
+    table = estimator_quality(
+        toy_model(), fit.inputs, regression.inputs, evaluation.inputs, random_draws=64, seed=1
+    )
+    return table, evaluation
+
+
+def test_toy_linear_estimator_is_nearly_perfect(toy_table):
+    table, _ = toy_table
+    assert table["", "linear"] >= 0.99
+
+
+def test_toy_filter_estimator_matches_hand_computation(toy_table):
+    table, evaluation = toy_table
+    # S_w(x) = w wᵀx / wᵀw = (y/2, −y/2), so both residual coordinates are y/2 + ε.
+    x = evaluation.inputs.double()
+    y = x[:, 0] - x[:, 1]
+    residual = x[:, 0] - y / 2
+    hand = 1 - abs(np.corrcoef(y.numpy(), residual.numpy())[0, 1])
+    assert abs(table["", "filter"] - hand) < 0.05
+    assert abs(hand - (1 - 1 / math.sqrt(13))) < 0.02  # σ_y² = 1/3, σ = 1: about 0.72
+
+
+def test_toy_random_and_identity(toy_table):
+    table, _ = toy_table
+    # In 2-D a normalised random direction keeps one degree of freedom (expected ρ ≈ 0.57).
+    assert table["", "random"] < table["", "filter"] < table["", "linear"]
+    assert table["", "random"] < 0.7
+    assert table["", "identity"] == 1.0  # zero residual: nothing correlates with y
+
+
+# ---------------------------------------------------------------------------- reference
+def _layer_io(model: nn.Module, layer: nn.Module, x: torch.Tensor):
+    """Explicit patches (M, D), outputs without bias (M, O) and masks, in float64."""
+    store = {}
+
+    def hook(mod, args, out):
+        store["x"], store["out"] = args[0].detach(), out.detach()
+
+    handle = layer.register_forward_hook(hook)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    inp, out = store["x"].double(), store["out"].double()
+    if isinstance(layer, nn.Conv2d):
+        patches = F.unfold(inp, layer.kernel_size, padding=layer.padding, stride=layer.stride)
+        patches = patches.permute(0, 2, 1).reshape(-1, patches.shape[1])
+        out = out.flatten(2).permute(0, 2, 1).reshape(-1, out.shape[1])
+    else:
+        patches = inp
+    y = out - layer.bias.detach().double()
+    return patches, y, out > 0
+
+
+def _reference_rho(d_reg, y_reg, d_eval, y_eval) -> float:
+    design = np.c_[d_reg, np.ones(len(d_reg))]
+    coef, *_ = np.linalg.lstsq(design, y_reg, rcond=None)
+    z = d_eval @ coef[:-1]
+    return 1 - max(0.0, np.corrcoef(z, y_eval)[0, 1])
+
+
+def _residual(patches, y, mask, estimator, tensors, weight, j):
+    w = weight[j].double().flatten()
+    if estimator == "filter":
+        a = w / (w @ w)
+        return patches - y[:, j, None] * a
+    if estimator == "linear":
+        return patches - y[:, j, None] * tensors["a"][j].double().flatten()
+    plus = tensors["a_plus"][j].double().flatten()
+    minus = tensors["a_minus"][j].double().flatten()
+    a = torch.where(mask[:, j, None], plus, minus)
+    return patches - y[:, j, None] * a
+
+
+def _small_cnn(seed: int = 0) -> nn.Module:
+    # float64 so that y = wᵀx carries no float32 rounding that a regression could fit
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 5),
+        nn.ReLU(), nn.Linear(5, 2),
+    ).double()  # fmt: skip
+
+
+def _smooth_images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64)
+    return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1) + 0.3
+
+
+@pytest.mark.parametrize("layer_name", ["0", "3"])
+@pytest.mark.parametrize("estimator", ["filter", "linear", "two_component"])
+def test_matches_explicit_regression(layer_name, estimator):
+    model = _small_cnn()
+    fit, regression, evaluation = (_smooth_images(2000, s) for s in (1, 2, 3))
+    patterns = fit_patterns(model, fit, estimator=estimator, progress=False)
+    table = estimator_quality(
+        model, fit, regression, evaluation, estimators=[estimator], layers=[layer_name],
+        patterns={estimator: patterns} if estimator != "filter" else None,
+        max_neurons=None, max_dims=None, positions=None,
+    )  # fmt: skip
+    layer = dict(model.named_modules())[layer_name]
+    p_r, y_r, m_r = _layer_io(model, layer, regression)
+    p_e, y_e, m_e = _layer_io(model, layer, evaluation)
+    tensors = patterns[layer_name] if estimator != "filter" else {}
+    expected = []
+    for j in range(y_r.shape[1]):
+        d_r = _residual(p_r, y_r, m_r, estimator, tensors, layer.weight.detach(), j)
+        d_e = _residual(p_e, y_e, m_e, estimator, tensors, layer.weight.detach(), j)
+        expected.append(_reference_rho(d_r.numpy(), y_r[:, j].numpy(), d_e.numpy(),
+                                       y_e[:, j].numpy()))  # fmt: skip
+    got = table.per_neuron[(layer_name, estimator)].numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+def test_sampled_neurons_and_dims_match_the_explicit_subset():
+    model = _small_cnn(1)
+    fit, regression, evaluation = (_smooth_images(300, s) for s in (4, 5, 6))
+    patterns = fit_patterns(model, fit, estimator="linear", progress=False)
+    full = estimator_quality(
+        model, fit, regression, evaluation, estimators=["linear"], layers=["3"],
+        patterns={"linear": patterns}, max_neurons=None, max_dims=None, seed=7,
+    )  # fmt: skip
+    sampled = estimator_quality(
+        model, fit, regression, evaluation, estimators=["linear"], layers=["3"],
+        patterns={"linear": patterns}, max_neurons=3, max_dims=40, seed=7,
+    )  # fmt: skip
+    info = sampled.info["3"]
+    assert (info["neurons"], info["dims"], info["exact"]) == (3, 40, False)
+    assert full.info["3"]["exact"]
+    # Reference: the same neurons, the regression restricted to the same 40 coordinates.
+    generator = torch.Generator().manual_seed(7)
+    neurons = torch.randperm(5, generator=generator)[:3].sort().values
+    dims = torch.randperm(108, generator=generator)[:40].sort().values
+    layer = model[3]
+    p_r, y_r, _ = _layer_io(model, layer, regression)
+    p_e, y_e, _ = _layer_io(model, layer, evaluation)
+    a = patterns["3"]["a"].double()
+    expected = []
+    for j in neurons.tolist():
+        d_r = (p_r - y_r[:, j, None] * a[j])[:, dims]
+        d_e = (p_e - y_e[:, j, None] * a[j])[:, dims]
+        expected.append(_reference_rho(d_r.numpy(), y_r[:, j].numpy(), d_e.numpy(),
+                                       y_e[:, j].numpy()))  # fmt: skip
+    np.testing.assert_allclose(sampled.per_neuron[("3", "linear")].numpy(), expected, atol=2e-4)
+
+
+def test_table_outputs_and_model_untouched(tmp_path):
+    model = _small_cnn(2)
+    model.train()
+    flags = [m.training for m in model.modules()]
+    data = _smooth_images(200, 9)
+    table = estimator_quality(model, data[:80], data[80:140], data[140:], max_neurons=2)
+    assert [m.training for m in model.modules()] == flags
+    assert table.layers == ["0", "3", "5"]
+    assert table.estimators == list(QUALITY_ESTIMATORS)
+    assert table.rho.shape == (3, 5)
+    markdown = table.to_markdown()
+    assert markdown.count("\n") == 5 and "two_component" in markdown
+    csv = table.to_csv(tmp_path / "rho.csv")
+    assert (tmp_path / "rho.csv").read_text() == csv
+    assert csv.splitlines()[0].startswith("layer,identity,filter")
+
+
+def test_bad_arguments_are_named():
+    model = _small_cnn()
+    data = _smooth_images(30, 0)
+    with pytest.raises(ValueError, match="unknown estimators"):
+        estimator_quality(model, data, data, data, estimators=["magic"])
+    with pytest.raises(KeyError, match="not Linear/Conv"):
+        estimator_quality(model, data, data, data, layers=["1"])
+    with pytest.raises(ValueError, match="needs fit_data"):
+        estimator_quality(model, None, data, data, estimators=["linear"])
