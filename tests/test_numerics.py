@@ -177,3 +177,25 @@ def test_float16_overflow_is_an_error_not_silent_inf() -> None:
     patterns = fit(model, X)
     with pytest.raises(ValueError, match="NaN or Inf"):
         PatternNet(model, patterns).attribute((X[:2] * 1e6).half())
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5, 23])
+def test_a_minus_of_units_silent_only_on_zero_inputs_is_zero(batch_size: int) -> None:
+    """a₋ from the differences all − active: rounding residue must not become a pattern.
+
+    The unit is inactive exactly on the all-zero inputs, so E₋[x] = E₋[xy] = 0 and a₋ has no
+    signal; the differences of the float64 sums leave ~1e-17 residues whose ratio used to
+    come out as a₋ entries of size 1 to 20 for some batch splits.
+    """
+    generator = torch.Generator().manual_seed(0)
+    layer = nn.Linear(6, 2).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(2, 6, generator=generator, dtype=torch.float64) + 0.1)
+        layer.bias.zero_()
+    data = torch.rand(23, 6, generator=generator, dtype=torch.float64)
+    data[torch.randperm(23, generator=generator)[:7]] = 0
+    patterns = fit(layer, data, batch_size=batch_size)
+    assert torch.equal(patterns[""]["a_minus"], torch.zeros(2, 6, dtype=torch.float64))
+    assert patterns.metadata["report"][""]["degenerate"]["a_minus"] == 2
+    live = (layer.weight.detach() * patterns[""]["a_plus"]).sum(1)
+    torch.testing.assert_close(live, torch.ones(2, dtype=torch.float64))
