@@ -1,0 +1,579 @@
+"""The built-in demo: PatternNet and its baselines on a small VGG-style Fashion-MNIST network.
+
+``patternnet demo`` (or ``make demo``) runs :func:`run_demo`:
+
+1. find the Fashion-MNIST IDX files (``--data DIR``, the Debian package
+   ``dataset-fashion-mnist`` in ``/usr/share/datasets/fashion-mnist``, or a torchvision
+   download folder) — a clear message says how to get them when none is found;
+2. train a small VGG-style network (conv-ReLU-maxpool ×2, two dense layers) for three epochs
+   (≈ 91 % test accuracy), or load it from the cache in the output folder;
+3. fit two-component patterns (:func:`patternnet.fit_patterns`) on the first half of the
+   training set;
+4. write to the output folder ``explanations.png`` (the paper's Figures 6/7: inputs,
+   PatternNet, PatternAttribution, gradient, DeConvNet, Guided BackProp, LRP), and, where
+   :mod:`patternnet.evaluate` provides them, the per-layer ρ(S) plot and the image-degradation
+   curves;
+5. print a summary table (also written as ``summary.md``).
+
+Everything is seeded; the model and patterns are cached, so a second run only redraws.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import find_idx, load_idx
+
+__all__ = [
+    "CLASSES",
+    "DemoConfig",
+    "DemoDataError",
+    "demo_model",
+    "find_fashion_mnist",
+    "run_demo",
+    "train_classifier",
+]
+
+CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel mean and standard deviation
+SYSTEM_DATA = Path("/usr/share/datasets/fashion-mnist")
+MODEL_VERSION = 1
+
+# (registry name, column title, how to display) — the paper's Figure 7 columns
+FIGURE_METHODS = (
+    ("pattern_net", "PatternNet", "signal"),
+    ("pattern_attribution", "PatternAttr.", "attribution"),
+    ("gradient", "Gradient", "signal"),
+    ("deconvnet", "DeConvNet", "signal"),
+    ("guided_backprop", "Guided BP", "signal"),
+    ("lrp_epsilon", "LRP", "attribution"),
+)
+
+HOW_TO_GET_DATA = """\
+Fashion-MNIST was not found (looked in: {looked}).
+Get the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,
+t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in one of these ways:
+  - Debian/Ubuntu:  sudo apt-get install dataset-fashion-mnist   (then run the demo again)
+  - download them from https://github.com/zalandoresearch/fashion-mnist (data/fashion/)
+    into a folder and run:  patternnet demo --data FOLDER
+  - with torchvision and internet access:
+      python -c "import torchvision; torchvision.datasets.FashionMNIST('data', download=True)"
+    then:  patternnet demo --data data/FashionMNIST/raw"""
+
+
+class DemoDataError(FileNotFoundError):
+    """Fashion-MNIST could not be found; the message says how to get it."""
+
+
+@dataclass
+class DemoConfig:
+    """Settings of :func:`run_demo` (the defaults are the full demo).
+
+    Parameters
+    ----------
+    data:
+        Folder with the Fashion-MNIST IDX files; None searches the usual places.
+    out:
+        Output folder (figures, summary, cached model and patterns).
+    epochs:
+        Training epochs (3 gives ≈ 91 % test accuracy).
+    train_limit, fit_limit, test_limit:
+        Use at most this many training images for training / for fitting patterns (default:
+        the first half of the training set) / test images for evaluation. Set small for a
+        quick run.
+    n_images:
+        Test images in the explanation figure.
+    eval_samples:
+        Samples for each of ρ(S)'s regression and evaluation splits (held-out training
+        images and test images).
+    quality_neurons, quality_positions:
+        ρ(S) samples this many neurons per layer and output positions per image and conv
+        layer (see :func:`patternnet.evaluate.estimator_quality`).
+    degradation_images:
+        Test images for the degradation curves.
+    batch_size:
+        Training and fitting batch size.
+    seed:
+        Seed for weights, shuffling and the random baselines.
+    threads:
+        ``torch.set_num_threads``; None uses every core this process may run on.
+    progress:
+        Show progress bars.
+    """
+
+    data: Path | None = None
+    out: Path = Path("demo-output")
+    epochs: int = 3
+    train_limit: int | None = None
+    fit_limit: int | None = None
+    test_limit: int | None = None
+    n_images: int = 8
+    eval_samples: int = 5000
+    quality_neurons: int = 32
+    quality_positions: int = 16
+    degradation_images: int = 200
+    batch_size: int = 128
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+    log: Callable[[str], None] = field(default=print, repr=False)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """A reduced run for smoke tests: one epoch on 3000 images, small evaluation."""
+        settings: dict[str, Any] = {
+            "epochs": 1,
+            "train_limit": 3000,
+            "fit_limit": 1500,
+            "test_limit": 500,
+            "eval_samples": 300,
+            "quality_neurons": 16,
+            "quality_positions": 8,
+            "degradation_images": 50,
+        }
+        settings.update(overrides)
+        return cls(**settings)
+
+
+# ---------------------------------------------------------------------------- data
+def find_fashion_mnist(data: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding the Fashion-MNIST IDX files.
+
+    Looks in ``data`` (also its ``FashionMNIST/raw`` and ``raw`` sub-folders, torchvision's
+    layout), else in ``$PATTERNNET_DATA``, ``/usr/share/datasets/fashion-mnist`` and
+    ``~/.cache/patternnet/fashion-mnist``.
+
+    Raises
+    ------
+    DemoDataError
+        With instructions to get the data.
+    """
+    if data is not None:
+        roots = [Path(data)]
+    else:
+        roots = [SYSTEM_DATA, Path.home() / ".cache" / "patternnet" / "fashion-mnist"]
+        if os.environ.get("PATTERNNET_DATA"):
+            roots.insert(0, Path(os.environ["PATTERNNET_DATA"]))
+    looked = []
+    for root in roots:
+        for folder in (root, root / "FashionMNIST" / "raw", root / "raw"):
+            looked.append(str(folder))
+            try:
+                find_idx(folder, "train")
+                find_idx(folder, "t10k")
+            except (FileNotFoundError, OSError):
+                continue
+            return folder
+    raise DemoDataError(HOW_TO_GET_DATA.format(looked=", ".join(looked[:3])))
+
+
+def _normalise(images: Tensor) -> Tensor:
+    return (images - MEAN) / STD
+
+
+# ---------------------------------------------------------------------------- model
+def demo_model() -> nn.Sequential:
+    """The demo's small VGG-style network for 1×28×28 inputs and 10 classes.
+
+    conv3×3(1→32)-ReLU-maxpool2, conv3×3(32→64)-ReLU-maxpool2, dense(3136→128)-ReLU,
+    dense(128→10). Modules are named (``conv1`` … ``fc2``) so patterns are readable.
+    """
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("conv1", nn.Conv2d(1, 32, 3, padding=1)),
+                ("relu1", nn.ReLU()),
+                ("pool1", nn.MaxPool2d(2)),
+                ("conv2", nn.Conv2d(32, 64, 3, padding=1)),
+                ("relu2", nn.ReLU()),
+                ("pool2", nn.MaxPool2d(2)),
+                ("flatten", nn.Flatten()),
+                ("fc1", nn.Linear(64 * 7 * 7, 128)),
+                ("relu3", nn.ReLU()),
+                ("fc2", nn.Linear(128, 10)),
+            ]
+        )
+    )
+
+
+def _bar(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc=desc, leave=False)
+
+
+def train_classifier(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int = 3,
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: bool = False,
+) -> nn.Module:
+    """Train ``model`` with Adam and a one-cycle learning rate (cross-entropy), in place.
+
+    Parameters
+    ----------
+    model:
+        A classifier returning logits.
+    images, labels:
+        The training set ``(N, ...)`` and ``(N,)`` class indices.
+    epochs, batch_size, seed:
+        Training length, batch size and the seed of the shuffling.
+    progress:
+        Show a progress bar per epoch.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself, in eval mode.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    generator = torch.Generator().manual_seed(seed)
+    steps = epochs * -(-images.shape[0] // batch_size)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=3e-3, total_steps=steps, pct_start=0.2
+    )
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(images.shape[0], generator=generator)
+        bar = _bar(progress, images.shape[0], f"training epoch {epoch + 1}/{epochs}")
+        for start in range(0, images.shape[0], batch_size):
+            index = order[start : start + batch_size]
+            loss = F.cross_entropy(model(images[index]), labels[index])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            if bar is not None:
+                bar.update(index.shape[0])
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if bar is not None:
+            bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+    """Fraction of ``images`` whose arg-max logit is the label."""
+    model.eval()
+    correct = 0
+    for start in range(0, images.shape[0], batch_size):
+        predicted = model(images[start : start + batch_size]).argmax(1)
+        correct += int((predicted == labels[start : start + batch_size]).sum())
+    return correct / images.shape[0]
+
+
+def _load_or_train(
+    config: DemoConfig, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]
+) -> tuple[nn.Module, float, bool]:
+    """(model, test accuracy, whether it came from the cache)."""
+    from safetensors.torch import load_file, save_file
+
+    from .patterns.store import atomic_write
+
+    weights, info = config.out / "model.safetensors", config.out / "model.json"
+    key = {
+        "version": MODEL_VERSION,
+        "epochs": config.epochs,
+        "train_limit": config.train_limit,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+    }
+    model = demo_model()
+    if weights.is_file() and info.is_file():
+        try:
+            cached = json.loads(info.read_text())
+            if cached.get("key") == key:
+                model.load_state_dict(load_file(str(weights)))
+                return model.eval(), float(cached["accuracy"]), True
+        except (OSError, ValueError, KeyError, RuntimeError):
+            pass  # a stale or broken cache is retrained
+    torch.manual_seed(config.seed)
+    model = demo_model()
+    images, labels = train
+    train_classifier(
+        model,
+        images,
+        labels,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    acc = accuracy(model, *test)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(weights, lambda tmp: save_file(state, tmp))
+    atomic_write(info, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "accuracy": acc})))
+    return model, acc, False
+
+
+# ---------------------------------------------------------------------------- methods
+def build_method(name: str, model: nn.Module, patterns: Any) -> Any:
+    """The registry's method ``name`` (:func:`patternnet.methods.registry.get_method`) for
+    ``model``; the pattern methods get ``patterns``."""
+    from .methods.registry import get_method
+
+    options = {"patterns": patterns} if name in ("pattern_net", "pattern_attribution") else {}
+    return get_method(name, model, **options)
+
+
+def explanation_rows(
+    model: nn.Module,
+    patterns: Any,
+    images: Tensor,
+    methods: Sequence[tuple[str, str, str]] = FIGURE_METHODS,
+    log: Callable[[str], None] = print,
+) -> tuple[list[str], list[list[Any]], dict[str, Tensor]]:
+    """Explain ``images`` with each available method; (titles, picture rows, raw results)."""
+    from . import viz
+
+    titles, results, kinds = ["Input"], {}, []
+    for name, title, kind in methods:
+        method = build_method(name, model, patterns)
+        results[name] = method.attribute(images)
+        titles.append(title)
+        kinds.append((name, kind))
+    rows = []
+    for i in range(images.shape[0]):
+        row = [viz.input_image(images[i], mean=(MEAN,), std=(STD,))]
+        for name, kind in kinds:
+            value = results[name][i]
+            row.append(viz.signal_image(value) if kind == "signal" else viz.heatmap(value))
+        rows.append(row)
+    return titles, rows, results
+
+
+def _figure_images(test: tuple[Tensor, Tensor], n_images: int) -> tuple[Tensor, Tensor]:
+    """The first test image of each of the first ``n_images`` classes (or the first images)."""
+    images, labels = test
+    picks = []
+    for cls in range(10):
+        hits = (labels == cls).nonzero()
+        if hits.numel():
+            picks.append(int(hits[0]))
+        if len(picks) == n_images:
+            break
+    if len(picks) < n_images:
+        picks = list(range(min(n_images, images.shape[0])))
+    index = torch.tensor(picks)
+    return images[index], labels[index]
+
+
+# ---------------------------------------------------------------------------- run
+def _set_threads(threads: int | None) -> int:
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not Linux
+            threads = os.cpu_count() or 1
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
+def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
+    """Run the demo (see the module docstring) and return its summary.
+
+    Parameters
+    ----------
+    config:
+        Settings; default :class:`DemoConfig` ``()`` (the full demo into ``demo-output/``).
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``files`` (written paths), ``timings`` (seconds per stage), and
+        ``quality``/``aopc`` where computed.
+
+    Raises
+    ------
+    DemoDataError
+        If Fashion-MNIST cannot be found (the message says how to get it).
+    """
+    from . import viz
+    from .patterns.fit import fit_patterns
+    from .patterns.store import Patterns
+
+    config = config or DemoConfig()
+    log = config.log
+    config.out = Path(config.out)
+    config.out.mkdir(parents=True, exist_ok=True)
+    threads = _set_threads(config.threads)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def lap(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[stage] = now - since
+        return now
+
+    folder = find_fashion_mnist(config.data)
+    log(f"Fashion-MNIST from {folder} ({threads} threads)")
+    train_x, train_y = load_idx(folder, "train")
+    test_x, test_y = load_idx(folder, "t10k")
+    train_x, test_x = _normalise(train_x), _normalise(test_x)
+    if config.test_limit is not None:
+        test_x, test_y = test_x[: config.test_limit], test_y[: config.test_limit]
+    fit_x = train_x[: config.fit_limit or train_x.shape[0] // 2]
+    held_out = train_x[train_x.shape[0] // 2 :]
+    if config.train_limit is not None:
+        train_x, train_y = train_x[: config.train_limit], train_y[: config.train_limit]
+    now = lap("load data", started)
+
+    model, acc, cached = _load_or_train(config, (train_x, train_y), (test_x, test_y))
+    log(
+        f"model: {'loaded from cache' if cached else f'trained {config.epochs} epoch(s)'}, "
+        f"test accuracy {acc:.2%}"
+    )
+    now = lap("train model", now)
+
+    patterns_file = config.out / "patterns.safetensors"
+    patterns = None
+    if cached and patterns_file.is_file():  # patterns are only valid for the cached model
+        try:
+            patterns = Patterns.load(patterns_file, model=model)
+            if patterns.metadata.get("images") != fit_x.shape[0]:
+                patterns = None
+        except (OSError, ValueError):
+            patterns = None
+    patterns_cached = patterns is not None
+    if patterns is None:
+        patterns = fit_patterns(
+            model,
+            fit_x,
+            estimator="two_component",
+            batch_size=256,
+            precision="float32",  # products per batch in float32, sums in float64
+            progress=config.progress,
+        )
+        patterns.save(patterns_file)
+        log(f"fitted two-component patterns on {fit_x.shape[0]} training images")
+    else:
+        log("patterns loaded from cache")
+    now = lap("fit patterns", now)
+
+    images, labels = _figure_images((test_x, test_y), config.n_images)
+    titles, rows, _ = explanation_rows(model, patterns, images, log=log)
+    with torch.no_grad():
+        predicted = model(images).argmax(1)
+    row_titles = [
+        f"{CLASSES[int(t)]}" + ("" if int(p) == int(t) else f"\n(pred. {CLASSES[int(p)]})")
+        for t, p in zip(labels, predicted)
+    ]
+    files = {"explanations": config.out / "explanations.png"}
+    viz.grid(
+        rows,
+        column_titles=titles,
+        row_titles=row_titles,
+        path=files["explanations"],
+        title="What the network sees: signal (grey = 0) and attribution (red +, blue −)",
+    )
+    now = lap("explain + figure", now)
+
+    summary: dict[str, Any] = {
+        "accuracy": acc,
+        "model_cached": cached,
+        "patterns_cached": patterns_cached,
+        "threads": threads,
+        "fit_images": int(fit_x.shape[0]),
+        "files": files,
+        "timings": timings,
+        "config": {k: str(v) for k, v in asdict(config).items() if k != "log"},
+    }
+    evaluation = _evaluate(model, patterns, fit_x, held_out, test_x, config, files, log)
+    summary.update(evaluation)
+    lap("evaluation", now)
+    timings["total"] = time.perf_counter() - started
+    table = summary_table(summary)
+    (config.out / "summary.md").write_text(table + "\n")
+    files["summary"] = config.out / "summary.md"
+    log(table)
+    return summary
+
+
+def _evaluate(
+    model: nn.Module,
+    patterns: Any,
+    fit_x: Tensor,
+    held_out: Tensor,
+    test_x: Tensor,
+    config: DemoConfig,
+    files: dict[str, Path],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """ρ(S) per layer and degradation curves, where :mod:`patternnet.evaluate` has them."""
+    from . import evaluate
+    from .patterns.fit import fit_patterns
+
+    result: dict[str, Any] = {}
+    n_eval = min(config.eval_samples, test_x.shape[0])
+    regression = held_out[: config.eval_samples]
+    linear = fit_patterns(
+        model, fit_x, estimator="linear", batch_size=256, progress=False, precision="float32"
+    )
+    table = evaluate.estimator_quality(
+        model,
+        None,
+        regression,
+        test_x[:n_eval],
+        estimators=("random", "filter", "linear", "two_component"),
+        patterns={"two_component": patterns, "linear": linear},
+        batch_size=256,
+        seed=config.seed,
+        max_neurons=config.quality_neurons,
+        positions=config.quality_positions,
+    )
+    result["quality"] = table
+    try:
+        files["quality"] = config.out / "quality.png"
+        table.plot(files["quality"])
+    except ImportError:
+        files.pop("quality")
+        log("  (ρ(S) plot skipped: patternnet.evaluate.plots is not available)")
+    if not hasattr(evaluate, "region_perturbation"):
+        log("  (degradation skipped: patternnet.evaluate.region_perturbation is not available)")
+    return result
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The demo's results as Markdown: a results table, ρ(S) per layer, AOPC per method."""
+    lines = [
+        "| result | value |",
+        "|---|---|",
+        f"| test accuracy | {summary['accuracy']:.2%} |",
+        f"| patterns fitted on | {summary['fit_images']} training images |",
+        f"| threads | {summary['threads']} |",
+    ]
+    for stage, seconds in summary["timings"].items():
+        lines.append(f"| time: {stage} | {seconds:.1f} s |")
+    for name, path in summary["files"].items():
+        lines.append(f"| file: {name} | {path} |")
+    if "quality" in summary:
+        lines += ["", "Estimator quality ρ(S) per layer (method.md §5; higher is better):", ""]
+        lines.append(summary["quality"].to_markdown().rstrip())
+    if "aopc" in summary:
+        lines += ["", "Image degradation, area over the perturbation curve (higher = steeper "
+                  "decay = better):", "", "| method | AOPC |", "|---|---|"]  # fmt: skip
+        for name, value in summary["aopc"].items():
+            lines.append(f"| {name} | {value:.4f} |")
+    return "\n".join(lines)

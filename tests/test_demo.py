@@ -1,0 +1,109 @@
+"""The built-in demo's pipeline on a reduced setting: synthetic IDX data, a short epoch."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from patternnet.demo import (
+    DemoConfig,
+    DemoDataError,
+    accuracy,
+    demo_model,
+    find_fashion_mnist,
+    run_demo,
+    train_classifier,
+)
+
+
+def _write_idx(path, array):
+    code = 0x08
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def synthetic_fashion(folder, n_train=400, n_test=120, seed=0):
+    """Fashion-MNIST-shaped IDX files: class c is a bright bar on row band c, plus noise."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c : 4 + 2 * c, 4:24] = 230
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+    return synthetic_fashion(tmp_path_factory.mktemp("fashion"))
+
+
+def small_config(data, out, **overrides):
+    settings = dict(
+        data=data, out=out, epochs=1, train_limit=400, fit_limit=200, test_limit=120,
+        n_images=3, eval_samples=60, quality_neurons=8, quality_positions=4,
+        degradation_images=8, progress=False, threads=1, log=lambda message: None,
+    )  # fmt: skip
+    settings.update(overrides)
+    return DemoConfig(**settings)
+
+
+def test_demo_pipeline_writes_figures_and_summary(fake_data, tmp_path):
+    out = tmp_path / "demo-output"
+    summary = run_demo(small_config(fake_data, out))
+    for name in ("explanations.png", "summary.md", "model.safetensors", "patterns.safetensors"):
+        assert (out / name).is_file(), name
+    assert (out / "explanations.png").stat().st_size > 10_000
+    assert not summary["model_cached"]
+    assert 0.0 <= summary["accuracy"] <= 1.0
+    assert summary["fit_images"] == 200
+    table = summary["quality"]
+    assert table.layers == ["conv1", "conv2", "fc1", "fc2"]
+    assert table.estimators == ["random", "filter", "linear", "two_component"]
+    text = (out / "summary.md").read_text()
+    assert "test accuracy" in text and "| conv2 |" in text
+    for key in ("quality", "degradation"):
+        if key in summary["files"]:
+            assert summary["files"][key].is_file()
+    # a second run takes the model and the patterns from the cache
+    again = run_demo(small_config(fake_data, out))
+    assert again["model_cached"] and again["patterns_cached"]
+    assert again["accuracy"] == summary["accuracy"]
+    # a different training setting is not served from the stale cache
+    third = run_demo(small_config(fake_data, out, train_limit=300))
+    assert not third["model_cached"]
+
+
+def test_training_learns_the_synthetic_classes(fake_data):
+    from patternnet.data import load_idx
+
+    torch.manual_seed(0)
+    x, y = load_idx(fake_data, "train")
+    xt, yt = load_idx(fake_data, "t10k")
+    model = train_classifier(demo_model(), x, y, epochs=3, batch_size=32)
+    assert accuracy(model, xt, yt) > 0.8
+    assert demo_model()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_find_fashion_mnist_layouts_and_message(tmp_path, fake_data):
+    assert find_fashion_mnist(fake_data) == fake_data
+    raw = tmp_path / "tv" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in fake_data.iterdir():
+        (raw / path.name).write_bytes(path.read_bytes())
+    assert find_fashion_mnist(tmp_path / "tv") == raw
+    with pytest.raises(DemoDataError) as error:
+        find_fashion_mnist(tmp_path / "empty")
+    message = str(error.value)
+    assert "apt-get install dataset-fashion-mnist" in message and "--data" in message
+
+
+def test_quick_config_is_small():
+    config = DemoConfig.quick()
+    assert config.epochs == 1 and config.train_limit <= 5000 and config.fit_limit <= 2000
