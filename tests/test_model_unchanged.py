@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pkgutil
+import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -297,7 +300,7 @@ def fit_calls() -> dict[str, Callable[[nn.Module, Any], Any]]:
         stats = collect_statistics(model, batches, batch_size=4, progress=False)
         return compute_patterns(model, stats)
 
-    return {
+    calls: dict[str, Callable[[nn.Module, Any], Any]] = {
         "fit_patterns/two_component": lambda m, d: fit_patterns(
             m, d, batch_size=4, progress=False
         ),
@@ -309,9 +312,52 @@ def fit_calls() -> dict[str, Callable[[nn.Module, Any], Any]]:
         ),
         "collect_statistics+compute_patterns": compute,
     }
+    if "checkpoint" in inspect.signature(fit_patterns).parameters:
+
+        def checkpointed(model: nn.Module, batches: Any) -> Any:
+            folder = tempfile.mkdtemp(prefix="patternnet-test-")
+            return fit_patterns(
+                model,
+                batches,
+                batch_size=4,
+                progress=False,
+                checkpoint=os.path.join(folder, "fit.ckpt"),
+                checkpoint_every=1,
+            )
+
+        calls["fit_patterns/checkpointed"] = checkpointed
+    return calls
 
 
 FIT = fit_calls()
+
+
+def evaluate_calls() -> dict[str, Callable[[nn.Module], Any]]:
+    """name -> model -> result, for the evaluation entry points (as they land)."""
+    calls: dict[str, Callable[[nn.Module], Any]] = {}
+    try:
+        from patternnet.evaluate.perturbation import region_perturbation
+    except ImportError:
+        pass
+    else:
+        calls["region_perturbation"] = lambda m: region_perturbation(
+            m, data(4), torch.randn(4, 1, 8, 8), k=4, steps=3
+        )
+        calls["region_perturbation/random"] = lambda m: region_perturbation(
+            m, data(4), "random", k=4, steps=2, replacement="blur"
+        )
+    try:
+        from patternnet.evaluate import estimator_quality
+    except ImportError:
+        pass
+    else:
+        calls["estimator_quality"] = lambda m: estimator_quality(
+            m, data(8), data(8) * 0.5, data(8) * 2, max_neurons=2, max_dims=8, positions=2
+        )
+    return calls
+
+
+EVALUATE = evaluate_calls()
 
 
 def batches_then(error: BaseException, n: int = 1) -> Iterator[Tensor]:
@@ -425,6 +471,30 @@ def test_fit_failure_leaves_model_unchanged(name: str, failure: str) -> None:
     for layer in reference:
         for key, tensor in reference[layer].items():
             torch.testing.assert_close(again[layer][key], tensor)
+
+
+@pytest.mark.parametrize("name", sorted(EVALUATE))
+def test_evaluate_success_leaves_model_unchanged(name: str) -> None:
+    model, _ = make_model()
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        EVALUATE[name](model)
+    assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("mode", ["forward", "interrupt"])
+@pytest.mark.parametrize("name", sorted(EVALUATE))
+def test_evaluate_failure_leaves_model_unchanged(name: str, mode: str) -> None:
+    model, _ = make_model()
+    before = snapshot(model)
+    model.trip.armed, model.trip.after = mode, 1
+    expected = KeyboardInterrupt if mode == "interrupt" else (InjectedError, ValueError)
+    with warnings.catch_warnings(), pytest.raises(expected):
+        warnings.simplefilter("ignore")
+        EVALUATE[name](model)
+    model.trip.armed, model.trip.calls, model.trip.after = None, 0, 0
+    assert_unchanged(before, model)
 
 
 def test_snapshot_detects_changes() -> None:
