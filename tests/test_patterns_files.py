@@ -128,6 +128,18 @@ def test_corrupted_tensor_bytes_are_refused(saved: tuple[Patterns, Path], tmp_pa
             Patterns.load(target)
 
 
+def test_edited_metadata_is_refused(saved: tuple[Patterns, Path], tmp_path: Path) -> None:
+    """The checksum covers the header's metadata too: a hand-edited record is refused."""
+    _, path = saved
+    raw = path.read_bytes()
+    edited = raw.replace(b'"Conv2d', b'"Conv3d', 1)
+    assert edited != raw and len(edited) == len(raw)
+    target = tmp_path / "edited.safetensors"
+    target.write_bytes(edited)
+    with pytest.raises(ValueError, match="corrupted.*checksum"):
+        Patterns.load(target)
+
+
 def test_corrupted_header_is_refused(saved: tuple[Patterns, Path], tmp_path: Path) -> None:
     _, path = saved
     raw = path.read_bytes()
@@ -150,6 +162,9 @@ def test_corrupted_header_is_refused(saved: tuple[Patterns, Path], tmp_path: Pat
         ({"format_version": "99"}, None, "newer patternnet"),
         ({"estimator": "zzz"}, None, "unknown estimator 'zzz'"),
         ({"format": None}, None, "not a patternnet patterns file"),
+        ({"metadata": '{"architecture": null}'}, None, "architecture record"),
+        ({"metadata": '{"architecture": [{"nme": "0"}]}'}, None, "architecture record"),
+        ({"metadata": '{"architecture": [{"name": "0", "type": "Conv2d"}]}'}, None, "record"),
         ({}, {"0/a": torch.full((2,), float("nan"))}, "NaN or Inf"),
         ({}, {"0/a": torch.ones(2, dtype=torch.int64)}, "int64"),
         ({}, {"a": torch.ones(2)}, "unexpected tensor 'a'"),
@@ -162,6 +177,9 @@ def test_corrupted_header_is_refused(saved: tuple[Patterns, Path], tmp_path: Pat
         "bad version",
         "newer version",
         "unknown estimator",
+        "architecture null",
+        "architecture without name",
+        "architecture without shape",
         "foreign safetensors",
         "nan pattern",
         "integer pattern",
