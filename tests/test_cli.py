@@ -123,10 +123,19 @@ def test_explain_writes_png_and_arrays(workspace, patterns_file, capsys):
 def test_evaluate_writes_report(workspace, patterns_file, capsys):
     out = workspace / "report"
     code, _, err = run(capsys, "evaluate", "--model", MODEL, "--patterns", patterns_file,
-                       "--data", workspace / "inputs.npy", "--out", out, "--quiet")  # fmt: skip
+                       "--data", workspace / "inputs.npy", "--out", out, "--patch", "3",
+                       "--method", "pattern_attribution,gradient,lrp_epsilon",
+                       "--quiet")  # fmt: skip
     assert code == 0, err
     report = (out / "report.md").read_text()
     assert "ρ(S)" in report and "two_component" in report
+    assert "3×3 regions, 9 steps" in report  # 8×8 images: 3 + 3 + 2 px per side
+    aopc = (out / "degradation.csv").read_text().split()
+    assert aopc[0] == "method,aopc"
+    assert [line.split(",")[0] for line in aopc[1:]] == [
+        "pattern_attribution", "gradient", "lrp_epsilon", "random"
+    ]  # fmt: skip
+    assert (out / "degradation.png").stat().st_size > 1000
     csv = (out / "quality.csv").read_text().splitlines()
     assert csv[0].startswith("layer,random,filter,two_component")
     assert len(csv) == 3  # header + two layers
@@ -162,6 +171,8 @@ def test_methods_lists_the_registry(capsys):
         (["fit", "--model", MODEL, "--data", "x", "--out", "p", "--mean", "a,b"],
          "comma-separated list of numbers"),
         (["frobnicate"], "invalid choice"),
+        (["evaluate", "--model", MODEL, "--patterns", "tiny.patterns.safetensors", "--data",
+          "inputs.npy", "--out", "r", "--patch", "20"], "larger than the 8×8 images"),
         (["demo", "--epochs", "-1"], "must be at least 1"),
     ],
 )

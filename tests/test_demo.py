@@ -68,9 +68,10 @@ def test_demo_pipeline_writes_figures_and_summary(fake_data, tmp_path):
     assert table.estimators == ["random", "filter", "linear", "two_component"]
     text = (out / "summary.md").read_text()
     assert "test accuracy" in text and "| conv2 |" in text
-    for key in ("quality", "degradation"):
-        if key in summary["files"]:
-            assert summary["files"][key].is_file()
+    assert summary["files"]["degradation"].is_file()
+    assert len(summary["aopc"]) == 5 and "random order" in summary["aopc"]
+    assert all(-1.0 <= value <= 1.0 for value in summary["aopc"].values())
+    assert "AOPC" in text
     # a second run takes the model and the patterns from the cache
     again = run_demo(small_config(fake_data, out))
     assert again["model_cached"] and again["patterns_cached"]

@@ -89,3 +89,28 @@ def test_viz_never_touches_pyplot_or_the_backend():
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_degradation_plot_draws_each_curve(tmp_path):
+    class Curves:
+        k = 4
+
+        def __init__(self, scores):
+            self.scores = torch.tensor(scores)
+
+        def mean(self):
+            return self.scores.mean(0)
+
+        def aopc(self):
+            return float((self.scores[:, :1] - self.scores).mean())
+
+    curves = {"good": Curves([[0.9, 0.5, 0.1]]), "random order": Curves([[0.9, 0.8, 0.7]])}
+    figure = viz.degradation_plot(curves, path=tmp_path / "d.png")
+    ax = figure.axes[0]
+    assert [line.get_label() for line in ax.lines] == [
+        "good  (AOPC 0.400)", "random order  (AOPC 0.133)"
+    ]  # fmt: skip
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.9, 0.5, 0.1], rtol=1e-6)
+    assert (tmp_path / "d.png").is_file()
+    with pytest.raises(ValueError, match="at least one curve"):
+        viz.degradation_plot({})

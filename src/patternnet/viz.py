@@ -9,6 +9,7 @@
 - :func:`overlay` lays a heatmap over a greyscale copy of the input.
 - :func:`grid` arranges such pictures, one row per input and one column per method, like the
   paper's Figures 6 and 7.
+- :func:`degradation_plot` draws image-degradation curves (the paper's Figure 4).
 
 The array functions return ``(H, W, 3)`` (or ``(H, W)`` for one-channel signals) float arrays
 in ``[0, 1]`` and need only numpy; :func:`grid` imports matplotlib when called and builds a
@@ -19,13 +20,22 @@ and shows inline in notebooks, and never changes the global backend.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-__all__ = ["DEFAULT_CMAP", "grid", "heatmap", "input_image", "overlay", "save", "signal_image"]
+__all__ = [
+    "DEFAULT_CMAP",
+    "degradation_plot",
+    "grid",
+    "heatmap",
+    "input_image",
+    "overlay",
+    "save",
+    "signal_image",
+]
 
 DEFAULT_CMAP = "RdBu_r"
 
@@ -271,3 +281,60 @@ def save(figure: Any, path: str | os.PathLike[str], *, dpi: int = 150) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi, bbox_inches="tight")
+
+
+# Okabe & Ito's palette: distinguishable with every common colour-vision deficiency
+LINE_COLOURS = ("#D55E00", "#0072B2", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#777777")
+LINE_STYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)))
+
+
+def degradation_plot(
+    curves: Mapping[str, Any],
+    *,
+    title: str = "Image degradation (steeper = better)",
+    path: str | os.PathLike[str] | None = None,
+) -> Any:
+    """Mean perturbation curves of several explanations in one plot (the paper's Figure 4).
+
+    Parameters
+    ----------
+    curves:
+        ``{label: PerturbationCurves}`` from
+        :func:`patternnet.evaluate.perturbation.region_perturbation` (anything with
+        ``.mean()``, ``.aopc()`` and ``.k``). A label containing ``"random"`` is drawn grey.
+    title:
+        Plot title.
+    path:
+        If given, save the figure there.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise ValueError("degradation_plot needs at least one curve")
+    figure = Figure(figsize=(5.4, 3.7))
+    ax = figure.subplots()
+    k = None
+    for i, (label, curve) in enumerate(curves.items()):
+        mean = curve.mean().detach().cpu().numpy()
+        k = curve.k
+        ax.plot(
+            range(len(mean)),
+            mean,
+            linestyle=LINE_STYLES[i % len(LINE_STYLES)],
+            linewidth=1.6,
+            color="#777777" if "random" in label else LINE_COLOURS[i % len(LINE_COLOURS)],
+            label=f"{label}  (AOPC {curve.aopc():.3f})",
+        )
+    ax.set_xlabel(f"regions replaced by their mean ({k}×{k} px)")
+    ax.set_ylabel("probability of the predicted class")
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False)
+    if path is not None:
+        save(figure, path)
+    return figure
