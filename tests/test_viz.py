@@ -108,7 +108,7 @@ def test_degradation_plot_draws_each_curve(tmp_path):
     figure = viz.degradation_plot(curves, path=tmp_path / "d.png")
     ax = figure.axes[0]
     assert [line.get_label() for line in ax.lines] == [
-        "good  (AOPC 0.400)", "random order  (AOPC 0.133)"
+        "good  (AOPC 0.400)", "random order  (AOPC 0.100)"
     ]  # fmt: skip
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.9, 0.5, 0.1], rtol=1e-6)
     assert (tmp_path / "d.png").is_file()
