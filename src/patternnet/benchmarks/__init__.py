@@ -15,12 +15,19 @@ from .base import GroundTruthData
 from .suppressor import suppressor_images
 from .tetromino import tetromino_images
 from .toy import toy_data, toy_model
-from .train import accuracy, linear_classifier, small_cnn, train_classifier
+from .train import (
+    accuracy,
+    linear_classifier,
+    linear_discriminant,
+    small_cnn,
+    train_classifier,
+)
 
 __all__ = [
     "GroundTruthData",
     "accuracy",
     "linear_classifier",
+    "linear_discriminant",
     "small_cnn",
     "suppressor_images",
     "tetromino_images",

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .base import GroundTruthData, seeded_generator
 
-__all__ = ["accuracy", "linear_classifier", "small_cnn", "train_classifier"]
+__all__ = ["accuracy", "linear_classifier", "linear_discriminant", "small_cnn", "train_classifier"]
 
 
 def linear_classifier(input_shape: Sequence[int], classes: int = 2, *, seed: int = 0) -> nn.Module:
@@ -132,3 +132,36 @@ def train_classifier(
             optimiser.step()
     model.eval()
     return model
+
+
+def linear_discriminant(
+    data: GroundTruthData | tuple[Tensor, Tensor], *, ridge: float = 1e-6
+) -> nn.Module:
+    """Fisher's linear discriminant for two classes, as a ``Flatten → Linear(D, 2)`` model.
+
+    The Bayes-optimal linear classifier for Gaussian classes with a shared covariance:
+    ``w = Σ_within⁻¹ (μ₁ − μ₀)``, solved in float64 in closed form (no optimiser noise). The
+    logits are ``±(wᵀx − c)/2`` with ``c`` halfway between the class means' projections.
+
+    Parameters
+    ----------
+    data:
+        A :class:`GroundTruthData` with labels 0/1, or ``(inputs, labels)``.
+    ridge:
+        Added to the diagonal of ``Σ_within`` relative to its mean eigenvalue.
+    """
+    inputs, labels = (data.inputs, data.targets) if isinstance(data, GroundTruthData) else data
+    x = inputs.reshape(inputs.shape[0], -1).double()
+    if set(labels.unique().tolist()) != {0, 1}:
+        raise ValueError("linear_discriminant needs two classes labelled 0 and 1")
+    mean0, mean1 = x[labels == 0].mean(0), x[labels == 1].mean(0)
+    centred = torch.cat([x[labels == 0] - mean0, x[labels == 1] - mean1])
+    within = centred.T @ centred / centred.shape[0]
+    within += ridge * within.diagonal().mean() * torch.eye(x.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(within, mean1 - mean0)
+    c = w @ (mean0 + mean1) / 2
+    model = nn.Sequential(nn.Flatten(), nn.Linear(x.shape[1], 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([-w, w]).float() / 2)
+        model[1].bias.copy_(torch.stack([c, -c]).float() / 2)
+    return model.eval()

@@ -12,15 +12,26 @@
 
 from __future__ import annotations
 
+from .compare import ComparisonReport, compare
 from .groundtruth import ground_truth_metrics, region_mass, signal_cosine, topk_precision
+from .perturbation import REPLACEMENTS, PerturbationCurves, aopc, region_perturbation
+from .plots import plot_degradation, plot_quality
 from .quality import QUALITY_ESTIMATORS, QualityTable, estimator_quality
 
 __all__ = [
     "QUALITY_ESTIMATORS",
+    "REPLACEMENTS",
+    "ComparisonReport",
+    "PerturbationCurves",
     "QualityTable",
+    "aopc",
+    "compare",
     "estimator_quality",
     "ground_truth_metrics",
+    "plot_degradation",
+    "plot_quality",
     "region_mass",
+    "region_perturbation",
     "signal_cosine",
     "topk_precision",
 ]

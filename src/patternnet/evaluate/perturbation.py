@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ..benchmarks.noise import gaussian_kernel
 from ..borrow import borrowed, model_device, model_dtype
+from ..methods.base import resolve_target
 
 __all__ = [
     "REPLACEMENTS",
@@ -78,6 +79,13 @@ def _check_images(name: str, tensor: Tensor) -> None:
             f"{name} must be images (N, C, H, W), got shape {tuple(tensor.shape)}; region "
             "perturbation needs two spatial dimensions"
         )
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"{name} has dtype {tensor.dtype}; pass floating-point images (uint8 pixels: "
+            "x.float() / 255, then the model's normalisation)"
+        )
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} holds NaN or Inf values; clean them first")
 
 
 def region_scores(attributions: Tensor, k: int) -> Tensor:
@@ -339,7 +347,8 @@ def region_perturbation(
         if target is None:
             chosen = torch.cat([logits(b).argmax(1).cpu() for b in x.split(batch_size)])
         else:
-            chosen = torch.as_tensor(target).long().expand(n).cpu()
+            classes = logits(x[:1]).shape[1]
+            chosen = resolve_target(target, torch.zeros(n, classes)).cpu()
         for start in range(0, len(pairs_image), batch_size):
             images = pairs_image[start : start + batch_size]
             step = pairs_step[start : start + batch_size]

@@ -1,0 +1,126 @@
+"""Figures of the evaluation: ρ per layer (the paper's Figure 3) and degradation curves.
+
+Matplotlib is imported only when a figure is drawn, and only its object-oriented API is used
+(``Figure`` with an Agg canvas): no pyplot state, no change of the user's backend. Every
+function returns the ``Figure`` and writes it to ``path`` when given (format from the suffix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .perturbation import PerturbationCurves
+    from .quality import QualityTable
+
+__all__ = ["plot_degradation", "plot_quality"]
+
+#: Display names of the estimators (the paper's notation).
+ESTIMATOR_LABELS = {
+    "identity": "S_x (identity)",
+    "filter": "S_w (filter)",
+    "linear": "S_a (linear)",
+    "two_component": "S_a+- (two-component)",
+    "random": "random",
+}
+
+
+def _figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - matplotlib is in the viz extra
+        raise ImportError("figures need matplotlib: pip install 'patternnet[viz]'") from error
+    figure = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Any, path: str | Path | None) -> None:
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, bbox_inches="tight")
+
+
+def plot_quality(
+    table: QualityTable,
+    path: str | Path | None = None,
+    *,
+    estimators: Sequence[str] | None = None,
+    title: str = "Signal estimator quality ρ(S) per layer",
+) -> Any:
+    """The paper's Figure 3: ρ(S) per layer, one line per estimator.
+
+    Parameters
+    ----------
+    table:
+        From :func:`patternnet.evaluate.estimator_quality`.
+    path:
+        Where to write the figure (optional).
+    estimators:
+        Which columns to draw (default: all but ``"identity"``, whose ρ = 1 is trivial).
+    title:
+        Axes title.
+    """
+    chosen = (
+        [e for e in table.estimators if e != "identity"] if estimators is None else list(estimators)
+    )
+    figure = _figure(max(4.0, 0.6 * len(table.layers) + 2.5), 3.2)
+    ax = figure.add_subplot(1, 1, 1)
+    positions = list(range(len(table.layers)))
+    markers = "osD^vx"
+    for i, estimator in enumerate(chosen):
+        j = table.estimators.index(estimator)
+        ax.plot(
+            positions, table.rho[:, j].tolist(), marker=markers[i % len(markers)],
+            label=ESTIMATOR_LABELS.get(estimator, estimator),
+        )  # fmt: skip
+    ax.set_xticks(positions)
+    ax.set_xticklabels([name or "(model)" for name in table.layers], rotation=45, ha="right")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("ρ(S)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    _save(figure, path)
+    return figure
+
+
+def plot_degradation(
+    curves: Mapping[str, PerturbationCurves] | Sequence[PerturbationCurves],
+    path: str | Path | None = None,
+    *,
+    title: str = "Image degradation (region perturbation)",
+) -> Any:
+    """Mean perturbation curves of several methods, AOPC in the legend.
+
+    Parameters
+    ----------
+    curves:
+        ``{label: curves}`` or a sequence of :class:`PerturbationCurves` (their ``label``).
+    path:
+        Where to write the figure (optional).
+    title:
+        Axes title.
+    """
+    items = list(curves.items()) if isinstance(curves, Mapping) else [(c.label, c) for c in curves]
+    if not items:
+        raise ValueError("no curves to plot")
+    figure = _figure(5.0, 3.4)
+    ax = figure.add_subplot(1, 1, 1)
+    for label, curve in items:
+        style = "--" if label == "random" else "-"
+        mean = curve.mean().tolist()
+        ax.plot(range(len(mean)), mean, style, label=f"{label} (AOPC {curve.aopc():.3f})")
+    first = items[0][1]
+    ax.set_xlabel(f"regions replaced ({first.k}×{first.k}, {first.replacement})")
+    ax.set_ylabel("p(predicted class)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    _save(figure, path)
+    return figure
