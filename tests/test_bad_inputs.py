@@ -488,3 +488,107 @@ def test_inputs_on_another_device_are_moved_and_returned_on_theirs() -> None:
     torch.testing.assert_close(result, reference, atol=1e-5, rtol=1e-4)
     patterns = fit(model, X)  # CPU data for a CUDA model: batches are moved
     assert next(iter(patterns.values()))["a_plus"].device.type == "cuda"
+
+
+# ---------------------------------------------------------------------- every registered method
+def registered_methods() -> list[str]:
+    try:
+        from patternnet.methods.registry import methods
+    except ImportError:
+        return []
+    return sorted(methods())
+
+
+def build(name: str, model: nn.Module) -> Any:
+    from patternnet.methods.registry import get_method
+
+    options: dict[str, Any] = {}
+    if name in ("pattern_net", "pattern_attribution"):
+        options["patterns"] = fit(model, X)
+    if name == "smoothgrad":
+        options.update(n_samples=2, seed=0)
+    if name == "integrated_gradients":
+        options["n_steps"] = 3
+    return get_method(name, model, **options)
+
+
+BAD_FOR_EVERY_METHOD: dict[str, tuple[Callable[[], Tensor], type[BaseException], str, Any]] = {
+    "nan inputs": (lambda: with_nan(0, float("nan"))[:2], ValueError, "NaN or Inf", None),
+    "uint8 inputs": (lambda: (X4.abs() * 9).to(torch.uint8), TypeError, "uint8", None),
+    "wrong channels": (lambda: torch.randn(2, 3, 8, 8), ValueError, "forward pass failed", None),
+    "no batch dimension": (lambda: X4[0, 0, 0], ValueError, r"unsqueeze\(0\)", None),
+    "target out of range": (lambda: X4, ValueError, "out of range", 5),
+    "target of the wrong length": (lambda: X4, ValueError, "3 entries", [0, 1, 2]),
+    "float target": (lambda: X4, TypeError, "integers", [0.0, 1.0, 2.0, 0.0]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FOR_EVERY_METHOD))
+@pytest.mark.parametrize("name", registered_methods())
+def test_every_registered_method_rejects_bad_input_clearly(name: str, case: str) -> None:
+    inputs, error, match, target = BAD_FOR_EVERY_METHOD[case]
+    method = build(name, cnn())
+    raises_clear(error, match, lambda: method.attribute(inputs(), target=target))
+
+
+def test_wrapper_options_are_checked() -> None:
+    from patternnet.methods.gradient import IntegratedGradients, SmoothGrad
+
+    raises_clear(ValueError, "baseline holds NaN", lambda: IntegratedGradients(
+        Gradient(cnn()), baseline=float("nan"), n_steps=2).attribute(X4))
+    raises_clear(ValueError, "does not broadcast", lambda: IntegratedGradients(
+        Gradient(cnn()), baseline=torch.zeros(3, 3), n_steps=2).attribute(X4))
+    raises_clear(ValueError, "n_steps", lambda: IntegratedGradients(Gradient(cnn()), n_steps=0))
+    raises_clear(ValueError, "noise_level", lambda: SmoothGrad(
+        Gradient(cnn()), noise_level=float("nan")))
+
+
+# ---------------------------------------------------------------------- evaluation
+def perturbation_cases() -> dict[str, tuple[Callable[[], Any], type[BaseException], str]]:
+    try:
+        from patternnet.evaluate.perturbation import region_perturbation
+    except ImportError:
+        return {}
+
+    def run(inputs: Tensor = X4, attributions: Any = None, **options: Any) -> Any:
+        options = {"k": 4, "steps": 2, **options}
+        attr = torch.randn_like(inputs.float()) if attributions is None else attributions
+        return region_perturbation(cnn(), inputs, attr, **options)
+
+    return {
+        "nan images": (lambda: run(with_nan(0, float("nan"))[:4]), ValueError, "inputs holds NaN"),
+        "nan attributions": (
+            lambda: run(attributions=with_nan(1, float("inf"))[:4]),
+            ValueError,
+            "attributions holds NaN",
+        ),
+        "uint8 images": (lambda: run((X4.abs() * 9).to(torch.uint8)), TypeError, "uint8"),
+        "attributions of another size": (
+            lambda: run(attributions=torch.randn(4, 1, 4, 4)),
+            ValueError,
+            "do not match",
+        ),
+        "not images": (lambda: run(torch.randn(4, 64), torch.randn(4, 64)), ValueError, "images"),
+        "target out of range": (lambda: run(target=9), ValueError, "target 9 is out of range"),
+        "float target": (lambda: run(target=1.5), TypeError, "integers"),
+        "region size 0": (lambda: run(k=0), ValueError, "at least 1"),
+        "no steps": (lambda: run(steps=0), ValueError, "positive"),
+        "unknown replacement": (lambda: run(replacement="noise"), ValueError, "replacement"),
+    }
+
+
+PERTURBATION = perturbation_cases()
+
+
+@pytest.mark.parametrize("case", sorted(PERTURBATION))
+def test_region_perturbation_rejects_bad_input_clearly(case: str) -> None:
+    call, error, match = PERTURBATION[case]
+    raises_clear(error, match, call)
+
+
+def test_estimator_quality_rejects_bad_data_clearly() -> None:
+    quality = pytest.importorskip("patternnet.evaluate").estimator_quality
+    model = cnn()
+    raises_clear(ValueError, "empty", lambda: quality(model, X[:0], X, X))
+    raises_clear(ValueError, "NaN or Inf", lambda: quality(model, X, with_nan(2, float("nan")), X))
+    raises_clear(ValueError, "unknown", lambda: quality(model, X, X, X, estimators=["x"]))
