@@ -1,0 +1,98 @@
+"""The comparison runner: one table, CSV, Markdown and figures for several methods."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patternnet import Gradient, GradientXInput, PatternAttribution, fit_patterns
+from patternnet.benchmarks import small_cnn, tetromino_images, train_classifier
+from patternnet.evaluate import (
+    compare,
+    estimator_quality,
+    plot_degradation,
+    plot_quality,
+    region_perturbation,
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    data = tetromino_images(900, mode="lin", background="white", size=16, seed=0)
+    train, fit, test = data.split(700, 150, 24)
+    model = train_classifier(small_cnn((1, 16, 16), channels=4, hidden=16), train, epochs=4,
+                             lr=3e-3)  # fmt: skip
+    patterns = fit_patterns(model, fit.inputs, progress=False)
+    return model, patterns, fit, test
+
+
+def test_compare_instances_names_and_callables(setup, tmp_path):
+    model, patterns, fit, test = setup
+    methods = {
+        "PatternAttribution": PatternAttribution(model, patterns),
+        "gradient": "gradient",
+        "guided": "guided_backprop",
+        "g×i": lambda x, target: GradientXInput(model).attribute(x, target),
+    }
+    quality = estimator_quality(model, fit.inputs[:75], fit.inputs[75:], test.inputs,
+                                max_neurons=4, max_dims=32)  # fmt: skip
+    report = compare(model, methods, test, k=4, steps=8, quality=quality, output_dir=tmp_path)
+    labels = [row["method"] for row in report.rows]
+    assert labels == ["PatternAttribution", "gradient", "guided", "g×i", "random"]
+    for row in report.rows[:-1]:
+        assert {"aopc", "signal_cosine", "topk_precision", "mass_background", "seconds"} <= set(row)
+        assert 0.0 <= row["signal_cosine"] <= 1.0
+    assert set(report.rows[-1]) == {"method", "aopc"}
+    # the AOPC in the table is the one of the stored curve, recomputed independently
+    again = region_perturbation(model, test.inputs, report.explanations["gradient"], k=4, steps=8)
+    assert report.rows[1]["aopc"] == pytest.approx(again.aopc())
+    assert torch.allclose(report.explanations["gradient"], Gradient(model).attribute(test.inputs))
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"report.md", "metrics.csv", "degradation.png", "rho.png", "rho.csv"} <= files
+    text = (tmp_path / "report.md").read_text()
+    assert "| PatternAttribution |" in text and "ρ(S)" in text
+    csv = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv[0].startswith("method,aopc,signal_cosine") and len(csv) == 6
+
+
+def test_registry_pattern_methods_get_the_patterns(setup):
+    model, patterns, _, test = setup
+    report = compare(model, ["pattern_net", "pattern_attribution"], test.inputs, patterns=patterns,
+                     k=8, steps=4, random_baseline=False)  # fmt: skip
+    assert [row["method"] for row in report.rows] == ["pattern_net", "pattern_attribution"]
+    expected = PatternAttribution(model, patterns).attribute(test.inputs)
+    assert torch.allclose(report.explanations["pattern_attribution"], expected)
+    assert "signal_cosine" not in report.rows[0]  # no ground truth for a plain tensor
+
+
+def test_vector_inputs_skip_degradation():
+    from patternnet.benchmarks import toy_data, toy_model
+
+    data = toy_data(50, seed=0)
+    model = torch.nn.Sequential(toy_model(), torch.nn.Linear(1, 2))
+    report = compare(model, ["gradient"], data)
+    assert report.curves == {} and "aopc" not in report.rows[0]
+    assert "signal_cosine" in report.rows[0]
+
+
+def test_bad_methods_are_named(setup):
+    model, _, _, test = setup
+    with pytest.raises(ValueError, match="unknown method"):
+        compare(model, ["no_such_method"], test.inputs)
+    with pytest.raises(ValueError, match="twice"):
+        compare(model, ["gradient", "gradient"], test.inputs)
+    with pytest.raises(TypeError, match="data must be"):
+        compare(model, ["gradient"], [1, 2, 3])
+
+
+def test_plots_write_files(setup, tmp_path):
+    model, _, fit, test = setup
+    curves = [region_perturbation(model, test.inputs, "random", k=4, steps=5, label="random")]
+    figure = plot_degradation(curves, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert len(figure.axes[0].lines) == 1
+    table = estimator_quality(model, fit.inputs[:60], fit.inputs[60:], test.inputs,
+                              max_neurons=2, max_dims=16)  # fmt: skip
+    figure = plot_quality(table, tmp_path / "sub" / "rho.svg")
+    assert (tmp_path / "sub" / "rho.svg").exists()
+    assert len(figure.axes[0].lines) == 4  # identity is left out by default
