@@ -84,6 +84,7 @@ def iter_batches(
     else:
         source = data
     seen = 0
+    finite: Tensor | None = None
     for index, batch in enumerate(source):
         if isinstance(batch, (tuple, list)):
             if not batch:
@@ -113,16 +114,22 @@ def iter_batches(
             )
         if batch.is_meta:
             raise ValueError(f"batch {index} is on the meta device (no values); pass real data")
-        if not torch.isfinite(batch).all():
-            raise ValueError(
-                f"batch {index} holds NaN or Inf values; clean the data before fitting"
-            )
+        if batch.device.type == "cpu":
+            if not torch.isfinite(batch).all():
+                raise ValueError(
+                    f"batch {index} holds NaN or Inf values; clean the data before fitting"
+                )
+        else:  # on an accelerator: checked once at the end, no synchronisation per batch
+            ok = torch.isfinite(batch).all()
+            finite = ok if finite is None else finite & ok
         if limit is not None and seen + batch.shape[0] > limit:
             batch = batch[: limit - seen]
         seen += batch.shape[0]
         yield batch
         if limit is not None and seen >= limit:
-            return
+            break
+    if finite is not None and not bool(finite):
+        raise ValueError("the data holds NaN or Inf values; clean the data before fitting")
     if seen == 0:
         raise ValueError("data yielded no samples; patterns need at least one batch")
 
@@ -272,7 +279,10 @@ def collect_statistics(
                 handles.append(module.register_forward_hook(make_hook(name, module)))
             with torch.no_grad(), canonical.active():
                 for batch in _remaining_batches(data, batch_size, limit, *skip):
-                    batch = batch.to(device=target_device, dtype=dtype)
+                    batch = batch.to(
+                        device=target_device, dtype=dtype,
+                        non_blocking=target_device.type == "cuda" and batch.is_pinned(),
+                    )
                     forward_checked(canonical, batch)
                     stats.images += batch.shape[0]
                     stats.batches += 1

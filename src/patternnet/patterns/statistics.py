@@ -36,10 +36,10 @@ from ..layers import LayerGeometry
 
 __all__ = ["LayerStatistics", "Statistics", "SUM_NAMES", "required_sums", "DEFAULT_FLUSH_EVERY"]
 
-#: A linear layer flushes its held-back rows once they hold this many values (64 MB in
-#: float32): large enough that the dense layers' product is one big matrix multiplication,
-#: small enough to stay a small part of one batch's memory.
-ROW_BUFFER_ELEMENTS = 1 << 24
+#: A layer flushes its held-back inputs once they hold this many values (64 MB in float32):
+#: large enough that a dense layer's product is one big matrix multiplication, small enough to
+#: stay a small part of one batch's memory.
+HOLD_ELEMENTS = 1 << 24
 #: Float32 products are formed in chunks of at most this many values before being added into
 #: the float64 sums (bounds the temporary memory of huge dense layers).
 _CHUNK_ELEMENTS = 1 << 24
@@ -110,11 +110,14 @@ class LayerStatistics:
     sums: frozenset[str]
     device: torch.device | str = "cpu"
     tensors: dict[str, Tensor] = field(default_factory=dict)
-    # Held-back products (see ``flush``): linear input rows with their stacked output
-    # gradients, and a float32 staging sum of stacked convolution products.
-    _rows: list[tuple[Tensor, Tensor]] = field(default_factory=list, init=False, repr=False)
-    _row_names: list[str] = field(default_factory=list, init=False, repr=False)
-    _row_count: int = field(default=0, init=False, repr=False)
+    # Held-back products (see ``flush``): inputs with their stacked output gradients (whose
+    # product is formed at the flush), and a float32 staging sum of convolution products.
+    _held: list[tuple[Tensor, Tensor]] = field(default_factory=list, init=False, repr=False)
+    _held_names: list[str] = field(default_factory=list, init=False, repr=False)
+    _held_elements: int = field(default=0, init=False, repr=False)
+    _held_product: tuple[LayerGeometry, torch.Size] | None = field(
+        default=None, init=False, repr=False
+    )
     _stage: Tensor | None = field(default=None, init=False, repr=False)
     _stage_names: list[str] = field(default_factory=list, init=False, repr=False)
 
@@ -186,11 +189,13 @@ class LayerStatistics:
 
         Notes
         -----
-        Linear layers hold back their input rows and stacked output gradients (a few batches,
-        at most ``ROW_BUFFER_ELEMENTS`` values) and add their product in one matrix
-        multiplication at :meth:`flush`: with small batches the per-batch product of a dense
-        layer is a rank-``batch`` update of a huge ``(O, D)`` matrix whose cost is reading and
-        writing that matrix (method.md §9), so fewer, larger products are several times faster.
+        Layers whose inputs and stacked output gradients are smaller than their product (all
+        Linear layers, and convolutions with little spatial extent such as the last blocks of
+        a ResNet) hold them back (a few batches, at most ``HOLD_ELEMENTS`` values) and form the
+        product of all of them at :meth:`flush`: with small batches the per-batch product of
+        a dense layer is a rank-``batch`` update of a huge ``(O, D)`` matrix whose cost is
+        reading and writing that matrix (method.md §9), so fewer, larger products are several
+        times faster. Other convolutions form their product per batch.
         """
         dtype = _compute_dtype(precision)
         given = x
@@ -205,62 +210,76 @@ class LayerStatistics:
             y = out
         O, G = self.out_features, self.groups
         need = self.tensors
-        parts: list[Tensor] = []
         names: list[str] = []
-        m = None
         if "count_plus" in need:
-            m = (out > 0).to(dtype)
-            parts += [y * m, m]
             names += ["sum_xy_plus", "sum_x_plus"]
         if "sum_xy" in need:
-            parts.append(y)
             names.append("sum_xy")
-        samples = out.numel() // O
+        dims = [d for d in range(y.dim()) if d != channel_dim]
 
         if geometry.kind == "linear":
+            m = (out > 0).to(dtype) if "count_plus" in need else None
             x2, _ = geometry.flatten_linear(x, out)
-            if parts:
-                rows = parts[0].reshape(-1, O) if len(parts) == 1 else torch.cat(
-                    [p.reshape(-1, O) for p in parts], dim=1
-                )
+            if names:
+                parts = {"sum_xy_plus": lambda: y * m, "sum_x_plus": lambda: m,
+                         "sum_xy": lambda: y}
+                rows = torch.cat([parts[name]().reshape(-1, O) for name in names], dim=1)
                 if x2.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
                     x2 = x2.clone()  # held across batches: never alias the model's tensors
-                self._hold_rows(x2, rows, names)
+                self._hold(x2, rows, names, None)
             if "sum_x" in need:
                 need["sum_x"] += x2.sum(0, dtype=torch.float64).view(1, -1)
         else:
-            # Stack per group so that the grouped weight-gradient keeps groups aligned:
-            # (N, G, parts·O/G [+1 ones channel], *spatial) -> (N, G·K, *spatial).
+            # The stacked output gradient [y·m, m, y, 1] per group, written in place so that
+            # the grouped weight-gradient keeps groups aligned: (N, G, K, *spatial), K =
+            # parts·O/G [+1], seen as (N, G·K, *spatial).
             n, spatial = out.shape[0], out.shape[2:]
-            per_group = [p.reshape(n, G, O // G, *spatial) for p in parts]
-            stack_names = list(names)
+            og = O // G
+            stack_names = names + (["sum_x"] if "sum_x" in need else [])
+            k = og * len(names) + (1 if "sum_x" in need else 0)
+            stacked = out.new_empty((n, G, k, *spatial))
+            yg = y.reshape(n, G, og, *spatial)
+            slot = 0
+            m = None
+            for name in names:
+                block = stacked[:, :, slot : slot + og]
+                if name == "sum_xy_plus":
+                    m = stacked[:, :, slot + og : slot + 2 * og]
+                    m.copy_(out.reshape(n, G, og, *spatial) > 0)
+                    torch.mul(yg, m, out=block)
+                elif name == "sum_xy":
+                    block.copy_(yg)
+                slot += og
             if "sum_x" in need:
-                per_group.append(out.new_ones(n, G, 1, *spatial))
-                stack_names.append("sum_x")
-            if per_group:
-                stacked = torch.cat(per_group, dim=2) if len(per_group) > 1 else per_group[0]
-                k = stacked.shape[2]
-                stacked = stacked.reshape(n, G * k, *spatial)
-                product = geometry.weight_product(
-                    x, stacked, torch.Size((G * k, *weight_shape[1:]))
-                ).reshape(G, k, -1)
+                stacked[:, :, slot].fill_(1.0)
+            grad = stacked.view(n, G * k, *spatial)
+            product_shape = torch.Size((G * k, *weight_shape[1:]))
+            if x.numel() + grad.numel() < product_shape.numel():
+                if x.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
+                    x = x.clone()  # held across batches: never alias the model's tensors
+                self._hold(x, grad, stack_names, (geometry, product_shape))
+            else:
+                product = geometry.weight_product(x, grad, product_shape).reshape(G, k, -1)
                 if precision == "float64":
                     self._add_stacked(product, stack_names)
                 elif self._stage is None:
                     self._stage, self._stage_names = product, stack_names
                 else:
                     self._stage += product
-        need["count"] += samples
-        dims = [d for d in range(y.dim()) if d != channel_dim]
-        need["sum_y"] += y.sum(dims, dtype=torch.float64)
+            if m is not None:
+                m = m.reshape(n, O, *spatial)
+        need["count"] += out.numel() // O
+        # Per-batch sums in the compute dtype (no float64 copy of the activations), added into
+        # float64; the active counts are counted exactly as integers.
+        need["sum_y"] += y.sum(dims).to(torch.float64)
         if m is not None:
-            need["count_plus"] += m.sum(dims, dtype=torch.float64)
+            need["count_plus"] += torch.count_nonzero(m, dim=dims).to(torch.float64)
 
     # ------------------------------------------------------------------ held-back products
     @property
     def pending(self) -> bool:
         """True while some products are held back (see :meth:`flush`)."""
-        return bool(self._rows) or self._stage is not None
+        return bool(self._held) or self._stage is not None
 
     @torch.no_grad()
     def flush(self) -> LayerStatistics:
@@ -268,11 +287,16 @@ class LayerStatistics:
         if self._stage is not None:
             self._add_stacked(self._stage, self._stage_names)
             self._stage, self._stage_names = None, []
-        if self._rows:
-            xs = torch.cat([r[0] for r in self._rows]) if len(self._rows) > 1 else self._rows[0][0]
-            gs = torch.cat([r[1] for r in self._rows]) if len(self._rows) > 1 else self._rows[0][1]
-            names = self._row_names
-            self._rows, self._row_count = [], 0
+        if self._held:
+            held, names, conv = self._held, self._held_names, self._held_product
+            xs = torch.cat([h[0] for h in held]) if len(held) > 1 else held[0][0]
+            gs = torch.cat([h[1] for h in held]) if len(held) > 1 else held[0][1]
+            self._held, self._held_elements, self._held_product = [], 0, None
+            if conv is not None:
+                geometry, shape = conv
+                product = geometry.weight_product(xs, gs, shape)
+                self._add_stacked(product.reshape(self.groups, -1, product[0].numel()), names)
+                return self
             O = self.out_features
             for i, name in enumerate(names):
                 target = self.tensors[name]
@@ -287,11 +311,15 @@ class LayerStatistics:
                     target[start : start + step] += chunk
         return self
 
-    def _hold_rows(self, x: Tensor, rows: Tensor, names: list[str]) -> None:
-        self._rows.append((x.contiguous(), rows.contiguous()))
-        self._row_names = names
-        self._row_count += x.shape[0]
-        if self._row_count * (x.shape[1] + rows.shape[1]) >= ROW_BUFFER_ELEMENTS:
+    def _hold(self, x: Tensor, grad: Tensor, names: list[str],
+              conv: tuple[LayerGeometry, torch.Size] | None) -> None:
+        """Keep ``x`` and ``grad`` for the product at the next flush."""
+        if self._held and (self._held_names != names or self._held[0][0].shape[1:] != x.shape[1:]):
+            self.flush()  # a reused module called on inputs of another shape
+        self._held.append((x, grad))
+        self._held_names, self._held_product = names, conv
+        self._held_elements += x.numel() + grad.numel()
+        if self._held_elements >= HOLD_ELEMENTS:
             self.flush()
 
     def _add_stacked(self, product: Tensor, names: list[str]) -> None:

@@ -1,0 +1,102 @@
+"""Shared helpers of the benchmarks: machine description, timing, models, image-like data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results"
+FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (CPU model, cores, load, versions)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def timed(fn: Callable[[], Any], device: torch.device | None = None) -> float:
+    """Seconds one call of ``fn`` takes (CUDA synchronised when ``device`` is a GPU)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def vision_model(name: str) -> nn.Module:
+    """A torchvision model with random weights (seeded), in eval mode."""
+    import torchvision
+
+    torch.manual_seed(0)
+    factory = {"vgg16": torchvision.models.vgg16, "resnet50": torchvision.models.resnet50,
+               "resnet18": torchvision.models.resnet18}[name]
+    return factory(weights=None).eval()
+
+
+def images(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
+    """``n`` image-like inputs ``(n, 3, size, size)``: Fashion-MNIST resized, else smooth noise.
+
+    Natural images have strongly correlated pixels, which is what makes ``E[xy] − E[x]E[y]``
+    cancel (method.md §2); white noise would flatter float32.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if FASHION.exists():
+        with gzip.open(FASHION, "rb") as handle:
+            raw = np.frombuffer(handle.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+        index = torch.randperm(raw.shape[0], generator=generator)[:n]
+        x = torch.from_numpy(raw[index.numpy()].astype(np.float32) / 255.0)[:, None]
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                            align_corners=False)
+        x = x.expand(-1, 3, -1, -1)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous()
+    noise = torch.randn(n, 3, size // 8, size // 8, generator=generator)
+    return torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic")
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path

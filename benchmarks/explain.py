@@ -1,0 +1,161 @@
+"""Explain time: PatternNet / PatternAttribution against the plain gradient and against peers.
+
+For one model (random weights, batch of 224×224 images) every method explains the same batch
+for the same target classes, once per round, in a rotating order; each round also times the
+plain autograd gradient of the same model (the floor). The reported ratio is the median over
+rounds of (method time / gradient time of the same round), which cancels most of the noise of
+a shared machine. Patterns are random tensors shaped like the weights: their values do not
+change the cost.
+
+Usage: python benchmarks/explain.py --model vgg16 --batch 8 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, median, timed, vision_model, write_result  # noqa: E402
+
+import patternnet as pn  # noqa: E402
+from patternnet.patterns.store import Patterns, architecture, fingerprint  # noqa: E402
+
+
+def random_patterns(model: nn.Module) -> Patterns:
+    """Two-component patterns (a₊, a₋) of the right shapes, random values."""
+    generator = torch.Generator().manual_seed(1)
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            shape = module.weight.shape
+            layers[name] = {
+                "a_plus": torch.randn(shape, generator=generator) * 0.01,
+                "a_minus": torch.randn(shape, generator=generator) * 0.01,
+            }
+    metadata = {"architecture": architecture(model), "fingerprint": fingerprint(model)}
+    return Patterns(layers, estimator="two_component", metadata=metadata)
+
+
+def methods(model: nn.Module, target: torch.Tensor) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """Name → function explaining a batch (all for the same targets)."""
+
+    def gradient(x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), x)
+        return grad
+
+    patterns = random_patterns(model)
+    found: dict[str, Callable[[torch.Tensor], Any]] = {"gradient (autograd)": gradient}
+    found["patternnet Gradient"] = lambda x: pn.Gradient(model).attribute(x, target)
+    found["PatternNet"] = lambda x: pn.PatternNet(model, patterns).attribute(x, target)
+    found["PatternAttribution"] = (
+        lambda x: pn.PatternAttribution(model, patterns).attribute(x, target)
+    )
+    try:
+        from patternnet.methods.guided import GuidedBackprop
+
+        found["patternnet GuidedBackprop"] = (
+            lambda x: GuidedBackprop(model).attribute(x, target)
+        )
+    except ImportError:
+        pass
+    try:
+        from patternnet.methods.lrp import LRP
+
+        found["patternnet LRP epsilon_plus_flat"] = (
+            lambda x: LRP(model, "epsilon_plus_flat").attribute(x, target)
+        )
+        found["patternnet LRP epsilon_plus"] = (
+            lambda x: LRP(model, "epsilon_plus").attribute(x, target)
+        )
+    except ImportError:
+        pass
+    try:
+        from captum.attr import GuidedBackprop as CaptumGuided
+
+        captum = CaptumGuided(model)
+        found["Captum GuidedBackprop"] = lambda x: captum.attribute(x, target=target)
+    except ImportError:
+        pass
+    try:
+        from zennit.attribution import Gradient as ZennitGradient
+        from zennit.composites import EpsilonPlusFlat
+        from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+        canonizer = ResNetCanonizer() if hasattr(model, "layer1") else VGGCanonizer()
+
+        def zennit(x: torch.Tensor) -> torch.Tensor:
+            composite = EpsilonPlusFlat(canonizers=[canonizer])
+            one_hot = torch.zeros(x.shape[0], 1000).scatter_(1, target[:, None], 1.0)
+            with ZennitGradient(model, composite) as attributor:
+                _, relevance = attributor(x, one_hot)
+            return relevance
+
+        found["Zennit EpsilonPlusFlat"] = zennit
+    except ImportError:
+        pass
+    return found
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vgg16", choices=["vgg16", "resnet50", "resnet18"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = vision_model(args.model)
+    # Captum's module hooks refuse in-place ReLUs; every method runs on the same model.
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    found = methods(model, target)
+    names = list(found)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:  # warm-up (allocations, lazy imports)
+        found[name](x)
+    for round_index in range(args.rounds):
+        floor = timed(lambda: found[names[0]](x))
+        times[names[0]].append(floor)
+        others = names[1:]
+        shift = round_index % len(others)
+        for name in others[shift:] + others[:shift]:
+            seconds = timed(lambda name=name: found[name](x))
+            times[name].append(seconds)
+            ratios[name].append(seconds / floor)
+        print(f"round {round_index + 1}/{args.rounds}: gradient {floor:.2f} s", flush=True)
+    rows = []
+    for name in names:
+        rows.append({
+            "method": name,
+            "median_s": median(times[name]),
+            "per_image_s": median(times[name]) / args.batch,
+            "ratio_to_gradient": 1.0 if name == names[0] else median(ratios[name]),
+            "times_s": times[name],
+        })
+    result = {"benchmark": "explain", "model": args.model, "batch": args.batch,
+              "size": args.size, "rounds": args.rounds, "machine": machine(), "rows": rows}
+    write_result(f"explain_{args.model}", result)
+    print(f"\n{args.model}, batch {args.batch}, {args.rounds} rounds (median)")
+    for row in rows:
+        print(f"  {row['method']:<34} {row['median_s']:7.2f} s  ×{row['ratio_to_gradient']:.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

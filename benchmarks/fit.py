@@ -1,0 +1,124 @@
+"""Fit cost: images/s of fitting patterns against forward-only inference, and peak memory.
+
+One configuration per process (peak RSS is per process). Every batch is first run forward
+only (``torch.no_grad``, on a copy of the model that shares its weights and has no hooks),
+then fitted; the ratio is the median over batches of (fit time / forward time of the same
+batch), which cancels most of the noise of a shared machine. The first batch (allocation of
+the float64 sums) is left out of the median; the flush of held-back products (every 8
+batches in a long fit, at the end of these short ones) is timed at the end and shared
+equally by the batches it served (conservative: in a long fit its fixed part, adding into the
+float64 sums, is shared by 8 batches).
+
+Usage: python benchmarks/fit.py --model vgg16 --estimator two_component --no-negative \
+           --precision float32 --batches 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import images, machine, median, peak_rss_gb, vision_model, write_result  # noqa: E402
+
+from patternnet.patterns.fit import collect_statistics  # noqa: E402
+from patternnet.patterns.statistics import DEFAULT_FLUSH_EVERY  # noqa: E402
+
+
+class TimedBatches:
+    """Times a forward-only pass of each batch, yields it, and times its fit."""
+
+    def __init__(self, batches: list[torch.Tensor], reference: torch.nn.Module) -> None:
+        self.batches, self.reference = batches, reference
+        self.forward: list[float] = []
+        self.fit: list[float] = []
+        self.end = 0.0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.forward += forward_times(self.reference, [batch])
+            start = time.perf_counter()
+            yield batch
+            self.fit.append(time.perf_counter() - start)
+        self.end = time.perf_counter()
+
+
+def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares the parameters and buffers (no extra memory)."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def forward_times(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[float]:
+    times = []
+    with torch.no_grad():
+        for batch in batches:
+            start = time.perf_counter()
+            model(batch)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vgg16", choices=["vgg16", "resnet50", "resnet18"])
+    parser.add_argument("--estimator", default="two_component",
+                        choices=["two_component", "linear"])
+    parser.add_argument("--no-negative", dest="negative", action="store_false")
+    parser.add_argument("--precision", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = vision_model(args.model)
+    data = images(args.batch * args.batches, args.size)
+    batches = list(data.split(args.batch))
+    reference = sharing_copy(model)
+    forward_times(reference, batches[:1])  # warm-up
+    rss_before_fit = peak_rss_gb()
+    timed = TimedBatches(batches, reference)
+    stats = collect_statistics(model, timed, estimator=args.estimator, negative=args.negative,
+                               precision=args.precision, progress=False)
+    final_flush = time.perf_counter() - timed.end  # the final flush follows the last batch
+    per_batch, forward = timed.fit, timed.forward
+    steady = range(1, len(per_batch)) if len(per_batch) > 1 else range(len(per_batch))
+    flush_share = final_flush / min(len(per_batch), DEFAULT_FLUSH_EVERY)
+    ratios = [(per_batch[i] + flush_share) / forward[i] for i in steady]
+    fit_batch = median([per_batch[i] for i in steady]) + flush_share
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    stats_bytes = sum(t.numel() * t.element_size() for t in stats.state_tensors().values())
+    peak = peak_rss_gb()
+    result = {
+        "benchmark": "fit", "model": args.model, "estimator": args.estimator,
+        "negative": args.negative, "precision": args.precision, "batch": args.batch,
+        "size": args.size, "batches": args.batches, "machine": machine(),
+        "forward_batch_s": median(forward), "forward_times_s": forward,
+        "fit_batch_times_s": per_batch, "first_batch_s": per_batch[0],
+        "final_flush_s": final_flush,
+        "fit_batch_s": fit_batch,
+        "ratio_to_forward": median(ratios), "ratios": ratios,
+        "images_per_s_fit": args.batch / fit_batch,
+        "images_per_s_forward": args.batch / median(forward),
+        "model_gb": model_bytes / 1e9, "stats_gb": stats_bytes / 1e9,
+        "peak_rss_gb": peak, "rss_before_fit_gb": rss_before_fit,
+        "rss_goal_gb": 1.2 * (model_bytes + stats_bytes) / 1e9 + 1.0,
+    }
+    tag = f"{args.model}_{args.estimator}{'' if args.negative else '_plus'}_{args.precision}"
+    write_result(f"fit_{tag}", result)
+    print(f"{tag}: fit {fit_batch:.2f} s/batch vs forward {median(forward):.2f} s/batch = "
+          f"×{result['ratio_to_forward']:.2f}; first batch {per_batch[0]:.2f} s, final flush "
+          f"{final_flush:.2f} s; peak RSS {peak:.2f} GB (goal ≤ {result['rss_goal_gb']:.2f})")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Run every benchmark (each in its own process) and print a summary table in Markdown.
+
+Usage: python benchmarks/run.py            (everything: about an hour on 2 busy CPU cores)
+       python benchmarks/run.py --quick    (smaller models and inputs: a few minutes)
+       python benchmarks/run.py --only explain fit
+       python benchmarks/run.py --summary  (only print the summary of stored results)
+
+Results are JSON files in ``benchmarks/results/``; ``benchmarks/README.md`` discusses them.
+Every benchmark runs with ``--threads 1`` by default: on a machine shared with other work,
+two OpenMP threads on two busy cores measured 5-10× slower than one thread, and only ratios
+measured within one run (same process, interleaved) are meaningful there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+
+def plan(quick: bool, threads: int) -> dict[str, list[list[str]]]:
+    t = ["--threads", str(threads)]
+    if quick:
+        return {
+            "explain": [["explain.py", "--model", "resnet18", "--size", "112", "--rounds", "2",
+                         *t]],
+            "fit": [["fit.py", "--model", "resnet18", "--size", "112", "--batches", "3", *t,
+                     *extra] for extra in (["--no-negative"], ["--estimator", "linear"], [])],
+            "precision": [["precision.py", "--model", "resnet18", "--size", "64", *t]],
+            "scaling": [["scaling.py", "--model", "resnet18", "--size", "32", "--sizes", "32",
+                         "128", "--images", "64"]],
+        }
+    fits = []
+    for extra in (["--no-negative"], ["--estimator", "linear"], []):
+        fits.append(["fit.py", "--model", "vgg16", "--batches", "4", *t, *extra])
+    for extra in (["--no-negative"], ["--estimator", "linear"], []):
+        fits.append(["fit.py", "--model", "vgg16", "--batches", "2", "--precision", "float64",
+                     *t, *extra])
+    fits.append(["fit.py", "--model", "resnet50", "--batches", "4", "--no-negative", *t])
+    return {
+        "explain": [["explain.py", "--model", m, "--rounds", "3", *t]
+                    for m in ("vgg16", "resnet50")],
+        "fit": fits,
+        "precision": [["precision.py", "--model", "vgg16", "--batches", "2", *t]],
+        "scaling": [["scaling.py", "--model", "resnet18", "--size", "64"]],
+    }
+
+
+def summary() -> str:
+    lines = []
+    for path in sorted(RESULTS.glob("explain_*.json")):
+        r = json.loads(path.read_text())
+        lines += [f"\n### Explain: {r['model']}, batch {r['batch']}, {r['size']}², "
+                  f"{r['rounds']} rounds", "", "| method | median s | × gradient |",
+                  "|---|---|---|"]
+        lines += [f"| {row['method']} | {row['median_s']:.2f} | {row['ratio_to_gradient']:.2f} |"
+                  for row in r["rows"]]
+    fits = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("fit_*.json"))]
+    if fits:
+        lines += ["\n### Fit", "", "| model | estimator | precision | fit s/batch | forward "
+                  "s/batch | × forward | peak RSS GB | RSS goal GB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in fits:
+            est = r["estimator"] + ("" if r["estimator"] == "linear" or r["negative"] else " (a₊)")
+            lines.append(f"| {r['model']} {r['size']}² b{r['batch']} | {est} | {r['precision']} | "
+                         f"{r['fit_batch_s']:.2f} | {r['forward_batch_s']:.2f} | "
+                         f"{r['ratio_to_forward']:.2f} | {r['peak_rss_gb']:.2f} | "
+                         f"{r['rss_goal_gb']:.2f} |")
+    for path in sorted(RESULTS.glob("precision_*.json")):
+        r = json.loads(path.read_text())
+        lines += [f"\n### float32 vs float64: {r['model']}, {r['images']} images", ""]
+        lines += [f"- {k}: median {v['median']:.1e}, max {v['max']:.1e}"
+                  for k, v in r["summary"].items()]
+        error = r["pattern_attribution_relative_error"]
+        lines.append(f"- PatternAttribution heat map: {error:.1e}")
+    for path in sorted(RESULTS.glob("scaling_*.json")):
+        r = json.loads(path.read_text())
+        if "growth" not in r:
+            continue
+        lines += [f"\n### Scaling: {r['model']} {r['size']}², batch {r['batch']}", "",
+                  "| images | ms/image | × forward |", "|---|---|---|"]
+        lines += [f"| {g['images']} | {1000 * g['fit_per_image_s']:.1f} | "
+                  f"{g['ratio_to_forward']:.2f} |" for g in r["growth"]]
+        p = r["processes"]
+        lines += [""] + [f"- {k}: fit {v['fit_s']:.1f} s" for k, v in p["runs"].items()]
+        lines.append(f"- speed-up {p['speedup']:.2f}, patterns differ by "
+                     f"{p['max_relative_pattern_difference']:.1e} (relative)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=["explain", "fit", "precision", "scaling"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--summary", action="store_true")
+    args = parser.parse_args()
+    if not args.summary:
+        for group, commands in plan(args.quick, args.threads).items():
+            if args.only and group not in args.only:
+                continue
+            for command in commands:
+                print("$ python benchmarks/" + " ".join(command), flush=True)
+                subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]], check=True)
+    print(summary())
+
+
+if __name__ == "__main__":
+    main()
