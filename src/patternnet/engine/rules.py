@@ -120,15 +120,18 @@ def elementwise_product(weight: Tensor, pattern: Tensor) -> Tensor:
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
     """``z + ε·sign(z)`` with ``sign(0) = +1``, so that no denominator is zero."""
-    sign = (z >= 0).to(z.dtype) * 2 - 1
-    return z + sign * epsilon
+    shift = torch.where(z >= 0, z.new_tensor(epsilon), z.new_tensor(-epsilon))
+    return shift.add_(z)
 
 
 def relevance_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
     """``R / stab(z)``; for ``ε = 0`` units with ``z = 0`` pass nothing (no NaN)."""
     if epsilon:
-        return relevance / stabilize(z, epsilon)
-    return torch.where(z == 0, torch.zeros_like(relevance), relevance / z)
+        denominator = stabilize(z, epsilon)
+        if denominator.shape != relevance.shape:  # a per-layer denominator (w², flat)
+            return relevance / denominator
+        return torch.div(relevance, denominator, out=denominator)
+    return torch.where(z == 0, relevance.new_zeros(()), relevance / z)
 
 
 def _layer(module: nn.Module | None, rule: Rule) -> tuple[LayerGeometry, Tensor, Tensor | None]:
@@ -231,9 +234,13 @@ class AlphaBeta(Rule):
     def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
         layer, weight, bias = _layer(module, self)
         x = x.detach()
-        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
-        x_pos = x.clamp(min=0)
-        x_neg = x.clamp(max=0) if bool((x < 0).any()) else None
+        # Above a ReLU the input is non-negative: no copies, no second forward, and z⁺ needs
+        # no W⁻ (dense layers of VGG-sized models: hundreds of MB per copy).
+        signed = bool(x.amin() < 0)
+        w_pos = weight.clamp(min=0)
+        w_neg = weight.clamp(max=0) if (signed or self.beta) else None
+        x_pos = x.clamp(min=0) if signed else x
+        x_neg = x.clamp(max=0) if signed else None
         b_pos = bias.clamp(min=0) if (self.bias and bias is not None) else None
         positive = layer.forward(x_pos, w_pos, b_pos)
         if x_neg is not None:
@@ -249,11 +256,13 @@ class AlphaBeta(Rule):
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
         layer, (w_pos, w_neg), (x_pos, x_neg), positive, negative = state
         shape = x_pos.shape
-        ratio = relevance_ratio(grad_output, positive, self.stabilizer) * self.alpha
+        ratio = relevance_ratio(grad_output, positive, self.stabilizer)
+        if self.alpha != 1:
+            ratio = ratio.mul_(self.alpha)
         on_pos = layer.transpose(ratio, w_pos, shape)
         on_neg = layer.transpose(ratio, w_neg, shape) if x_neg is not None else None
         if negative is not None:
-            ratio = relevance_ratio(grad_output, negative, self.stabilizer) * self.beta
+            ratio = relevance_ratio(grad_output, negative, self.stabilizer).mul_(self.beta)
             on_pos = on_pos - layer.transpose(ratio, w_neg, shape)
             if x_neg is not None:
                 on_neg = on_neg - layer.transpose(ratio, w_pos, shape)
