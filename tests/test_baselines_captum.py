@@ -173,3 +173,13 @@ def test_wrappers_reject_bad_options() -> None:
         SmoothGrad("gradient")
     with pytest.raises(ValueError, match="baseline"):
         IntegratedGradients(model, baseline=torch.zeros(2, 2)).attribute(images(), TARGET)
+
+
+def test_wrappers_explain_the_clean_argmax_by_default() -> None:
+    """target=None: the class predicted for the clean input, for every noisy/path point."""
+    model, x = vgg(), images()
+    predicted = model(x).argmax(1)
+    for method in (SmoothGrad(model, n_samples=3, seed=0), IntegratedGradients(model, n_steps=4)):
+        torch.testing.assert_close(
+            method.attribute(x), method.attribute(x, predicted), rtol=0, atol=0
+        )

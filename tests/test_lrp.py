@@ -218,3 +218,50 @@ def test_clear_errors() -> None:
         DeepTaylor(model, low=torch.zeros(1, 2, 1, 1), high=1.0).attribute(images())
     with pytest.raises(ValueError, match="no Linear/Conv"):
         LRP(nn.Sequential(nn.Flatten()), "z")
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_conserve(dims: int) -> None:
+    conv = (nn.Conv1d, nn.Conv3d)[dims == 3]
+    pool = (nn.MaxPool1d, nn.MaxPool3d)[dims == 3]
+    model = nn.Sequential(
+        conv(2, 4, 3, padding=1, bias=False), nn.ReLU(), pool(2),
+        conv(4, 4, 3, stride=2, padding="valid", bias=False), nn.ReLU(), nn.Flatten(),
+        nn.LazyLinear(3, bias=False),
+    ).double()
+    x = torch.randn((2, 2) + (8,) * dims, dtype=torch.float64)
+    model(x)  # materialise the lazy layer
+    model.eval()
+    for preset in ("z", "epsilon_plus", "epsilon_alpha2beta1_flat"):
+        relevance = LRP(model, preset, epsilon=1e-12, stabilizer=1e-12).attribute(x, 1)
+        torch.testing.assert_close(
+            relevance.flatten(1).sum(1), model(x).detach()[:, 1], rtol=1e-8, atol=1e-12
+        )
+
+
+def test_float32_model_agrees_with_float64() -> None:
+    model64, x64 = vgg(), images()
+    model32 = vgg().float()
+    for preset in ("epsilon_plus_flat", "epsilon_alpha2beta1"):
+        r64 = LRP(model64, preset).attribute(x64, 1)
+        r32 = LRP(model32, preset).attribute(x64.float(), 1)
+        assert r32.dtype == torch.float32
+        assert_relative(r32.double(), r64, rtol=1e-4)
+
+
+def test_reused_module_gets_its_rule_at_every_call() -> None:
+    """A Linear applied twice: each call keeps its own input (z rule = gradient × input)."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.shared(torch.relu(self.shared(x)))))
+
+    model = Twice().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    expected = GradientXInput(model).attribute(x, 0)
+    assert_relative(LRP(model, "z").attribute(x, 0), expected, rtol=1e-10)
