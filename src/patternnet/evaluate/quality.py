@@ -126,6 +126,8 @@ class LayerMoments:
         """Add rows: ``x`` ``(M, D_S)`` inputs, ``y`` ``(M, K)`` outputs, ``mask`` ``(M, K)``."""
         x, y = x.to(torch.float64), y.to(torch.float64)
         s = self.sums
+        if s["x"].device != x.device:  # accumulate where the model runs (GPU: no host copies)
+            self.to(x.device)
         self.count += x.shape[0]
         s["x"] += x.sum(0)
         s["xx"] += x.T @ x
@@ -144,6 +146,11 @@ class LayerMoments:
             rows = x[mask[:, k]]
             if rows.shape[0]:
                 s["xx_plus"][k] += rows.T @ rows
+
+    def to(self, device: torch.device | str) -> LayerMoments:
+        """Move the sums to ``device`` (in place); returns ``self``."""
+        self.sums = {key: value.to(device) for key, value in self.sums.items()}
+        return self
 
     def side(self, which: str) -> dict[str, Tensor]:
         """Sums over all (``"all"``), active (``"plus"``) or inactive (``"minus"``) samples.
@@ -279,6 +286,8 @@ def collect_moments(
         finally:
             for handle in handles:
                 handle.remove()
+    for moments in plan.values():
+        moments.to("cpu")  # the regressions run on the CPU in float64
     return plan
 
 
