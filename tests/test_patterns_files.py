@@ -310,3 +310,29 @@ def test_save_creates_folders_and_overwrites(tmp_path: Path) -> None:
     again.save(path)
     assert Patterns.load(path).estimator == "two_component"
     assert [p.name for p in path.parent.iterdir()] == ["p.safetensors"]
+
+
+def test_saved_files_get_normal_permissions(tmp_path: Path) -> None:
+    """Not the 0o600 of the temporary file: a new file gets 0o666 & ~umask, an old one keeps its."""
+    umask = os.umask(0o022)
+    try:
+        patterns = fit_patterns(model(), X, estimator="linear", progress=False)
+        path = patterns.save(tmp_path / "new.safetensors")
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)
+        patterns.save(path)
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
+
+
+@pytest.mark.parametrize("target", ["", ".", "folder"])
+def test_saving_onto_a_folder_is_refused(
+    tmp_path: Path, target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    patterns = fit_patterns(model(), X, estimator="linear", progress=False)
+    with pytest.raises(ValueError, match="is a folder; give a file name"):
+        patterns.save(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
