@@ -114,7 +114,8 @@ def test_conservation_without_biases(preset: str) -> None:
     pass_relu = preset in ("w2", "flat")
     model, x = vgg(bias=False, padding=0 if pass_relu else 1), images()
     target = torch.tensor([0, 1, 2])
-    method = LRP(model, preset, epsilon=1e-12, stabilizer=1e-12, pass_relu=pass_relu)
+    bounds = {"low": -5.0, "high": 5.0} if preset == "epsilon_gamma_box" else {}
+    method = LRP(model, preset, epsilon=1e-12, stabilizer=1e-12, pass_relu=pass_relu, **bounds)
     relevance = method.attribute(x, target)
     logits = model(x).detach()[torch.arange(3), target]
     torch.testing.assert_close(relevance.sum((1, 2, 3)), logits, rtol=1e-8, atol=1e-12)
@@ -265,3 +266,63 @@ def test_reused_module_gets_its_rule_at_every_call() -> None:
     x = torch.randn(3, 4, dtype=torch.float64)
     expected = GradientXInput(model).attribute(x, 0)
     assert_relative(LRP(model, "z").attribute(x, 0), expected, rtol=1e-10)
+
+
+class _BiasFreeResidual(nn.Module):
+    """conv-ReLU, then two residual blocks ``relu(conv(relu(conv(h))) + h)``, pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = lambda: nn.Conv2d(4, 4, 3, padding=1, bias=False)  # noqa: E731
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.convs = nn.ModuleList([conv() for _ in range(4)])
+        # A module: LRP splits its relevance in proportion (F.adaptive_avg_pool2d would get the
+        # gradient, which also hands relevance to zero inputs, lost at the ReLU gate).
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stem(x))
+        for i in (0, 2):
+            h = F.relu(self.convs[i + 1](F.relu(self.convs[i](h))) + h)
+        return self.fc(self.pool(h).flatten(1))
+
+
+@pytest.mark.parametrize("preset", ["z", "epsilon", "gamma"])
+def test_residual_sums_conserve_relevance(preset: str) -> None:
+    """Proportional sums (default) conserve relevance through skip connections; copying it to
+    both branches (``additions="copy"``) does not. (Not z⁺/αβ: a residual branch ends in a
+    conv without ReLU, whose units with only negative contributions have ``p = 0`` and keep
+    the relevance the sum gives them.)"""
+    torch.manual_seed(8)
+    model = _BiasFreeResidual().double().eval()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    logits = model(x).detach()[:, 4]
+    options = {"epsilon": 1e-12, "stabilizer": 1e-12}
+    relevance = LRP(model, preset, **options).attribute(x, 4)
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), logits, rtol=1e-8, atol=1e-12)
+    copied = LRP(model, preset, additions="copy", **options).attribute(x, 4)
+    assert not torch.allclose(copied.sum((1, 2, 3)), logits, rtol=1e-3)
+
+
+def test_z_rule_is_gradient_x_input_on_a_resnet_with_batchnorm() -> None:
+    """With proportional sums and folded BatchNorm, LRP-z (and the identity estimator) is
+    still exactly gradient × input."""
+    model, x = resnet(), images()
+    expected = GradientXInput(model).attribute(x, 3)
+    assert_relative(LRP(model, "z").attribute(x, 3), expected, rtol=1e-10)
+    identity = PatternAttribution(model, estimator="identity").attribute(x, 3)
+    assert_relative(identity, expected, rtol=1e-10)
+
+
+def test_bounds_put_zbox_on_the_first_layer() -> None:
+    model = vgg()
+    method = LRP(model, "epsilon_plus", low=-1.0, high=1.0)
+    assert isinstance(method.assignment[model.features[0]], ZBox)
+    assert isinstance(method.assignment[model.features[3]], ZPlus)
+    with pytest.raises(ValueError, match="needs the input bounds"):
+        LRP(model, "epsilon_gamma_box")
+    with pytest.raises(ValueError, match="both low and high"):
+        LRP(model, "epsilon", low=0.0)
+    with pytest.raises(ValueError, match="additions"):
+        LRP(model, "epsilon", additions="split")

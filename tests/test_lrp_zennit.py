@@ -14,9 +14,11 @@ Zennit's attributions start from the ``grad_output`` given to autograd, so it ge
 - Zennit's WSquare adds ``b²`` to the denominator unless ``zero_params=['bias']``; our w²,
   flat and Deep Taylor's z⁺/z^B take no bias (the literature's definition): Zennit is asked
   for the same with ``zero_params``;
-- skip connections: no ResNet canonizer in Zennit, so the relevance at an addition goes to
-  both branches in both; BatchNorm: Zennit's ``SequentialMergeBatchNorm`` vs our default
-  BatchNorm folding.
+- skip connections: with Zennit's torchvision ``ResNetCanonizer`` (a ``Sum`` module with the
+  ``Norm`` rule) the sum splits relevance in proportion to the summands, our default
+  (``additions="proportional"``); without a canonizer it goes to both branches, our
+  ``additions="copy"`` (the hand-written ResNet below); BatchNorm: Zennit's
+  ``SequentialMergeBatchNorm`` vs our default BatchNorm folding (eps = 0, see baseline_models).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
 from zennit.composites import (  # noqa: E402
     EpsilonAlpha2Beta1,
     EpsilonAlpha2Beta1Flat,
+    EpsilonGammaBox,
     EpsilonPlus,
     EpsilonPlusFlat,
     LayerMapComposite,
@@ -94,9 +97,10 @@ def test_uniform_rules_equal_zennit(arch: str, preset: str, options: dict, rule)
         # gradient × input); Zennit's Norm(0) gives NaN at all-zero windows, so compare the
         # z rule with the presets' stabilised pools instead.
         spec = {(nn.Conv2d, nn.Linear): Z()}
-        ours = LRP(model, spec, pass_relu=canonize).attribute(x, TARGET)
+        ours = LRP(model, spec, pass_relu=canonize, additions="copy").attribute(x, TARGET)
     else:
-        ours = LRP(model, preset, pass_relu=canonize, **options).attribute(x, TARGET)
+        method = LRP(model, preset, pass_relu=canonize, additions="copy", **options)
+        ours = method.attribute(x, TARGET)
     assert_relative(ours, expected)
 
 
@@ -114,7 +118,7 @@ def test_input_free_rules_equal_zennit(arch: str, pass_relu: bool, preset: str, 
     model, x = MODELS[arch](), images()
     composite = everywhere(rule(), activation_pass=pass_relu, canonize=arch == "resnet")
     expected = zennit_relevance(model, x, composite)
-    ours = LRP(model, preset, pass_relu=pass_relu).attribute(x, TARGET)
+    ours = LRP(model, preset, pass_relu=pass_relu, additions="copy").attribute(x, TARGET)
     assert_relative(ours, expected)
 
 
@@ -132,7 +136,7 @@ def test_presets_equal_zennit_composites(arch: str, preset: str, composite) -> N
     model, x = MODELS[arch](), images()
     canonizers = [SequentialMergeBatchNorm()] if arch == "resnet" else None
     expected = zennit_relevance(model, x, composite(canonizers=canonizers))
-    ours = LRP(model, preset, pass_relu=arch == "resnet").attribute(x, TARGET)
+    ours = LRP(model, preset, pass_relu=arch == "resnet", additions="copy").attribute(x, TARGET)
     assert_relative(ours, expected)
 
 
@@ -152,7 +156,7 @@ def test_deep_taylor_box_equals_zennit(arch: str) -> None:
     x = torch.maximum(torch.minimum(x, high), low)
     composite = deep_taylor_composite(zr.ZBox(low=low, high=high), arch == "resnet")
     expected = zennit_relevance(model, x, composite)
-    ours = DeepTaylor(model, low=low, high=high, pass_relu=arch == "resnet")
+    ours = DeepTaylor(model, low=low, high=high, pass_relu=arch == "resnet", additions="copy")
     assert_relative(ours.attribute(x, TARGET), expected)
 
 
@@ -161,7 +165,7 @@ def test_deep_taylor_unbounded_equals_zennit(arch: str) -> None:
     model, x = MODELS[arch](), images()
     composite = deep_taylor_composite(zr.WSquare(zero_params=["bias"]), arch == "resnet")
     expected = zennit_relevance(model, x, composite)
-    ours = DeepTaylor(model, pass_relu=arch == "resnet").attribute(x, TARGET)
+    ours = DeepTaylor(model, pass_relu=arch == "resnet", additions="copy").attribute(x, TARGET)
     assert_relative(ours, expected)
 
 
@@ -179,3 +183,55 @@ def test_zbox_first_layer_with_epsilon_plus_equals_zennit() -> None:
         model, {nn.Conv2d: ZPlus(), nn.Linear: Epsilon()}, first=ZBox(-1.0, 1.0)
     ).attribute(x, TARGET)
     assert_relative(ours, expected)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_gamma_equals_zennit(arch: str) -> None:
+    model, x = MODELS[arch](), images()
+    composite = everywhere(zr.Gamma(gamma=0.3), canonize=arch == "resnet")
+    expected = zennit_relevance(model, x, composite)
+    method = LRP(model, "gamma", gamma=0.3, pass_relu=arch == "resnet", additions="copy")
+    assert_relative(method.attribute(x, TARGET), expected)
+
+
+def test_epsilon_gamma_box_equals_zennit() -> None:
+    model, x = vgg(), images().clamp(-2, 2)
+    expected = zennit_relevance(model, x, EpsilonGammaBox(low=-2.0, high=2.0))
+    ours = LRP(model, "epsilon_gamma_box", low=-2.0, high=2.0).attribute(x, TARGET)
+    assert_relative(ours, expected)
+
+
+def torchvision_resnet18() -> nn.Module:
+    """torchvision's ResNet-18 with random weights and statistics, float64, BatchNorm eps 0."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=5)
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eps = 0.0
+                module.running_mean.normal_(0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0, 0.1, generator=generator)
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
+    return model.double().eval()
+
+
+@pytest.mark.parametrize(
+    ("preset", "composite"),
+    [("epsilon_plus_flat", EpsilonPlusFlat), ("epsilon_alpha2beta1", EpsilonAlpha2Beta1)],
+)
+def test_torchvision_resnet_with_proportional_sums_equals_zennit_resnet_canonizer(
+    preset: str, composite
+) -> None:
+    """Residual sums split in proportion (our default) = Zennit's ResNetCanonizer."""
+    from zennit.torchvision import ResNetCanonizer
+
+    model = torchvision_resnet18()
+    x = images(n=3, size=32)
+    expected = zennit_relevance(model, x, composite(canonizers=[ResNetCanonizer()]))
+    # With proportional sums no relevance reaches an inactive unit: gate and pass agree.
+    for pass_relu in (False, True):
+        assert_relative(LRP(model, preset, pass_relu=pass_relu).attribute(x, TARGET), expected)

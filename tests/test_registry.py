@@ -25,6 +25,7 @@ NEEDS = {
     "pattern_attribution": {"estimator": "filter"},
     "smoothgrad": {"n_samples": 2, "seed": 0},
     "integrated_gradients": {"n_steps": 3},
+    "lrp_epsilon_gamma_box": {"low": -4.0, "high": 4.0},
 }
 
 
@@ -67,8 +68,8 @@ def test_wrapped_lrp_gets_its_own_options() -> None:
 
 def test_unknown_names_and_options_are_refused() -> None:
     model = vgg()
-    with pytest.raises(ValueError, match="unknown method 'lrp_gamma'.*lrp_epsilon"):
-        get_method("lrp_gamma", model)
+    with pytest.raises(ValueError, match="unknown method 'lrp_delta'.*lrp_epsilon"):
+        get_method("lrp_delta", model)
     with pytest.raises(TypeError, match="does not take the options \\['epsilon'\\]"):
         get_method("gradient", model, epsilon=0.1)
     with pytest.raises(TypeError, match="takes"):

@@ -15,9 +15,10 @@ ReLU rules
     :class:`GuidedReLU` (forward gate and positive values). The gradient needs no rule.
 
 LRP rules (Linear/Conv unless said otherwise)
-    :class:`Epsilon` / :class:`Z`, :class:`AlphaBeta` / :class:`ZPlus`, :class:`WSquare`,
-    :class:`Flat`, :class:`ZBox`; :class:`Norm` for average pools, :class:`Pass` for
-    activations. :func:`identity_estimator_rules` is PatternAttribution's identity estimator.
+    :class:`Epsilon` / :class:`Z`, :class:`AlphaBeta` / :class:`ZPlus`, :class:`Gamma`,
+    :class:`WSquare`, :class:`Flat`, :class:`ZBox`; :class:`Norm` for average pools,
+    :class:`Pass` for activations. :func:`identity_estimator_rules` is PatternAttribution's
+    identity estimator.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import LayerGeometry, geometry, is_linear_layer
-from .backward import Rule
+from .backward import Rule, addition_rules
 
 __all__ = [
     "WeightSwap", "DeconvNetReLU", "GuidedReLU",
-    "Epsilon", "Z", "AlphaBeta", "ZPlus", "WSquare", "Flat", "ZBox", "Norm", "Pass",
+    "Epsilon", "Z", "AlphaBeta", "ZPlus", "Gamma", "WSquare", "Flat", "ZBox", "Norm", "Pass",
     "AVERAGE_POOLS", "identity_estimator_rules", "stabilize", "relevance_ratio",
     "ProportionalSum", "ChannelScale",
 ]
@@ -283,6 +284,73 @@ class ZPlus(AlphaBeta):
         super().__init__(1.0, 0.0, stabilizer=stabilizer, bias=bias)
 
 
+class Gamma(Rule):
+    """The γ rule (Montavon et al. 2019), generalised to signed inputs as in Zennit.
+
+    Positive contributions are favoured by ``γ``: with ``z = Wx + b``, ``P = W⁺x⁺ + W⁻x⁻ + b⁺``
+    (the positive part) and ``N = z − P``, units with ``z > 0`` use the weights ``W + γW⁺`` on
+    ``x⁺`` (``W + γW⁻`` on ``x⁻``) and the denominator ``z + γP``; units with ``z < 0`` the
+    mirrored weights and ``z + γN``. ``γ = 0`` is the z rule, ``γ → ∞`` tends to z⁺. One extra
+    forward (``W⁺x⁺``) as for :class:`AlphaBeta`.
+
+    Parameters
+    ----------
+    gamma:
+        ``γ ≥ 0`` (0.25 is common for convolutions).
+    stabilizer:
+        ε of the denominators.
+    bias:
+        Whether the bias takes part in ``z`` and ``b⁺``, ``b⁻`` in ``P`` and ``N`` (Zennit's
+        convention).
+    """
+
+    def __init__(
+        self, gamma: float = 0.25, *, stabilizer: float = 1e-6, bias: bool = True
+    ) -> None:
+        self.gamma = _check_epsilon("gamma", gamma)
+        self.stabilizer = _check_epsilon("stabilizer", stabilizer)
+        self.bias = bool(bias)
+
+    def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
+        layer, weight, bias = _layer(module, self)
+        x = x.detach()
+        signed = bool(x.amin() < 0)
+        x_pos = x.clamp(min=0) if signed else x
+        x_neg = x.clamp(max=0) if signed else None
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        b_pos = bias.clamp(min=0) if (self.bias and bias is not None) else None
+        positive = layer.forward(x_pos, w_pos, b_pos)
+        if x_neg is not None:
+            positive = positive + layer.forward(x_neg, w_neg)
+        full = output.detach()  # Wx + b: selects the units' sign, as in Zennit
+        z = full
+        if not self.bias and bias is not None:
+            z = z - _channel_view(bias, z, layer)
+        up = (weight + self.gamma * w_pos, weight + self.gamma * w_neg)
+        denominators = (z + self.gamma * positive, z + self.gamma * (z - positive))
+        masks = (full > 0, full < 0)
+        return layer, up, (x_pos, x_neg), denominators, masks
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        layer, (w_up, w_down), (x_pos, x_neg), denominators, masks = state
+        shape = x_pos.shape
+        ratios = [
+            relevance_ratio(grad_output, denominator, self.stabilizer).mul_(mask)
+            for denominator, mask in zip(denominators, masks)
+        ]
+        # Active units favour positive contributions (W + γW⁺ on x⁺, W + γW⁻ on x⁻),
+        # inactive units negative ones (the weights swap roles).
+        result = x_pos * (
+            layer.transpose(ratios[0], w_up, shape) + layer.transpose(ratios[1], w_down, shape)
+        )
+        if x_neg is not None:
+            result = result + x_neg * (
+                layer.transpose(ratios[0], w_down, shape)
+                + layer.transpose(ratios[1], w_up, shape)
+            )
+        return result
+
+
 class _InputFree(Rule):
     """Rules that ignore the input's values: ``R_in = Vᵀ(R / V·1)`` for a weight ``V``."""
 
@@ -434,8 +502,9 @@ def identity_estimator_rules(
 ) -> tuple[dict[nn.Module, Rule], dict[Any, Rule]]:
     """PatternAttribution with the identity estimator ``S_x(x) = x``: LRP-z (method.md §4).
 
-    The z rule on every Linear/Conv layer and :class:`Norm` (without stabiliser) on average
-    pools, so that for bias-free ReLU networks the result is gradient × input.
+    The z rule on every Linear/Conv layer, :class:`Norm` on average pools and
+    :class:`ProportionalSum` on residual sums, all without stabiliser, so that for ReLU
+    networks the result is gradient × input (Ancona et al. 2018), ResNets included.
 
     Parameters
     ----------
@@ -452,7 +521,7 @@ def identity_estimator_rules(
             rules[module] = z
         elif isinstance(module, AVERAGE_POOLS):
             rules[module] = norm
-    return rules, {}
+    return rules, addition_rules(ProportionalSum(stabilizer=0.0))
 
 
 # ------------------------------------------------------------------------ additions

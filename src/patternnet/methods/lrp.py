@@ -3,10 +3,12 @@
 LRP (Bach et al. 2015) redistributes the selected logit ``y_c`` layer by layer; each
 Linear/Conv layer gets a rule from :mod:`patternnet.engine.rules` (z, ε, z⁺, αβ, w², flat,
 z^B). Everything else follows the gradient: ReLU gates and max-pool switches (winner takes
-all), flatten, views, skip connections (relevance arriving at an addition is passed to both
-branches, as the gradient does and as Zennit does without its ResNet canonizer). Average
-pools split relevance in proportion to their inputs (:class:`~patternnet.engine.rules.Norm`,
-as Zennit's composites do). BatchNorm is folded into the layer before it by the canonizers.
+all), flatten and views. The sums of skip connections split relevance in proportion to the
+summands (:class:`~patternnet.engine.rules.ProportionalSum`, what Zennit's ResNet canonizer and
+``Norm`` rule do), or, with ``additions="copy"``, pass it to both branches as the gradient does
+(Zennit without a canonizer). Average pools split relevance in proportion to their inputs
+(:class:`~patternnet.engine.rules.Norm`, as Zennit's composites do). BatchNorm is folded into
+the layer before it by the canonizers.
 
 Presets (the composites of the literature, named as in Zennit where it has them):
 
@@ -22,6 +24,9 @@ Presets (the composites of the literature, named as in Zennit where it has them)
 ``epsilon_plus_flat``      ``epsilon_plus`` with the flat rule on the first layer
 ``epsilon_alpha2beta1``    α2β1 on convolutions, ε on dense layers
 ``epsilon_alpha2beta1_flat`` ``epsilon_alpha2beta1`` with the flat rule on the first layer
+``gamma``                  γ rule on every layer
+``epsilon_gamma_box``      z^B on the first layer (needs ``low``, ``high``), γ on
+                           convolutions, ε on dense layers
 ========================== ================================================================
 
 References
@@ -40,15 +45,17 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..engine.backward import Rule, relu_rules
+from ..engine.backward import Rule, addition_rules, relu_rules
 from ..engine.canonize import Canonical, Canonizer
 from ..engine.rules import (
     AVERAGE_POOLS,
     AlphaBeta,
     Epsilon,
     Flat,
+    Gamma,
     Norm,
     Pass,
+    ProportionalSum,
     WSquare,
     Z,
     ZBox,
@@ -76,6 +83,9 @@ PRESETS: dict[str, str] = {
     "epsilon_plus_flat": "flat on the first layer, z⁺ on convolutions, ε on dense layers",
     "epsilon_alpha2beta1": "α2β1 on convolutions, ε on dense layers",
     "epsilon_alpha2beta1_flat": "flat on the first layer, α2β1 on convolutions, ε on dense layers",
+    "gamma": "γ rule on every Linear/Conv layer",
+    "epsilon_gamma_box": "z^B on the first layer (options low, high), γ on convolutions, ε on "
+    "dense layers",
 }
 
 LayerKey = str | type | tuple[type, ...]
@@ -90,9 +100,17 @@ def logit_start(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def _preset(
-    name: str, epsilon: float, stabilizer: float
+    name: str, epsilon: float, stabilizer: float, gamma: float, low: Any, high: Any
 ) -> tuple[list[tuple[LayerKey, Rule]], Rule | None]:
     """The layer map and first-layer rule of a preset."""
+    if name == "epsilon_gamma_box":
+        if low is None or high is None:
+            raise ValueError(
+                "the preset 'epsilon_gamma_box' needs the input bounds low= and high= (e.g. "
+                "low=0, high=1 for pixels in [0, 1])"
+            )
+        conv_map = [(CONVOLUTIONS, Gamma(gamma, stabilizer=stabilizer))]
+        return conv_map + [(DENSE, Epsilon(epsilon))], ZBox(low, high, stabilizer=stabilizer)
     every = {
         "z": Z(),
         "epsilon": Epsilon(epsilon),
@@ -101,6 +119,7 @@ def _preset(
         "alpha2beta1": AlphaBeta(2.0, 1.0, stabilizer=stabilizer),
         "w2": WSquare(stabilizer=stabilizer),
         "flat": Flat(stabilizer=stabilizer),
+        "gamma": Gamma(gamma, stabilizer=stabilizer),
     }
     if name in every:
         return [(LINEAR_AND_CONV, every[name])], None
@@ -141,10 +160,21 @@ class LRP(Attribution):
     epsilon:
         ε of the ε rule in presets.
     stabilizer:
-        ε of the other rules' denominators (z⁺, αβ, w², flat, z^B, average pools).
+        ε of the other rules' denominators (z⁺, αβ, γ, w², flat, z^B, average pools, sums).
+    gamma:
+        γ of the γ rule in presets.
+    low, high:
+        Bounds of the input domain (numbers or tensors broadcasting to the input, e.g.
+        ``(1, 3, 1, 1)`` per channel): the first layer then gets the z^B rule (needed by
+        ``epsilon_gamma_box``).
     first:
         A rule for the first Linear/Conv layer (in the order of ``model.named_modules()``),
-        e.g. ``ZBox(low=0, high=1)`` for pixels; overrides the preset's first layer.
+        e.g. ``ZBox(low=0, high=1)`` for pixels; overrides the preset's first layer and
+        ``low``/``high``.
+    additions:
+        ``"proportional"`` (default): a residual sum ``a + b`` gives ``a/(a + b)`` of its
+        relevance to ``a`` (conserving); ``"copy"``: both summands get all of it (the
+        gradient's behaviour).
     pass_relu:
         If True, relevance passes ReLUs without their gate (Zennit's ``Pass`` rule). It only
         matters for rules that give relevance to inactive units (w², flat, z^B above a ReLU);
@@ -161,9 +191,9 @@ class LRP(Attribution):
 
     Notes
     -----
-    The backward pass starts from the selected logit's value ``y_c``; for bias-free layers,
-    ``ε → 0`` and no average pools or additions, the input relevance sums to ``y_c``.
-    Additions (skip connections) pass relevance to both branches, as the gradient does.
+    The backward pass starts from the selected logit's value ``y_c``; for bias-free layers
+    and ``ε → 0`` the input relevance sums to ``y_c`` (rules that give relevance to inactive
+    units, w² and flat above a ReLU, lose it at the ReLU's gate unless ``pass_relu``).
     """
 
     name = "lrp"
@@ -175,18 +205,30 @@ class LRP(Attribution):
         *,
         epsilon: float = 1e-6,
         stabilizer: float = 1e-6,
+        gamma: float = 0.25,
+        low: float | Tensor | None = None,
+        high: float | Tensor | None = None,
         first: Rule | None = None,
         pass_relu: bool = False,
+        additions: str = "proportional",
         canonizers: Sequence[Canonizer] | None = None,
         output_selector: Callable[[Any], Tensor] | None = None,
     ) -> None:
         super().__init__(model, canonizers=canonizers, output_selector=output_selector)
         self.preset = rules if isinstance(rules, str) else None
-        pool_rule: Rule = Norm(stabilizer=stabilizer)
+        if (low is None) != (high is None):
+            raise ValueError("give both low and high (the input domain's bounds) or neither")
+        if additions not in ("proportional", "copy"):
+            raise ValueError(f"additions must be 'proportional' or 'copy', not {additions!r}")
+        # The z preset divides without stabiliser (exactly gradient × input for ReLU nets).
+        exact = rules == "z"
+        pool_rule: Rule = Norm(stabilizer=0.0 if exact else stabilizer)
+        self.sum_rule = ProportionalSum(stabilizer=0.0 if exact else stabilizer)
+        self.additions = additions
+        if first is None and low is not None:
+            first = ZBox(low, high, stabilizer=stabilizer)
         if isinstance(rules, str):
-            layer_map, preset_first = _preset(rules, epsilon, stabilizer)
-            if rules == "z":
-                pool_rule = Norm(stabilizer=0.0)
+            layer_map, preset_first = _preset(rules, epsilon, stabilizer, gamma, low, high)
             first = first if first is not None else preset_first
         elif isinstance(rules, Rule):
             layer_map = [(LINEAR_AND_CONV, rules)]
@@ -254,8 +296,10 @@ class LRP(Attribution):
     def rules(
         self, canonical: Canonical
     ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
-        """The assigned rules; ReLUs keep their gate unless ``pass_relu``."""
+        """The assigned rules; ReLUs keep their gate unless ``pass_relu``; sums split."""
         functions: dict[Callable[..., Any], Rule] = relu_rules(Pass()) if self.pass_relu else {}
+        if self.additions == "proportional":
+            functions.update(addition_rules(self.sum_rule))
         return dict(self.assignment), functions
 
     def start(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -284,7 +328,7 @@ class DeepTaylor(LRP):
         ``(1, 3, 1, 1)`` per channel); both or neither.
     stabilizer:
         ε of the denominators.
-    pass_relu, canonizers, output_selector:
+    pass_relu, additions, canonizers, output_selector:
         See :class:`LRP`.
     """
 
@@ -298,6 +342,7 @@ class DeepTaylor(LRP):
         *,
         stabilizer: float = 1e-6,
         pass_relu: bool = False,
+        additions: str = "proportional",
         canonizers: Sequence[Canonizer] | None = None,
         output_selector: Callable[[Any], Tensor] | None = None,
     ) -> None:
@@ -317,6 +362,7 @@ class DeepTaylor(LRP):
             stabilizer=stabilizer,
             first=first,
             pass_relu=pass_relu,
+            additions=additions,
             canonizers=canonizers,
             output_selector=output_selector,
         )
