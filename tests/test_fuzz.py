@@ -334,6 +334,8 @@ def main_command_lines(draw: st.DrawFn) -> list[str]:
           "--crop", "9", "--quiet"])
 @example(["fit", "--model", "fuzz_model:make", "--data", "{tmp}/data.npy", "--out", "",
           "--quiet"])
+@example(["explain", "--model", "fuzz_model:make", "--out", "{tmp}/data.npy", "{tmp}/image.png",
+          "--method", "gradient", "--quiet"])
 def test_fuzz_cli_main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         cli_workspace(Path(folder))
