@@ -140,9 +140,16 @@ def test_one_pass_fits_every_layer_against_reference() -> None:
 class ResidualPatternAttribution(pn.PatternAttribution):
     """PatternAttribution with relevance split in proportion at every addition."""
 
+    absolute = False
+
     def rules(self, canonical: Canonical):
         module_rules, function_rules = super().rules(canonical)
-        return module_rules, {**function_rules, **addition_rules(ProportionalSum(stabilizer=0))}
+        split = ProportionalSum(stabilizer=0, absolute=self.absolute)
+        return module_rules, {**function_rules, **addition_rules(split)}
+
+
+class AbsoluteResidualPatternAttribution(ResidualPatternAttribution):
+    absolute = True
 
 
 SPELLINGS = ["iadd", "plus", "torch.add", "add_", "radd"]
@@ -187,14 +194,18 @@ def linear_residual_net(spelling: str) -> nn.Module:
     return randomise_batchnorms(model).eval()
 
 
+@pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("spelling", SPELLINGS)
-def test_patternattribution_conserves_relevance_through_residual_block(spelling: str) -> None:
+def test_patternattribution_conserves_relevance_through_residual_block(
+    spelling: str, absolute: bool
+) -> None:
     model = linear_residual_net(spelling)
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
     logits = model(x)
     target = logits.argmax(1)
     # the filter estimator gives Σᵢ wᵢaᵢ = 1 for every unit: each layer conserves relevance
-    method = ResidualPatternAttribution(model, estimator="filter")
+    kind = AbsoluteResidualPatternAttribution if absolute else ResidualPatternAttribution
+    method = kind(model, estimator="filter")
     relevance = method.attribute(x, target)
     totals = relevance.sum((1, 2, 3))
     torch.testing.assert_close(totals, logits.gather(1, target[:, None]).squeeze(1).detach())
@@ -205,7 +216,8 @@ def test_patternattribution_conserves_relevance_through_residual_block(spelling:
     torch.testing.assert_close(model(x), logits)
 
 
-def test_proportional_sum_matches_explicit_formula() -> None:
+@pytest.mark.parametrize("absolute", [False, True])
+def test_proportional_sum_matches_explicit_formula(absolute: bool) -> None:
     torch.manual_seed(1)
     l1, l2 = nn.Linear(4, 4).double(), nn.Linear(4, 3).double()
 
@@ -218,7 +230,8 @@ def test_proportional_sum_matches_explicit_formula() -> None:
             return self.l2(self.l1(x) + x)
 
     x = torch.randn(5, 4, dtype=torch.float64)
-    relevance = ResidualPatternAttribution(Net(), estimator="filter").attribute(x, 2)
+    kind = AbsoluteResidualPatternAttribution if absolute else ResidualPatternAttribution
+    relevance = kind(Net(), estimator="filter").attribute(x, 2)
     w1, w2 = l1.weight.detach(), l2.weight.detach()
     h = l1(x).detach()
     z = h + x
@@ -226,6 +239,8 @@ def test_proportional_sum_matches_explicit_formula() -> None:
     wa1 = w1 * w1 / (w1 * w1).sum(1, keepdim=True)
     wa2 = w2 * w2 / (w2 * w2).sum(1, keepdim=True)
     r_z = wa2[2][None, :] * y[:, None]
+    if absolute:
+        x, h, z = x.abs(), h.abs(), x.abs() + h.abs()
     expected = x / z * r_z + (h / z * r_z) @ wa1
     torch.testing.assert_close(relevance, expected)
 
@@ -249,3 +264,17 @@ def pn_rules(canonical: Canonical):
     from patternnet.engine.backward import rules_applied
 
     return rules_applied({}, addition_rules(ProportionalSum()))
+
+
+def test_absolute_split_stays_bounded_where_summands_cancel() -> None:
+    a = torch.tensor([1000.0, 2.0, -3.0], dtype=torch.float64)
+    b = torch.tensor([-999.999, 2.0, 0.0], dtype=torch.float64)
+    relevance = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    signed = ProportionalSum()
+    ra, rb = signed.backward(None, signed.save(None, (a, b), a + b), relevance)
+    assert ra[0] > 1e5 and rb[0] < -1e5  # the signed z rule explodes at z ≈ 0
+    absolute = ProportionalSum(absolute=True)
+    ra, rb = absolute.backward(None, absolute.save(None, (a, b), a + b), relevance)
+    torch.testing.assert_close(ra + rb, relevance)
+    assert ((ra >= 0) & (ra <= 1) & (rb >= 0) & (rb <= 1)).all()
+    torch.testing.assert_close(ra, torch.tensor([1000 / 1999.999, 0.5, 1.0], dtype=torch.float64))

@@ -198,7 +198,8 @@ def fold_batchnorm(
     Returns
     -------
     weight, bias:
-        Folded tensors, in the weight's dtype and device (computed in float64).
+        Folded tensors, in the weight's dtype and device (``s``, ``t`` and the bias computed
+        in float64).
     """
     if bn.num_features != weight.shape[0]:
         raise ValueError(
@@ -207,9 +208,11 @@ def fold_batchnorm(
         )
     scale, shift = batchnorm_scale_shift(bn)
     scale, shift = scale.to(weight.device), shift.to(weight.device)
-    w = weight.detach().to(torch.float64) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    # s and t in float64 (C values); the weight is scaled in its own dtype: one rounding per
+    # element, and no float64 copy of large weights on every call.
+    w = weight.detach() * scale.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
     b = shift if bias is None else bias.detach().to(torch.float64) * scale + shift
-    return w.to(weight.dtype), b.to(weight.dtype)
+    return w, b.to(weight.dtype)
 
 
 class _LeafTracer(torch.fx.Tracer):
