@@ -273,7 +273,7 @@ def test_absolute_split_stays_bounded_where_summands_cancel() -> None:
     signed = ProportionalSum()
     ra, rb = signed.backward(None, signed.save(None, (a, b), a + b), relevance)
     assert ra[0] > 1e5 and rb[0] < -1e5  # the signed z rule explodes at z ≈ 0
-    absolute = ProportionalSum(absolute=True)
+    absolute = ProportionalSum(stabilizer=0, absolute=True)
     ra, rb = absolute.backward(None, absolute.save(None, (a, b), a + b), relevance)
     torch.testing.assert_close(ra + rb, relevance)
     assert ((ra >= 0) & (ra <= 1) & (rb >= 0) & (rb <= 1)).all()
