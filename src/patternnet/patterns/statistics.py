@@ -22,6 +22,16 @@ sum                 shape                        needed by
 ``G`` is the number of convolution groups and ``D = weight[0].numel()``. The inactive sums of
 a₋ are ``all − plus``. The products are computed by :meth:`LayerGeometry.weight_product`, the
 layer's own weight-gradient kernel, with the stacked output gradient ``[y·m, m, y, 1]``.
+
+Speed and memory (method.md §9). A product is either formed per batch (convolutions with big
+activations, a few images at a time so that one chunk, not one batch, is stacked at once) or
+held back: layers whose inputs are smaller than their sums (Linear layers, late
+convolutions) keep their inputs and stacked gradients for a few batches and form one large
+product at :meth:`LayerStatistics.flush`. With ``precision="float32"`` the per-batch products
+are summed in a float32 staging buffer and added into the float64 sums at the flush.
+:func:`~patternnet.patterns.fit.collect_statistics` flushes every ``DEFAULT_FLUSH_EVERY``
+batches and at the end; every reader of the sums (``stats[name]``, merging, all-reduce,
+checkpoints) flushes first.
 """
 
 from __future__ import annotations
@@ -199,25 +209,21 @@ class LayerStatistics:
         """
         dtype = _compute_dtype(precision)
         given = x
-        x = x.detach().to(dtype)
-        out = out.detach().to(dtype)
-        channel_dim = out.dim() - 1 if geometry.kind == "linear" else 1
-        if bias is not None:
-            shape = [1] * out.dim()
-            shape[channel_dim] = -1
-            y = out - bias.detach().to(dtype).view(shape)
-        else:
-            y = out
-        O, G = self.out_features, self.groups
+        x, out = x.detach(), out.detach()
+        bias = None if bias is None else bias.detach().to(dtype)
+        O = self.out_features
         need = self.tensors
         names: list[str] = []
         if "count_plus" in need:
             names += ["sum_xy_plus", "sum_x_plus"]
         if "sum_xy" in need:
             names.append("sum_xy")
-        dims = [d for d in range(y.dim()) if d != channel_dim]
+        need["count"] += out.numel() // O
 
         if geometry.kind == "linear":
+            x, out = x.to(dtype), out.to(dtype)
+            y = out if bias is None else out - bias
+            dims = list(range(y.dim() - 1))
             m = (out > 0).to(dtype) if "count_plus" in need else None
             x2, _ = geometry.flatten_linear(x, out)
             if names:
@@ -229,51 +235,80 @@ class LayerStatistics:
                 self._hold(x2, rows, names, None)
             if "sum_x" in need:
                 need["sum_x"] += x2.sum(0, dtype=torch.float64).view(1, -1)
-        else:
-            # The stacked output gradient [y·m, m, y, 1] per group, written in place so that
-            # the grouped weight-gradient keeps groups aligned: (N, G, K, *spatial), K =
-            # parts·O/G [+1], seen as (N, G·K, *spatial).
-            n, spatial = out.shape[0], out.shape[2:]
-            og = O // G
-            stack_names = names + (["sum_x"] if "sum_x" in need else [])
-            k = og * len(names) + (1 if "sum_x" in need else 0)
-            stacked = out.new_empty((n, G, k, *spatial))
-            yg = y.reshape(n, G, og, *spatial)
-            slot = 0
-            m = None
-            for name in names:
-                block = stacked[:, :, slot : slot + og]
-                if name == "sum_xy_plus":
-                    m = stacked[:, :, slot + og : slot + 2 * og]
-                    m.copy_(out.reshape(n, G, og, *spatial) > 0)
-                    torch.mul(yg, m, out=block)
-                elif name == "sum_xy":
-                    block.copy_(yg)
-                slot += og
-            if "sum_x" in need:
-                stacked[:, :, slot].fill_(1.0)
-            grad = stacked.view(n, G * k, *spatial)
-            product_shape = torch.Size((G * k, *weight_shape[1:]))
-            if x.numel() + grad.numel() < product_shape.numel():
-                if x.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
-                    x = x.clone()  # held across batches: never alias the model's tensors
-                self._hold(x, grad, stack_names, (geometry, product_shape))
-            else:
-                product = geometry.weight_product(x, grad, product_shape).reshape(G, k, -1)
-                if precision == "float64":
-                    self._add_stacked(product, stack_names)
-                elif self._stage is None:
-                    self._stage, self._stage_names = product, stack_names
-                else:
-                    self._stage += product
+            need["sum_y"] += y.sum(dims).to(torch.float64)
             if m is not None:
-                m = m.reshape(n, O, *spatial)
-        need["count"] += out.numel() // O
-        # Per-batch sums in the compute dtype (no float64 copy of the activations), added into
-        # float64; the active counts are counted exactly as integers.
-        need["sum_y"] += y.sum(dims).to(torch.float64)
-        if m is not None:
-            need["count_plus"] += torch.count_nonzero(m, dim=dims).to(torch.float64)
+                need["count_plus"] += torch.count_nonzero(m, dim=dims).to(torch.float64)
+            return
+
+        # Convolution: the stacked output gradient [y·m, m, y, 1] per group (see _stack).
+        G = self.groups
+        n = out.shape[0]
+        k = (O // G) * len(names) + (1 if "sum_x" in need else 0)
+        stack_names = names + (["sum_x"] if "sum_x" in need else [])
+        product_shape = torch.Size((G * k, *weight_shape[1:]))
+        positions = out[0, 0].numel()
+        if x.numel() + n * G * k * positions < product_shape.numel():
+            # Small activations, big product (late convolutions): form it at the flush.
+            x, grad = x.to(dtype), self._stack(out.to(dtype), bias, names)
+            if x.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
+                x = x.clone()  # held across batches: never alias the model's tensors
+            self._hold(x, grad, stack_names, (geometry, product_shape))
+            return
+        # Big activations: a few images at a time, so that the stacked gradient of the whole
+        # batch never exists at once (memory: one chunk, not one batch).
+        step = max(1, _CHUNK_ELEMENTS // max(1, G * k * positions))
+        for start in range(0, n, step):
+            chunk_x = x[start : start + step].to(dtype)
+            grad = self._stack(out[start : start + step].to(dtype), bias, names)
+            product = geometry.weight_product(chunk_x, grad, product_shape).reshape(G, k, -1)
+            if precision == "float64":
+                self._add_stacked(product, stack_names)
+            elif self._stage is None:
+                self._stage, self._stage_names = product, stack_names
+            else:
+                self._stage += product
+
+    def _stack(self, out: Tensor, bias: Tensor | None, names: list[str]) -> Tensor:
+        """The stacked output gradient ``[y·m, m, y, 1]`` of a convolution, ``(N, G·K, ...)``.
+
+        Written in place per group, so that the grouped weight-gradient keeps groups aligned:
+        ``(N, G, K, *spatial)`` with ``K = len(names)·O/G (+1 for the ones of sum_x)``. Also
+        adds the batch's ``sum_y`` and ``count_plus``.
+        """
+        need = self.tensors
+        O, G = self.out_features, self.groups
+        og = O // G
+        n, spatial = out.shape[0], out.shape[2:]
+        ones = "sum_x" in need
+        k = og * len(names) + (1 if ones else 0)
+        stacked = out.new_empty((n, G, k, *spatial))
+        out_g = out.reshape(n, G, og, *spatial)
+        bias_g = None if bias is None else bias.view(1, G, og, *([1] * len(spatial)))
+        dims = [0, *range(3, 3 + len(spatial))]
+
+        def write_y(block: Tensor) -> Tensor:
+            if bias_g is None:
+                return block.copy_(out_g)
+            return torch.sub(out_g, bias_g, out=block)
+
+        first = write_y(stacked[:, :, :og])
+        need["sum_y"] += first.sum(dims).reshape(O).to(torch.float64)
+        slot = 0
+        for name in names:
+            block = stacked[:, :, slot : slot + og]
+            if name == "sum_xy_plus":  # always first: the block holds y
+                mask = stacked[:, :, slot + og : slot + 2 * og]
+                mask.copy_(out_g > 0)
+                block.mul_(mask)
+                need["count_plus"] += torch.count_nonzero(mask, dim=dims).reshape(O).to(
+                    torch.float64
+                )
+            elif name == "sum_xy" and slot:
+                write_y(block)
+            slot += og
+        if ones:
+            stacked[:, :, slot].fill_(1.0)
+        return stacked.view(n, G * k, *spatial)
 
     # ------------------------------------------------------------------ held-back products
     @property
