@@ -225,3 +225,43 @@ def test_torchvision_weights_file_round_trip(tmp_path) -> None:
         models.load("torchvision:resnet19")
     with pytest.raises(ValueError, match="do not fit ResNet"):
         models.load("torchvision:resnet18", weights=tmp_path / "resnet18.pth")  # 1000 classes
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "options"),
+    [
+        ("googlenet", 64, dict(aux_logits=False, init_weights=True)),  # concatenated branches
+        ("efficientnet_b0", 32, {}),     # SiLU (linear patterns), squeeze-excitation products
+        ("densenet121", 32, {}),         # concatenation, pre-activation (standalone) BatchNorm
+    ],
+)
+def test_more_torchvision_architectures(name: str, size: int, options: dict) -> None:
+    pytest.importorskip("torchvision")
+    model = lively(models.load(f"torchvision:{name}", num_classes=10, **options)).double()
+    assert all(s.kind != "unsupported" for s in classify(model).values())
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    signal = pn.PatternNet(model, weight_patterns(model)).attribute(x, target=1)
+    torch.testing.assert_close(signal, gradient_times_logit(model, x, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patterns = pn.fit_patterns(model, x, progress=False)
+    smooth = [w for w in caught if "smooth activation" in str(w.message)]
+    assert len(smooth) == (1 if name == "efficientnet_b0" else 0)
+    assert set(patterns) == set(linear_layers(model))
+    result = pn.PatternAttribution(model, patterns).attribute(x)
+    assert torch.isfinite(result).all()
+
+
+def test_vision_transformer_is_refused_naming_every_module() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from patternnet.engine.support import UnsupportedModuleError
+
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16
+    )
+    with pytest.raises(UnsupportedModuleError) as info:
+        pn.fit_patterns(model, torch.randn(2, 3, 32, 32), progress=False)
+    names = {name for name, _, _ in info.value.modules}
+    assert {"<model>", "encoder", "encoder.layers.encoder_layer_1.self_attention",
+            "encoder.layers.encoder_layer_0.ln_1", "encoder.ln"} <= names
+    assert "2 MultiheadAttention" in str(info.value)

@@ -278,3 +278,37 @@ def test_absolute_split_stays_bounded_where_summands_cancel() -> None:
     torch.testing.assert_close(ra + rb, relevance)
     assert ((ra >= 0) & (ra <= 1) & (rb >= 0) & (rb <= 1)).all()
     torch.testing.assert_close(ra, torch.tensor([1000 / 1999.999, 0.5, 1.0], dtype=torch.float64))
+
+
+class Branches(nn.Module):
+    """A reused conv (two calls), concatenated branches, ``view`` and ``torch.flatten``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Conv2d(3, 3, 3)
+        self.left = nn.Conv2d(3, 2, 1)
+        self.right = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
+        self.head = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.shared(x))
+        h = torch.relu(self.shared(h))          # the same module again
+        h = torch.cat([self.left(h), F.relu(self.right(h))], dim=1)
+        h = torch.flatten(F.avg_pool2d(h, 2), 2)
+        return self.head(h.view(h.shape[0], -1))
+
+
+def test_reused_modules_and_concatenation() -> None:
+    torch.manual_seed(0)
+    model = randomise_batchnorms(Branches().double()).eval()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    assert Canonical(model, default_canonizers()).form.bypass == {"right.1"}
+    signal = pn.PatternNet(model, canonical_weight_patterns(model)).attribute(x)
+    grad, logit = gradient_and_logit(model, x)
+    torch.testing.assert_close(signal, grad * logit[:, None, None, None])
+    # the reused layer's statistics hold both calls: twice the positions of one call
+    stats = pn.collect_statistics(model, x, progress=False)
+    assert stats["shared"].count == 4 * (6 * 6 + 4 * 4)
+    patterns = pn.compute_patterns(model, stats)
+    relevance = pn.PatternAttribution(model, patterns).attribute(x)
+    assert relevance.shape == x.shape and torch.isfinite(relevance).all()

@@ -183,8 +183,8 @@ def classify(model: nn.Module, *, folding: bool = True) -> dict[str, ModuleSuppo
     Returns
     -------
     dict
-        ``{qualified name: ModuleSupport}`` in ``named_modules`` order. Modules inside an
-        unsupported module are not listed.
+        ``{qualified name: ModuleSupport}`` in ``named_modules`` order. Supported modules
+        inside an unsupported one (``MultiheadAttention.out_proj``) say so in their note.
     """
     folded: dict[str, str] = {}
     if folding:
@@ -193,15 +193,16 @@ def classify(model: nn.Module, *, folding: bool = True) -> dict[str, ModuleSuppo
         pairs, _ = BatchNormFolding().pairs(model)
         folded = {bn: layer for layer, bn in pairs.items()}
     result: dict[str, ModuleSupport] = {}
-    inside: list[str] = []
+    unsupported: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
         kind, note = _kind(module)
+        outer = next((p for p in unsupported if name.startswith(p + ".") or not p), None)
         if kind == "unsupported":
-            inside.append(name)
+            unsupported.append(name)
         elif kind == "batchnorm" and folding:
             note = f"folded into {folded[name]}" if name in folded else "standalone"
+        if outer is not None and kind != "unsupported":
+            note = f"inside unsupported {outer or '<model>'}"
         result[name] = ModuleSupport(name, type(module).__name__, kind, note)
     return result
 
@@ -221,9 +222,13 @@ def check_supported(model: nn.Module) -> None:
     if not bad:
         return
     lines = "\n".join(f"  - {name} ({kind}): {reason}" for name, kind, reason in bad)
+    counts: dict[str, int] = {}
+    for _, kind, _ in bad:
+        counts[kind] = counts.get(kind, 0) + 1
+    summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
     raise UnsupportedModuleError(
         f"patternnet cannot explain {type(model).__name__}: {len(bad)} module(s) have weights "
-        f"that no PatternNet rule covers:\n{lines}\n"
+        f"that no PatternNet rule covers ({summary}):\n{lines}\n"
         "Patterns exist for Linear and Conv1d/2d/3d layers (BatchNorm with running statistics "
         "is folded or crossed as a per-channel map); weight-free modules pass the gradient. "
         "Remove or replace these modules, explain a sub-network without them, or, if one is a "
