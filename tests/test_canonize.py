@@ -197,3 +197,18 @@ def test_train_mode_model_is_folded_with_running_statistics_and_restored() -> No
         patterns = pn.fit_patterns(model, x, progress=False)
     assert model.training and all(m.training for m in model.modules())
     assert set(patterns) == {"0", "3", "8", "11"}
+
+
+def test_probe_runs_once_per_model() -> None:
+    model = randomise_batchnorms(Untraceable().double()).eval()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        for _ in range(3):
+            assert Canonical(model, [BatchNormFolding(example=x)]).form.bypass == {
+                "block.1", "bn_head"
+            }
+    finally:
+        handle.remove()
+    assert len(calls) == 1

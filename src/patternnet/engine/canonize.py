@@ -396,15 +396,16 @@ class BatchNormFolding:
 
     def pairs(self, model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
         """``({layer: batchnorm}, {untraceable module: reason})`` for ``model``."""
-        if self.example is not None:
-            return probed_batchnorm_pairs(model, self.example), {}
-        key = _structure_key(model)
+        key = (_structure_key(model), self.example is not None)
         cached = _PAIR_CACHE.get(model)
         if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-        pairs, untraced = traced_batchnorm_pairs(model)
+            return dict(cached[1]), dict(cached[2])
+        if self.example is not None:
+            pairs, untraced = probed_batchnorm_pairs(model, self.example), {}
+        else:
+            pairs, untraced = traced_batchnorm_pairs(model)
         _PAIR_CACHE[model] = (key, pairs, untraced)
-        return pairs, untraced
+        return dict(pairs), dict(untraced)
 
     def __call__(self, model: nn.Module, form: CanonicalForm) -> CanonicalForm:
         modules = dict(model.named_modules())
@@ -437,8 +438,9 @@ def _structure_key(model: nn.Module) -> tuple[tuple[str, type], ...]:
     return tuple((name, type(module)) for name, module in model.named_modules())
 
 
-#: Traced pairs per model object (tracing a ResNet-50 takes a noticeable fraction of a second
-#: and every method call canonizes again). Keyed weakly: the cache never keeps a model alive.
+#: Traced (or probed) pairs per model object: tracing a ResNet-50 takes a noticeable fraction
+#: of a second, a probe one forward pass, and every method call canonizes again. Keyed weakly:
+#: the cache never keeps a model alive.
 _PAIR_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
