@@ -114,8 +114,7 @@ def test_conservation_without_biases(preset: str) -> None:
     pass_relu = preset in ("w2", "flat")
     model, x = vgg(bias=False, padding=0 if pass_relu else 1), images()
     target = torch.tensor([0, 1, 2])
-    bounds = {"low": -5.0, "high": 5.0} if preset == "epsilon_gamma_box" else {}
-    method = LRP(model, preset, epsilon=1e-12, stabilizer=1e-12, pass_relu=pass_relu, **bounds)
+    method = LRP(model, preset, epsilon=1e-12, stabilizer=1e-12, pass_relu=pass_relu)
     relevance = method.attribute(x, target)
     logits = model(x).detach()[torch.arange(3), target]
     torch.testing.assert_close(relevance.sum((1, 2, 3)), logits, rtol=1e-8, atol=1e-12)
@@ -200,7 +199,7 @@ def test_lrp_on_resnet_with_batchnorm_runs_and_leaves_the_model_alone() -> None:
 def test_clear_errors() -> None:
     model = vgg()
     with pytest.raises(ValueError, match="unknown LRP preset"):
-        LRP(model, "epsilon_gamma")
+        LRP(model, "epsilon_delta")
     with pytest.raises(ValueError, match="no LRP rule for the layers"):
         LRP(model, {nn.Conv2d: ZPlus()})
     with pytest.raises(ValueError, match="does not have"):
@@ -320,8 +319,6 @@ def test_bounds_put_zbox_on_the_first_layer() -> None:
     method = LRP(model, "epsilon_plus", low=-1.0, high=1.0)
     assert isinstance(method.assignment[model.features[0]], ZBox)
     assert isinstance(method.assignment[model.features[3]], ZPlus)
-    with pytest.raises(ValueError, match="needs the input bounds"):
-        LRP(model, "epsilon_gamma_box")
     with pytest.raises(ValueError, match="both low and high"):
         LRP(model, "epsilon", low=0.0)
     with pytest.raises(ValueError, match="additions"):

@@ -197,7 +197,7 @@ def test_gamma_equals_zennit(arch: str) -> None:
 def test_epsilon_gamma_box_equals_zennit() -> None:
     model, x = vgg(), images().clamp(-2, 2)
     expected = zennit_relevance(model, x, EpsilonGammaBox(low=-2.0, high=2.0))
-    ours = LRP(model, "epsilon_gamma_box", low=-2.0, high=2.0).attribute(x, TARGET)
+    ours = LRP(model, "epsilon_gamma", low=-2.0, high=2.0).attribute(x, TARGET)
     assert_relative(ours, expected)
 
 

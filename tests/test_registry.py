@@ -25,7 +25,6 @@ NEEDS = {
     "pattern_attribution": {"estimator": "filter"},
     "smoothgrad": {"n_samples": 2, "seed": 0},
     "integrated_gradients": {"n_steps": 3},
-    "lrp_epsilon_gamma_box": {"low": -4.0, "high": 4.0},
 }
 
 

@@ -25,9 +25,12 @@ Presets (the composites of the literature, named as in Zennit where it has them)
 ``epsilon_alpha2beta1``    α2β1 on convolutions, ε on dense layers
 ``epsilon_alpha2beta1_flat`` ``epsilon_alpha2beta1`` with the flat rule on the first layer
 ``gamma``                  γ rule on every layer
-``epsilon_gamma_box``      z^B on the first layer (needs ``low``, ``high``), γ on
-                           convolutions, ε on dense layers
+``epsilon_gamma``          γ on convolutions, ε on dense layers (with ``low``, ``high``: z^B
+                           on the first layer, Zennit's ``EpsilonGammaBox``)
 ========================== ================================================================
+
+Any preset takes ``low`` and ``high`` (the input domain's bounds) to put z^B on the first
+layer.
 
 References
 ----------
@@ -84,8 +87,8 @@ PRESETS: dict[str, str] = {
     "epsilon_alpha2beta1": "α2β1 on convolutions, ε on dense layers",
     "epsilon_alpha2beta1_flat": "flat on the first layer, α2β1 on convolutions, ε on dense layers",
     "gamma": "γ rule on every Linear/Conv layer",
-    "epsilon_gamma_box": "z^B on the first layer (options low, high), γ on convolutions, ε on "
-    "dense layers",
+    "epsilon_gamma": "γ on convolutions, ε on dense layers (options low, high: z^B on the first "
+    "layer)",
 }
 
 LayerKey = str | type | tuple[type, ...]
@@ -100,17 +103,9 @@ def logit_start(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def _preset(
-    name: str, epsilon: float, stabilizer: float, gamma: float, low: Any, high: Any
+    name: str, epsilon: float, stabilizer: float, gamma: float
 ) -> tuple[list[tuple[LayerKey, Rule]], Rule | None]:
     """The layer map and first-layer rule of a preset."""
-    if name == "epsilon_gamma_box":
-        if low is None or high is None:
-            raise ValueError(
-                "the preset 'epsilon_gamma_box' needs the input bounds low= and high= (e.g. "
-                "low=0, high=1 for pixels in [0, 1])"
-            )
-        conv_map = [(CONVOLUTIONS, Gamma(gamma, stabilizer=stabilizer))]
-        return conv_map + [(DENSE, Epsilon(epsilon))], ZBox(low, high, stabilizer=stabilizer)
     every = {
         "z": Z(),
         "epsilon": Epsilon(epsilon),
@@ -124,6 +119,7 @@ def _preset(
     if name in every:
         return [(LINEAR_AND_CONV, every[name])], None
     conv_rule = {
+        "epsilon_gamma": Gamma(gamma, stabilizer=stabilizer),
         "epsilon_plus": ZPlus(stabilizer=stabilizer),
         "epsilon_plus_flat": ZPlus(stabilizer=stabilizer),
         "epsilon_alpha2beta1": AlphaBeta(2.0, 1.0, stabilizer=stabilizer),
@@ -165,8 +161,7 @@ class LRP(Attribution):
         γ of the γ rule in presets.
     low, high:
         Bounds of the input domain (numbers or tensors broadcasting to the input, e.g.
-        ``(1, 3, 1, 1)`` per channel): the first layer then gets the z^B rule (needed by
-        ``epsilon_gamma_box``).
+        ``(1, 3, 1, 1)`` per channel): the first layer then gets the z^B rule.
     first:
         A rule for the first Linear/Conv layer (in the order of ``model.named_modules()``),
         e.g. ``ZBox(low=0, high=1)`` for pixels; overrides the preset's first layer and
@@ -228,7 +223,7 @@ class LRP(Attribution):
         if first is None and low is not None:
             first = ZBox(low, high, stabilizer=stabilizer)
         if isinstance(rules, str):
-            layer_map, preset_first = _preset(rules, epsilon, stabilizer, gamma, low, high)
+            layer_map, preset_first = _preset(rules, epsilon, stabilizer, gamma)
             first = first if first is not None else preset_first
         elif isinstance(rules, Rule):
             layer_map = [(LINEAR_AND_CONV, rules)]
