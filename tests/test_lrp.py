@@ -210,6 +210,8 @@ def test_clear_errors() -> None:
         AlphaBeta(2, 2)
     with pytest.raises(ValueError, match="low and high"):
         ZBox(None, 1.0)
+    with pytest.raises(ValueError, match="low ≤ high"):
+        ZBox(torch.tensor([0.0, 2.0]), 1.0)
     with pytest.raises(ValueError, match="both low and high"):
         DeepTaylor(model, low=0.0)
     with pytest.raises(ValueError, match="epsilon"):

@@ -428,6 +428,15 @@ class ZBox(Rule):
                 "ZBox needs the input domain's bounds low and high (e.g. low=0, high=1 for "
                 "pixels in [0, 1], or the normalised bounds per channel)"
             )
+        try:
+            inverted = bool((torch.as_tensor(low) > torch.as_tensor(high)).any())
+        except RuntimeError as error:
+            raise ValueError(
+                f"low {tuple(torch.as_tensor(low).shape)} and high "
+                f"{tuple(torch.as_tensor(high).shape)} do not broadcast together"
+            ) from error
+        if inverted:
+            raise ValueError("ZBox needs low ≤ high (the input domain's bounds), got low > high")
         self.low, self.high = low, high
         self.stabilizer = _check_epsilon("stabilizer", stabilizer)
 
