@@ -243,6 +243,12 @@ class AlphaBeta(Rule):
         x_pos = x.clamp(min=0) if signed else x
         x_neg = x.clamp(max=0) if signed else None
         b_pos = bias.clamp(min=0) if (self.bias and bias is not None) else None
+        # For x ≥ 0, p = W⁺x + b⁺ ≥ 0 and n = z − p ≤ 0: the stabilised denominators are
+        # p + ε (added through the forward's bias, for free) and n − ε = z − (p + ε).
+        presized = not signed and self.stabilizer > 0
+        if presized:
+            shift = weight.new_full((weight.shape[0],), self.stabilizer)
+            b_pos = shift if b_pos is None else b_pos + shift
         positive = layer.forward(x_pos, w_pos, b_pos)
         if x_neg is not None:
             positive = positive + layer.forward(x_neg, w_neg)
@@ -252,18 +258,23 @@ class AlphaBeta(Rule):
             if not self.bias and bias is not None:
                 z = z - _channel_view(bias, z, layer)
             negative = z - positive
-        return layer, (w_pos, w_neg), (x_pos, x_neg), positive, negative
+        return layer, (w_pos, w_neg), (x_pos, x_neg), (positive, negative), presized
+
+    def _ratio(self, relevance: Tensor, denominator: Tensor, presized: bool) -> Tensor:
+        if presized:
+            return relevance / denominator
+        return relevance_ratio(relevance, denominator, self.stabilizer)
 
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
-        layer, (w_pos, w_neg), (x_pos, x_neg), positive, negative = state
+        layer, (w_pos, w_neg), (x_pos, x_neg), (positive, negative), presized = state
         shape = x_pos.shape
-        ratio = relevance_ratio(grad_output, positive, self.stabilizer)
+        ratio = self._ratio(grad_output, positive, presized)
         if self.alpha != 1:
             ratio = ratio.mul_(self.alpha)
         on_pos = layer.transpose(ratio, w_pos, shape)
         on_neg = layer.transpose(ratio, w_neg, shape) if x_neg is not None else None
         if negative is not None:
-            ratio = relevance_ratio(grad_output, negative, self.stabilizer).mul_(self.beta)
+            ratio = self._ratio(grad_output, negative, presized).mul_(self.beta)
             on_pos = on_pos - layer.transpose(ratio, w_neg, shape)
             if x_neg is not None:
                 on_neg = on_neg - layer.transpose(ratio, w_pos, shape)
