@@ -26,6 +26,7 @@ import os
 import struct
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,72 @@ def test_fuzz_load_mutated_header(seed: Path, data: st.DataObject) -> None:
 def test_fuzz_load_random_bytes(raw: bytes) -> None:
     with tempfile.TemporaryDirectory() as folder:
         assert check_load_bytes(raw, Path(folder)) == "refused"
+
+
+# ---------------------------------------------------------------------- statistics checkpoints
+CHECKPOINT = CORPUS / "checkpoint.ckpt"
+FIT_DATA = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def check_checkpoint_bytes(raw: bytes, folder: Path) -> str:
+    """A resumed fit from damaged checkpoint bytes: patterns or a ``ValueError``, nothing else."""
+    from patternnet import fit_patterns
+    from patternnet.patterns.checkpoint import load_checkpoint
+
+    path = folder / "fit.ckpt"
+    path.write_bytes(raw)
+    try:
+        statistics, context = load_checkpoint(path)
+    except ValueError as error:
+        assert str(error)
+        return "refused"
+    assert isinstance(context, dict)
+    try:
+        patterns = fit_patterns(
+            make(), FIT_DATA, batch_size=4, progress=False, checkpoint=path, resume=True
+        )
+    except ValueError:
+        return "refused"
+    for tensors in patterns.values():
+        for tensor in tensors.values():
+            assert torch.isfinite(tensor).all()
+    return "accepted"
+
+
+def test_corpus_checkpoint_resumes(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert check_checkpoint_bytes(CHECKPOINT.read_bytes(), tmp_path) == "accepted"
+
+
+@FUZZ
+@given(OPERATIONS)
+def test_fuzz_checkpoint_mutated_bytes(operations: list[Any]) -> None:
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_checkpoint_bytes(mutate_bytes(CHECKPOINT.read_bytes(), operations), Path(folder))
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_checkpoint_mutated_header(data: st.DataObject) -> None:
+    parts = split_file(CHECKPOINT.read_bytes())
+    assert parts is not None
+    header, payload = parts
+    meta = header["__metadata__"]
+    if data.draw(st.booleans()):
+        meta.pop("sha256")  # as if written by hand: the parser alone must cope
+    key = data.draw(st.sampled_from(sorted(meta)))
+    if key in ("statistics", "context") and data.draw(st.booleans()):
+        inner = json.loads(meta[key])
+        field = data.draw(st.sampled_from(sorted(inner) or ["x"]))
+        inner[field] = data.draw(JSON_VALUES)
+        meta[key] = json.dumps(inner)
+    else:
+        meta[key] = json.dumps(data.draw(JSON_VALUES)).strip('"')
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_checkpoint_bytes(join_file(header, payload), Path(folder))
 
 
 # ---------------------------------------------------------------------- the command line
