@@ -336,3 +336,40 @@ def test_saving_onto_a_folder_is_refused(
     with pytest.raises(ValueError, match="is a folder; give a file name"):
         patterns.save(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+# ---------------------------------------------------------------------- statistics checkpoints
+@pytest.fixture()
+def checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "fit.ckpt"
+    fit_patterns(model(), X, batch_size=4, progress=False, checkpoint=path, checkpoint_every=1)
+    return path
+
+
+def test_damaged_checkpoints_are_refused_not_resumed(checkpoint: Path, tmp_path: Path) -> None:
+    from patternnet.patterns.checkpoint import load_checkpoint
+
+    raw = checkpoint.read_bytes()
+    start = 8 + int.from_bytes(raw[:8], "little")
+    cases = {
+        "truncated": (raw[: len(raw) // 2], "not a readable checkpoint"),
+        "bit flip in the sums": (
+            raw[:start + 5] + bytes([raw[start + 5] ^ 4]) + raw[start + 6 :],
+            "corrupted",
+        ),
+        "edited header": (raw.replace(b'\\"batches\\": 4', b'\\"batches\\": 3', 1), "corrupted"),
+        "pickle": (pickle.dumps({"a": 1}), "not a readable checkpoint"),
+    }
+    assert cases["edited header"][0] != raw
+    for name, (content, match) in cases.items():
+        damaged = tmp_path / f"{name}.ckpt"
+        damaged.write_bytes(content)
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint(damaged)
+        with pytest.raises(ValueError, match=match):
+            fit_patterns(model(), X, batch_size=4, progress=False, checkpoint=damaged, resume=True)
+
+
+def test_checkpoint_of_another_model_is_refused(checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="fingerprint"):
+        fit_patterns(model(padding=2), X, progress=False, checkpoint=checkpoint, resume=True)
