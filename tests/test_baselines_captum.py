@@ -183,3 +183,16 @@ def test_wrappers_explain_the_clean_argmax_by_default() -> None:
         torch.testing.assert_close(
             method.attribute(x), method.attribute(x, predicted), rtol=0, atol=0
         )
+
+
+def test_in_place_relus_give_the_same_result() -> None:
+    """nn.ReLU(inplace=True) (which Captum's hooks refuse) is handled like nn.ReLU()."""
+    from patternnet.methods.lrp import LRP
+
+    model, x = resnet(), images()
+    in_place = resnet()
+    for module in in_place.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = True
+    for method in (GuidedBackprop, DeConvNet, lambda m: LRP(m, "epsilon_plus_flat")):
+        assert_relative(method(in_place).attribute(x, TARGET), method(model).attribute(x, TARGET))
