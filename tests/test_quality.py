@@ -192,3 +192,31 @@ def test_bad_arguments_are_named():
         estimator_quality(model, data, data, data, layers=["1"])
     with pytest.raises(ValueError, match="needs fit_data"):
         estimator_quality(model, None, data, data, estimators=["linear"])
+
+
+def test_conv1d_layer_matches_explicit_regression():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 10, 2)).double()  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    data = [F.avg_pool1d(torch.randn(1500, 2, 12, generator=g, dtype=torch.float64), 3, 1)
+            for _ in range(3)]  # fmt: skip
+    patterns = fit_patterns(model, data[0], estimator="linear", progress=False)
+    table = estimator_quality(model, None, data[1], data[2], estimators=["linear"], layers=["0"],
+                              patterns={"linear": patterns}, positions=None)  # fmt: skip
+    layer, a = model[0], patterns["0"]["a"].double().flatten(1)
+
+    def io(x):
+        patches = F.pad(x, (1, 1)).unfold(2, 3, 1)  # (N, C, L, k)
+        patches = patches.permute(0, 2, 1, 3).reshape(-1, 6)  # (C, k) order of weight.view
+        y = patches @ layer.weight.detach().flatten(1).T
+        return patches, y
+
+    p_r, y_r = io(data[1])
+    p_e, y_e = io(data[2])
+    expected = [
+        _reference_rho((p_r - y_r[:, j, None] * a[j]).numpy(), y_r[:, j].numpy(),
+                       (p_e - y_e[:, j, None] * a[j]).numpy(), y_e[:, j].numpy())
+        for j in range(3)
+    ]  # fmt: skip
+    np.testing.assert_allclose(table.per_neuron[("0", "linear")].numpy(), expected, atol=2e-4)
