@@ -407,6 +407,8 @@ def main_command_lines(draw: st.DrawFn) -> list[str]:
           "--method", "gradient", "--resize", "9" * 30, "--quiet"])
 @example(["explain", "--model", "fuzz_model:make", "--out", "{tmp}/out", "{tmp}/image.png",
           "--weights", "{tmp}/bad.safetensors", "--quiet"])
+@example(["explain", "--model", "fuzz_model:make", "--out", "{tmp}/out", "{tmp}/image.png",
+          "--method", "gradient", "--resize", "5555555", "--quiet"])
 def test_fuzz_cli_main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         cli_workspace(Path(folder))
