@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from patternnet.cli import main
@@ -221,3 +223,27 @@ def test_help_explains_every_option(capsys):
             assert action.help, f"patternnet {name}: {action.option_strings or action.dest}"
         code, out, _ = run(capsys, name, "--help")
         assert code == 0 and out.startswith(f"usage: patternnet {name}")
+
+
+@pytest.mark.slow
+def test_torchrun_fit_matches_one_process(workspace, patterns_file, tmp_path):
+    import shutil
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists() or not torch.distributed.is_available():
+        pytest.skip("torchrun / torch.distributed not available")
+    out = tmp_path / "dist.safetensors"
+    env = dict(os.environ, PYTHONPATH=f"{workspace}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               OMP_NUM_THREADS="1")  # fmt: skip
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "patternnet", "fit",
+         "--model", MODEL, "--data", str(workspace / "inputs.npy"), "--out", str(out),
+         "--batch-size", "16", "--quiet"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    distributed, single = Patterns.load(out), Patterns.load(patterns_file)
+    assert distributed.metadata["images"] == single.metadata["images"] == 48
+    for layer in single:
+        for name, tensor in single[layer].items():
+            torch.testing.assert_close(distributed[layer][name], tensor, rtol=1e-5, atol=1e-6)

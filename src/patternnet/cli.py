@@ -58,6 +58,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _image_size(text: str) -> int:
+    """A side length in pixels: 1 to 16384 (a larger one would exhaust memory)."""
+    value = _positive_int(text)
+    if value > 16384:
+        raise argparse.ArgumentTypeError(f"{text!r} pixels: at most 16384")
+    return value
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -96,8 +104,8 @@ def _add_preset(parser: argparse.ArgumentParser) -> None:
         choices=("imagenet", "none"),
         help="imagenet: RGB, resize 256, centre-crop 224, ImageNet mean/std; none: as is",
     )
-    group.add_argument("--resize", type=_positive_int, metavar="N", help="shorter side → N px")
-    group.add_argument("--crop", type=_positive_int, metavar="N", help="centre crop N×N px")
+    group.add_argument("--resize", type=_image_size, metavar="N", help="shorter side → N px")
+    group.add_argument("--crop", type=_image_size, metavar="N", help="centre crop N×N px")
     group.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="per-channel mean")
     group.add_argument("--std", type=_floats, metavar="S[,S,S]", help="per-channel std")
     group.add_argument(
@@ -398,41 +406,52 @@ def _patterns(path: str | None, model: Any) -> Any:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_fit(args: argparse.Namespace) -> int:
-    """``patternnet fit``: fit patterns on DATA and save them to OUT."""
+    """``patternnet fit``: fit patterns on DATA and save them to OUT.
+
+    Launched by ``torchrun``, every process fits its shard of the data (on ``cuda:LOCAL_RANK``
+    with ``--device cuda``), the statistics are all-reduced and rank 0 writes the file.
+    """
+    from .patterns import distributed
     from .patterns.fit import fit_patterns
 
-    model, device = _device_model(args)
-    preset = _preset(args)
-    loader = _loader(args, _dataset(args, preset))
-    options: dict[str, Any] = {
-        "estimator": args.estimator,
-        "negative": args.negative,
-        "precision": args.precision,
-        "progress": not args.quiet,
-        "limit": args.limit,
-    }
-    accepted = inspect.signature(fit_patterns).parameters
-    for name, value in (
-        ("checkpoint", args.checkpoint),
-        ("checkpoint_every", args.checkpoint_every),
-        ("resume", args.resume or None),
-    ):
-        if value is None:
-            continue
-        if name not in accepted:
-            raise UsageError(f"--{name.replace('_', '-')} is not supported by this version")
-        options[name] = value
-    start = time.perf_counter()
-    patterns = fit_patterns(model, loader, **options)
-    seconds = time.perf_counter() - start
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        patterns.metadata.setdefault("preset", _preset_dict(preset))
-        patterns.save(args.out)
-        images = patterns.metadata.get("images", "?")
-        _log(args, f"fitted {args.estimator} patterns for {len(patterns)} layers on {images} "
-                   f"samples in {seconds:.1f} s → {args.out}")  # fmt: skip
-        _report_dead(args, patterns)
+    launched = distributed.init_from_env()
+    try:
+        if launched and args.device == "cuda":
+            args.device = str(distributed.local_device())
+        model, device = _device_model(args)
+        preset = _preset(args)
+        loader = _loader(args, _dataset(args, preset))
+        options: dict[str, Any] = {
+            "estimator": args.estimator,
+            "negative": args.negative,
+            "precision": args.precision,
+            "progress": not args.quiet and distributed.is_main_process(),
+            "limit": args.limit,
+        }
+        accepted = inspect.signature(fit_patterns).parameters
+        for name, value in (
+            ("checkpoint", args.checkpoint),
+            ("checkpoint_every", args.checkpoint_every),
+            ("resume", args.resume or None),
+        ):
+            if value is None:
+                continue
+            if name not in accepted:
+                raise UsageError(f"--{name.replace('_', '-')} is not supported by this version")
+            options[name] = value
+        start = time.perf_counter()
+        patterns = fit_patterns(model, loader, **options)
+        seconds = time.perf_counter() - start
+        if distributed.is_main_process():
+            patterns.metadata.setdefault("preset", _preset_dict(preset))
+            patterns.save(args.out)
+            images = patterns.metadata.get("images", "?")
+            _log(args, f"fitted {args.estimator} patterns for {len(patterns)} layers on "
+                       f"{images} samples in {seconds:.1f} s → {args.out}")  # fmt: skip
+            _report_dead(args, patterns)
+    finally:
+        if launched:
+            distributed.shutdown()
     return 0
 
 
@@ -446,9 +465,11 @@ def _report_dead(args: argparse.Namespace, patterns: Any) -> None:
     report = patterns.metadata.get("report", {})
     for name, entry in report.items():
         dead = entry.get("dead") or 0
-        if dead:
-            _log(args, f"  note: layer {name}: {dead} of {entry.get('units')} units never "
-                       "active on this data (their patterns are zero)")  # fmt: skip
+        counts = dead if isinstance(dead, dict) else {"a": dead}
+        for which, count in counts.items():
+            if count:
+                _log(args, f"  note: layer {name}: {count} of {entry.get('units')} units have "
+                           f"no samples for {which} (their patterns are zero)")  # fmt: skip
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -658,7 +679,8 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``patternnet`` command line; returns the exit status.
 
-    Exit status: 0 on success, 2 for bad arguments or inputs (one-line message on stderr).
+    Exit status: 0 on success, 2 for bad arguments or inputs (one-line message on stderr;
+    set ``PATTERNNET_DEBUG=1`` for the full traceback instead).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -666,7 +688,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UsageError as error:
         print(f"patternnet {args.command}: error: {error}", file=sys.stderr)
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as error:
+    # OSError: --out is a file, ...; OverflowError/MemoryError: --resize 10**30, ...
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, MemoryError) as error:
+        if os.environ.get("PATTERNNET_DEBUG"):
+            raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"patternnet {args.command}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
