@@ -48,7 +48,14 @@ def test_compare_instances_names_and_callables(setup, tmp_path):
     assert report.rows[1]["aopc"] == pytest.approx(again.aopc())
     assert torch.allclose(report.explanations["gradient"], Gradient(model).attribute(test.inputs))
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"report.md", "metrics.csv", "degradation.png", "rho.png", "rho.csv"} <= files
+    assert {
+        "report.md",
+        "metrics.csv",
+        "degradation.png",
+        "rho.png",
+        "rho.csv",
+        "explanations.png",
+    } <= files
     text = (tmp_path / "report.md").read_text()
     assert "| PatternAttribution |" in text and "ρ(S)" in text
     csv = (tmp_path / "metrics.csv").read_text().splitlines()

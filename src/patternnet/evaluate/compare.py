@@ -107,6 +107,8 @@ class ComparisonReport:
         The ρ(S) table passed in, if any.
     settings:
         The settings used (k, steps, replacement, samples, ...).
+    inputs:
+        The explained inputs (for the example figure).
     """
 
     rows: list[dict[str, Any]]
@@ -114,6 +116,7 @@ class ComparisonReport:
     explanations: dict[str, Tensor] = field(default_factory=dict)
     quality: QualityTable | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    inputs: Tensor | None = None
 
     def columns(self) -> list[str]:
         """Column names in a stable order."""
@@ -148,8 +151,13 @@ class ComparisonReport:
             Path(path).write_text(text)
         return text
 
-    def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write ``report.md``, ``metrics.csv`` and the figures; return the paths written."""
+    def save(self, directory: str | Path, *, examples: int = 4) -> dict[str, Path]:
+        """Write ``report.md``, ``metrics.csv`` and the figures; return the paths written.
+
+        Figures: ``degradation.png`` (image inputs), ``explanations.png`` (the first
+        ``examples`` images and every method's heatmap; 0 for none) and, with a quality table,
+        ``rho.png``.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         written: dict[str, Path] = {}
@@ -170,6 +178,10 @@ class ComparisonReport:
             written["degradation.png"] = directory / "degradation.png"
             plot_degradation(self.curves, written["degradation.png"])
             parts += ["## Image degradation\n", "![degradation](degradation.png)\n"]
+        if examples > 0 and self.inputs is not None and self.inputs.dim() == 4:
+            written["explanations.png"] = directory / "explanations.png"
+            self._example_figure(written["explanations.png"], examples)
+            parts += ["## Explanations\n", "![explanations](explanations.png)\n"]
         if self.quality is not None:
             written["rho.png"] = directory / "rho.png"
             written["rho.csv"] = directory / "rho.csv"
@@ -180,6 +192,17 @@ class ComparisonReport:
         written["report.md"] = directory / "report.md"
         written["report.md"].write_text("\n".join(parts))
         return written
+
+    def _example_figure(self, path: Path, examples: int) -> None:
+        from .. import viz
+
+        labels = list(self.explanations)
+        rows = []
+        for i in range(min(examples, self.inputs.shape[0])):
+            row = [viz.input_image(self.inputs[i])]
+            row += [viz.heatmap(self.explanations[label][i]) for label in labels]
+            rows.append(row)
+        viz.grid(rows, column_titles=["input", *labels], path=path)
 
 
 def compare(
@@ -290,7 +313,7 @@ def compare(
         settings["data"] = truth.name or "ground truth"
     if target is not None:
         settings["target"] = target if isinstance(target, int) else "given"
-    report = ComparisonReport(rows, curves, explanations, quality, settings)
+    report = ComparisonReport(rows, curves, explanations, quality, settings, inputs.detach())
     if output_dir is not None:
         report.save(output_dir)
     return report
