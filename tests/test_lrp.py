@@ -325,3 +325,14 @@ def test_bounds_put_zbox_on_the_first_layer() -> None:
         LRP(model, "epsilon", low=0.0)
     with pytest.raises(ValueError, match="additions"):
         LRP(model, "epsilon", additions="split")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stabilizer_adds_epsilon_with_the_sign_and_plus_for_both_zeros(dtype) -> None:
+    from patternnet.engine.rules import relevance_ratio, stabilize
+
+    z = torch.tensor([0.0, -0.0, 1e-9, -1e-9, 2.0, -3.0], dtype=dtype)
+    sign = torch.tensor([1.0, 1.0, 1.0, -1.0, 1.0, -1.0], dtype=dtype)
+    assert torch.equal(stabilize(z, 1e-6), z + sign * 1e-6)
+    relevance = torch.ones_like(z)
+    assert torch.equal(relevance_ratio(relevance, z, 0.0)[:2], torch.zeros(2, dtype=dtype))
