@@ -235,7 +235,7 @@ def grid(
     if row_titles is not None and len(row_titles) != n_rows:
         raise ValueError(f"{len(row_titles)} row titles for {n_rows} rows")
     top = 0.35 if column_titles else 0.05
-    top += 0.35 if title else 0.0
+    top += 0.25 if title else 0.0
     left = 0.7 if row_titles else 0.05
     width = left + n_cols * cell_size + 0.05
     height = top + n_rows * cell_size + 0.05
@@ -269,7 +269,7 @@ def grid(
             if j == 0 and row_titles is not None:
                 ax.set_ylabel(row_titles[i], fontsize=8, rotation=0, ha="right", va="center")
     if title:
-        figure.suptitle(title, fontsize=10, y=1 - 0.12 / height)
+        figure.suptitle(title, fontsize=10, y=1 - 0.02 / height, va="top")
     if path is not None:
         save(figure, path, dpi=dpi)
     return figure
