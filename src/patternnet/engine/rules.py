@@ -135,7 +135,7 @@ def relevance_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
         if denominator.shape != relevance.shape:  # a per-layer denominator (w², flat)
             return relevance / denominator
         return torch.div(relevance, denominator, out=denominator)
-    return torch.where(z == 0, relevance.new_zeros(()), relevance / z)
+    return (relevance / z).masked_fill_(z == 0, 0.0)
 
 
 def _layer(module: nn.Module | None, rule: Rule) -> tuple[LayerGeometry, Tensor, Tensor | None]:
