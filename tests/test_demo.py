@@ -108,3 +108,26 @@ def test_find_fashion_mnist_layouts_and_message(tmp_path, fake_data):
 def test_quick_config_is_small():
     config = DemoConfig.quick()
     assert config.epochs == 1 and config.train_limit <= 5000 and config.fit_limit <= 2000
+
+
+def test_demo_command_quick_run(fake_data, tmp_path, capsys, monkeypatch):
+    """The command's wiring (the pipeline itself is tested above): --quick, --data, --out."""
+    from patternnet.cli import main
+
+    def smaller_quick(cls, **overrides):
+        assert overrides["data"] == fake_data and overrides["progress"] is False
+        small = small_config(None, None)
+        settings = {k: getattr(small, k) for k in ("train_limit", "fit_limit", "test_limit",
+                    "eval_samples", "quality_neurons", "quality_positions",
+                    "degradation_images")}  # fmt: skip
+        settings.update(overrides)
+        return cls(epochs=1, **settings)
+
+    monkeypatch.setattr(DemoConfig, "quick", classmethod(smaller_quick))
+    out = tmp_path / "o"
+    code = main(["demo", "--data", str(fake_data), "--out", str(out), "--quick", "--quiet",
+                 "--threads", "1"])  # fmt: skip
+    assert code == 0
+    assert "demo done" in capsys.readouterr().out
+    for name in ("explanations.png", "degradation.png", "summary.md"):
+        assert (out / name).is_file(), name
