@@ -9,13 +9,14 @@ handles inside a ``try``/``finally``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["borrowed", "model_device", "model_dtype"]
+__all__ = ["borrowed", "forward_checked", "model_device", "model_dtype"]
 
 
 @contextmanager
@@ -32,6 +33,11 @@ def borrowed(model: nn.Module, *, warn_train: str | None = None) -> Iterator[nn.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    if model_device(model).type == "meta":
+        raise ValueError(
+            "the model's parameters are on the meta device (no values); materialise it first, "
+            "e.g. model.to_empty(device='cpu') then load_state_dict(...)"
+        )
     training = {module: module.training for module in model.modules()}
     requires_grad = {param: param.requires_grad for param in model.parameters()}
     if warn_train and model.training:
@@ -48,8 +54,28 @@ def borrowed(model: nn.Module, *, warn_train: str | None = None) -> Iterator[nn.
             param.requires_grad_(flag)
 
 
+def forward_checked(call: Callable[[Tensor], Any], inputs: Tensor) -> Any:
+    """Run ``call(inputs)`` (a forward pass); a failure names the inputs and what to check.
+
+    A shape, channel or dtype mismatch otherwise surfaces as a raw error from deep inside
+    torch. Out-of-memory errors and non-``RuntimeError`` exceptions pass through unchanged.
+    """
+    try:
+        return call(inputs)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        raise ValueError(
+            f"the model's forward pass failed on inputs of shape {tuple(inputs.shape)} "
+            f"({inputs.dtype}, {inputs.device}): {error}. Check that the inputs have the shape, "
+            "channel count and layout the model expects"
+        ) from error
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model with none)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():

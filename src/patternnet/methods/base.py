@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..borrow import borrowed, model_device, model_dtype
+from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from ..engine.backward import Rule, rules_applied
 from ..engine.canonize import Canonical, Canonizer, default_canonizers
+from ..engine.support import check_supported
 
 __all__ = ["Attribution", "TargetType", "resolve_target", "check_inputs"]
 
@@ -55,8 +56,12 @@ def check_inputs(inputs: Any, name: str = "inputs") -> Tensor:
         )
     if inputs.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(inputs.shape)})")
+    if inputs.is_meta:
+        raise ValueError(f"{name} is on the meta device (no values); pass real inputs")
     if not torch.isfinite(inputs).all():
-        raise ValueError(f"{name} holds NaN or Inf values")
+        raise ValueError(
+            f"{name} holds NaN or Inf values (samples {_bad_rows(inputs)}); clean or drop them"
+        )
     return inputs
 
 
@@ -102,6 +107,33 @@ def resolve_target(target: TargetType, logits: Tensor) -> Tensor:
             f"(0 … {classes - 1})"
         )
     return index
+
+
+def _bad_rows(values: Tensor) -> list[int]:
+    """Indices (at most 8) of the samples holding NaN or Inf."""
+    bad = ~torch.isfinite(values.detach().reshape(values.shape[0], -1)).all(1)
+    return bad.nonzero().flatten()[:8].tolist()
+
+
+def _check_logits(logits: Tensor, x: Tensor) -> None:
+    """Refuse logits that cannot be explained: wrong batch size, NaN/Inf, no gradient path."""
+    if logits.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"the model's output has {logits.shape[0]} rows but the batch has {x.shape[0]} "
+            "samples; patternnet explains (N, C) logits, one row per sample (pass "
+            "output_selector= to reshape the output)"
+        )
+    if not torch.isfinite(logits).all():
+        raise ValueError(
+            f"the model's output holds NaN or Inf for samples {_bad_rows(logits)}; an "
+            "explanation of it would be meaningless (check the model's weights and inputs)"
+        )
+    if not logits.requires_grad:
+        raise ValueError(
+            "the model's output does not depend differentiably on its input (a detach(), "
+            "torch.no_grad(), argmax or numpy round trip inside forward?); patternnet needs "
+            "the autograd graph from the input to the logits"
+        )
 
 
 class Attribution:
@@ -165,6 +197,11 @@ class Attribution:
                 f"the model returned a {type(output).__name__}, not a tensor of logits; pass "
                 "output_selector=, e.g. output_selector=lambda out: out[0]"
             )
+        if not output.is_floating_point():
+            raise TypeError(
+                f"the model's output has dtype {output.dtype}; patternnet explains floating-point "
+                "logits (is there an argmax or a cast to int inside forward?)"
+            )
         if output.dim() == 1:
             output = output[:, None]
         if output.dim() != 2:
@@ -180,12 +217,15 @@ class Attribution:
         with borrowed(self.model):
             canonical = self._canonical()
             module_rules, function_rules = self.rules(canonical)
+            if module_rules or function_rules:  # methods that swap rules need known modules
+                check_supported(self.model)
             x = inputs.detach().to(device=device, dtype=dtype).requires_grad_(True)
             with torch.enable_grad(), canonical.active(), rules_applied(
                 module_rules, function_rules
             ):
-                output = canonical(x)
+                output = forward_checked(canonical, x)
                 logits = self._logits(output)
+                _check_logits(logits, x)
                 index = resolve_target(target, logits)
                 start = self.start(logits.detach(), index)
                 (grad,) = torch.autograd.grad(logits, x, start)
@@ -209,6 +249,12 @@ class Attribution:
         check_inputs(inputs)
         x, grad = self._gradient(inputs, target)
         result = self.finish(x, grad)
+        if not torch.isfinite(result).all():
+            raise ValueError(
+                f"{type(self).__name__} produced NaN or Inf values (samples "
+                f"{_bad_rows(result)}): an overflow in the backward pass (a float16/bfloat16 "
+                "model: explain a float32 copy) or non-finite patterns/weights"
+            )
         return result.to(device=inputs.device, dtype=inputs.dtype)
 
     def __repr__(self) -> str:

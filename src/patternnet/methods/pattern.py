@@ -51,6 +51,12 @@ class _PatternMethod(Attribution):
         output_selector: Callable[[Any], Tensor] | None = None,
     ) -> None:
         super().__init__(model, canonizers=canonizers, output_selector=output_selector)
+        if patterns is not None and not isinstance(patterns, Patterns):
+            raise TypeError(
+                f"patterns must be a Patterns object, not {type(patterns).__name__}: fit them "
+                "with patternnet.fit_patterns(model, data) or read a file with "
+                "Patterns.load(path, model=model)"
+            )
         if estimator is None:
             if patterns is None:
                 raise ValueError(
@@ -71,8 +77,7 @@ class _PatternMethod(Attribution):
                     f"the patterns were fitted with estimator {patterns.estimator!r}, not "
                     f"{estimator!r}"
                 )
-            if patterns.metadata.get("architecture"):
-                patterns.check(model)
+            patterns.check(model)
         self.patterns = patterns
         self.estimator = estimator
 

@@ -170,21 +170,33 @@ def two_component_patterns(
     w = weight.detach().to(torch.float64).reshape(O, -1).to(stats["count"].device)
     n = stats["count"]
     ey = stats["sum_y"] / n.clamp(min=1)
-    sides = {"a_plus": (stats["count_plus"], stats["sum_x_plus"], stats["sum_xy_plus"])}
+    # Each side: count, sums, and the magnitudes the sums' rounding scales with (a₋'s sums are
+    # differences all − plus, so their rounding is that of both terms, not of the result).
+    plus_x, plus_xy = stats["sum_x_plus"], stats["sum_xy_plus"]
+    sides = {"a_plus": (stats["count_plus"], plus_x, plus_xy, plus_x.abs(), plus_xy.abs())}
     if negative:
         count_minus = n - stats["count_plus"]
-        sum_x_minus = _per_unit(stats["sum_x"], O) - stats["sum_x_plus"]
-        sum_xy_minus = stats["sum_xy"] - stats["sum_xy_plus"]
-        sides["a_minus"] = (count_minus, sum_x_minus, sum_xy_minus)
+        all_x = _per_unit(stats["sum_x"], O)
+        sum_x_minus = all_x - plus_x
+        sum_xy_minus = stats["sum_xy"] - plus_xy
+        sides["a_minus"] = (
+            count_minus,
+            sum_x_minus,
+            sum_xy_minus,
+            all_x.abs() + plus_x.abs(),
+            stats["sum_xy"].abs() + plus_xy.abs(),
+        )
     patterns: dict[str, Tensor] = {}
     dead: dict[str, int] = {}
     degenerate_counts: dict[str, int] = {}
-    for name, (count, sum_x, sum_xy) in sides.items():
+    for name, (count, sum_x, sum_xy, size_x, size_xy) in sides.items():
         alive = count > 0
         safe = torch.where(alive, count, torch.ones_like(count))[:, None]
         ex, exy = sum_x / safe, sum_xy / safe
         numerator = exy - ex * ey[:, None]
-        reference = (w * exy).sum(1).abs() + (w * ex).sum(1).abs() * ey.abs()
+        reference = (w.abs() * size_xy / safe).sum(1) + (w.abs() * size_x / safe).sum(
+            1
+        ) * ey.abs()
         a, degenerate = normalise(numerator, w, reference)
         a[~alive] = 0.0
         patterns[name] = a

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import geometry, is_linear_layer
+from .estimators import ESTIMATORS
 
 __all__ = ["Patterns", "architecture", "fingerprint", "atomic_write"]
 
@@ -63,9 +65,13 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     """Call ``write(tmp_path)`` and rename the result over ``path`` once it is complete.
 
     The temporary file lives in the target's folder (same file system), is fsynced, and is
-    removed if ``write`` fails; the target is either the old file or the complete new one.
+    removed if ``write`` fails; the target is either the old file or the complete new one. The
+    new file gets the old file's permissions, or the usual ``0o666 & ~umask`` for a new one
+    (not the ``0o600`` of a temporary file).
     """
     path = Path(path)
+    if not path.name or path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; give a file name to write to")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -73,11 +79,31 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        if path.exists():
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        else:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _digest(tensors: Mapping[str, Tensor], header: Mapping[str, str]) -> str:
+    """SHA-256 of the header's fields (but ``sha256``) and the tensors' names, dtypes, shapes
+    and bytes: a file whose digest does not match was corrupted or edited."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in header if k != "sha256"):
+        digest.update(f"{key}={header[key]}|".encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Patterns(Mapping[str, dict[str, Tensor]]):
@@ -158,6 +184,15 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
         """
         expected = {layer["name"]: layer for layer in self.metadata.get("architecture", [])}
         actual = {layer["name"]: layer for layer in architecture(model)}
+        if not expected:  # no architecture recorded (made by hand): check names and shapes
+            expected = {n: actual[n] for n in self._layers if n in actual}
+            missing = [n for n in actual if n not in self._layers]
+            extra = [n for n in self._layers if n not in actual]
+            if missing or extra:
+                raise ValueError(
+                    f"the patterns do not cover this model: layers without patterns {missing}, "
+                    f"patterns without a layer {extra}"
+                )
         for name in list(expected) + [n for n in actual if n not in expected]:
             if name not in actual:
                 raise ValueError(
@@ -182,6 +217,11 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
                     f"{diff}; these patterns were fitted on another architecture"
                 )
         for name, tensors in self._layers.items():
+            if name not in actual:
+                raise ValueError(
+                    f"the patterns hold layer {name!r}, which this model does not have: they "
+                    "belong to another architecture"
+                )
             shape = list(actual[name]["weight_shape"])
             for key, tensor in tensors.items():
                 if list(tensor.shape) != shape:
@@ -206,6 +246,7 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
             "estimator": self.estimator,
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
+        header["sha256"] = _digest(tensors, header)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
         return Path(path)
 
@@ -250,25 +291,63 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
                         "file (its header has no 'format: patternnet')"
                     )
                 tensors = {key: handle.get_tensor(key) for key in keys}
-            metadata = json.loads(header["metadata"])
-            estimator = header["estimator"]
-            if int(header.get("format_version", "0")) > FORMAT_VERSION:
+            try:
+                metadata = json.loads(header["metadata"])
+                version = int(header.get("format_version", "0"))
+            except (KeyError, ValueError):
+                raise ValueError(
+                    f"{str(path)!r} is a damaged patterns file: its header's metadata or "
+                    "format_version cannot be read; save or fit the patterns again"
+                ) from None
+            estimator = header.get("estimator")
+            if not isinstance(metadata, dict) or estimator not in ESTIMATORS:
+                raise ValueError(
+                    f"{str(path)!r} is a damaged patterns file: unknown estimator "
+                    f"{estimator!r} or metadata that is not a JSON object"
+                )
+            if version > FORMAT_VERSION:
                 raise ValueError(
                     f"{str(path)!r} was written by a newer patternnet (format "
                     f"{header['format_version']}); upgrade patternnet to read it"
                 )
+            if "sha256" in header and _digest(tensors, header) != header["sha256"]:
+                raise ValueError(
+                    f"{str(path)!r} is corrupted: its tensors do not match the checksum "
+                    "written with them; save or fit the patterns again"
+                )
+            layers_described = metadata.get("architecture", [])
+            if not isinstance(layers_described, list) or not all(
+                isinstance(layer, dict)
+                and isinstance(layer.get("name"), str)
+                and {"type", "weight_shape"} <= set(layer)
+                for layer in layers_described
+            ):
+                raise ValueError(
+                    f"{str(path)!r} is a damaged patterns file: its architecture record is "
+                    "malformed; save or fit the patterns again"
+                )
         except ValueError:
             raise
         except Exception as error:  # safetensors raises its own error types
+            with open(path, "rb") as handle:
+                start = handle.read(4)
+            hint = (
+                " It looks like a torch.save/pickle file: patternnet reads only safetensors "
+                "files written by Patterns.save and never unpickles"
+                if start.startswith((b"PK\x03\x04", b"\x80"))
+                else ""
+            )
             raise ValueError(
                 f"cannot read patterns from {str(path)!r}: not a valid safetensors file "
-                f"(truncated or corrupted?): {error}"
+                f"(truncated or corrupted?): {error}.{hint}"
             ) from None
         layers: dict[str, dict[str, Tensor]] = {}
         for key, tensor in tensors.items():
             name, _, kind = key.rpartition("/")
             if kind not in PATTERN_NAMES or not name:
                 raise ValueError(f"{str(path)!r} holds an unexpected tensor {key!r}")
+            if not tensor.is_floating_point():
+                raise ValueError(f"{str(path)!r}: pattern {key!r} has dtype {tensor.dtype}")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{str(path)!r}: pattern {key!r} holds NaN or Inf values")
             layers.setdefault(name, {})[kind] = tensor.to(device)
