@@ -1,0 +1,109 @@
+"""Explain time of every baseline against the plain autograd gradient (issue 7's targets).
+
+Each round times the plain autograd gradient right before each method (the floor) and
+reports the median over rounds of (method time / that gradient time), which cancels most of
+the noise of a shared machine. Nothing is written to disk; results go to stdout.
+
+Usage: python benchmarks/baselines.py --model resnet18 --batch 4 --rounds 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import timed, vision_model  # noqa: E402
+from explain import random_patterns  # noqa: E402
+
+import patternnet as pn  # noqa: E402
+from patternnet.methods.guided import GuidedBackprop  # noqa: E402
+from patternnet.methods.lrp import LRP, DeepTaylor  # noqa: E402
+
+PRESETS = ("epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2beta1", "zplus")
+
+
+def methods(model: nn.Module, target: torch.Tensor) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """Name → function explaining a batch (all for the same targets)."""
+    patterns = random_patterns(model)
+    found: dict[str, Callable[[torch.Tensor], Any]] = {
+        "patternnet Gradient": lambda x: pn.Gradient(model).attribute(x, target),
+        "PatternNet": lambda x: pn.PatternNet(model, patterns).attribute(x, target),
+        "PatternAttribution": lambda x: pn.PatternAttribution(model, patterns).attribute(x, target),
+        "GuidedBackprop": lambda x: GuidedBackprop(model).attribute(x, target),
+    }
+    for preset in PRESETS:
+        found[f"LRP {preset}"] = (
+            lambda p: lambda x: LRP(model, p).attribute(x, target)
+        )(preset)
+    found["DeepTaylor (z^B first)"] = (
+        lambda x: DeepTaylor(model, low=-3.0, high=3.0).attribute(x, target)
+    )
+    try:
+        from zennit.attribution import Gradient as ZennitGradient
+        from zennit.composites import EpsilonPlusFlat
+        from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+        canonizer = ResNetCanonizer() if hasattr(model, "layer1") else VGGCanonizer()
+
+        def zennit(x: torch.Tensor) -> torch.Tensor:
+            one_hot = torch.zeros(x.shape[0], 1000).scatter_(1, target[:, None], 1.0)
+            with ZennitGradient(model, EpsilonPlusFlat(canonizers=[canonizer])) as attributor:
+                return attributor(x, one_hot)[1]
+
+        found["Zennit EpsilonPlusFlat"] = zennit
+    except ImportError:
+        pass
+    return found
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18", choices=["vgg16", "resnet50", "resnet18"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = vision_model(args.model)
+    for module in model.modules():  # Zennit's hooks need out-of-place ReLUs
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = model(x).argmax(1)
+
+    def gradient(inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(inputs).gather(1, target[:, None]).sum(), inputs)
+        return grad
+
+    found = methods(model, target)
+    for function in [gradient, *found.values()]:  # warm-up
+        function(x)
+    ratios: dict[str, list[float]] = {name: [] for name in found}
+    floors: list[float] = []
+    for round_index in range(args.rounds):
+        names = list(found)
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            floor = timed(lambda: gradient(x))
+            floors.append(floor)
+            ratios[name].append(timed(lambda name=name: found[name](x)) / floor)
+    print(f"{args.model}, batch {args.batch}, {args.threads} thread(s): autograd gradient "
+          f"{statistics.median(floors):.3f} s (median)")
+    result = {name: statistics.median(values) for name, values in ratios.items()}
+    for name, values in ratios.items():
+        print(f"  {name:<26} ×{result[name]:.2f}   ({', '.join(f'{v:.2f}' for v in values)})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
