@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import patternnet as pn
+from patternnet.engine.canonize import is_batchnorm
 from patternnet.engine.support import (
     UnsupportedModuleError,
     check_supported,
@@ -415,5 +416,15 @@ def test_standalone_batchnorm_conserves_relevance_in_patternattribution() -> Non
     target = logits.argmax(1)
     relevance = BNPatternAttribution(model, estimator="filter").attribute(x, target)
     torch.testing.assert_close(relevance.sum((1, 2, 3)), logits.gather(1, target[:, None])[:, 0])
-    plain = pn.PatternAttribution(model, estimator="filter").attribute(x, target)
+    # PatternAttribution installs the standalone-BatchNorm rule by default
+    default = pn.PatternAttribution(model, estimator="filter").attribute(x, target)
+    torch.testing.assert_close(default, relevance)
+
+    class WithoutBatchNormRule(pn.PatternAttribution):
+        def rules(self, canonical):
+            module_rules, function_rules = super().rules(canonical)
+            kept = {m: r for m, r in module_rules.items() if not is_batchnorm(m)}
+            return kept, function_rules
+
+    plain = WithoutBatchNormRule(model, estimator="filter").attribute(x, target)
     assert (plain.sum((1, 2, 3)) - relevance.sum((1, 2, 3))).abs().min() > 1e-3

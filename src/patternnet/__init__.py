@@ -6,9 +6,21 @@ data → statistics → estimators → patterns → backward rules → explanati
 
 from __future__ import annotations
 
+from . import benchmarks, evaluate, methods, models
+from .engine.canonize import BatchNormFolding
+from .engine.support import (
+    UnsupportedModuleError,
+    check_supported,
+    classify,
+    register_passthrough,
+)
+from .evaluate import aopc, compare, estimator_quality, region_perturbation
 from .methods.base import Attribution
-from .methods.gradient import Gradient, GradientXInput
+from .methods.gradient import Gradient, GradientXInput, IntegratedGradients, SmoothGrad
+from .methods.guided import DeConvNet, GuidedBackprop
+from .methods.lrp import LRP, DeepTaylor
 from .methods.pattern import PatternAttribution, PatternNet
+from .methods.registry import get_method
 from .patterns.fit import collect_statistics, compute_patterns, fit_patterns
 from .patterns.statistics import Statistics
 from .patterns.store import Patterns
@@ -16,14 +28,34 @@ from .patterns.store import Patterns
 __version__ = "0.1.0"
 
 __all__ = [
+    "LRP",
     "Attribution",
+    "BatchNormFolding",
+    "DeConvNet",
+    "DeepTaylor",
     "Gradient",
     "GradientXInput",
+    "GuidedBackprop",
+    "IntegratedGradients",
     "PatternAttribution",
     "PatternNet",
     "Patterns",
+    "SmoothGrad",
     "Statistics",
+    "UnsupportedModuleError",
+    "aopc",
+    "benchmarks",
+    "check_supported",
+    "classify",
     "collect_statistics",
+    "compare",
     "compute_patterns",
+    "estimator_quality",
+    "evaluate",
     "fit_patterns",
+    "get_method",
+    "methods",
+    "models",
+    "region_perturbation",
+    "register_passthrough",
 ]

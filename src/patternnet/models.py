@@ -208,7 +208,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path))
+        try:
+            state: Any = load_file(str(path))
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
+            raise ValueError(
+                f"cannot read weights {str(path)!r}: not a valid safetensors file "
+                f"(truncated or corrupted?): {error}"
+            ) from error
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)

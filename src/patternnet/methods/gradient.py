@@ -247,6 +247,8 @@ class IntegratedGradients(_Wrapper):
         if self.baseline is None:
             return torch.zeros_like(inputs)
         baseline = torch.as_tensor(self.baseline, dtype=inputs.dtype, device=inputs.device)
+        if not torch.isfinite(baseline).all():
+            raise ValueError("the baseline holds NaN or Inf values")
         try:
             return baseline.expand_as(inputs)
         except RuntimeError as error:

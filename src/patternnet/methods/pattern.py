@@ -18,9 +18,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..engine.backward import Rule
+from ..engine.backward import Rule, addition_rules
 from ..engine.canonize import Canonical, Canonizer
-from ..engine.rules import WeightSwap, as_dtype, elementwise_product
+from ..engine.rules import ProportionalSum, WeightSwap, as_dtype, elementwise_product
+from ..engine.support import standalone_batchnorm_rules
 from ..patterns.estimators import filter_pattern
 from ..patterns.fit import linear_layers
 from ..patterns.store import Patterns
@@ -41,6 +42,8 @@ def _pattern_pair(patterns: Patterns, name: str) -> tuple[Tensor, Tensor | None]
 
 
 class _PatternMethod(Attribution):
+    _attribution = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -106,6 +109,10 @@ class _PatternMethod(Attribution):
                 self._swap(weight, positive),
                 None if negative is None else self._swap(weight, negative),
             )
+        # BatchNorms that follow no Linear/Conv are per-channel linear units with pattern 1/s.
+        module_rules.update(
+            standalone_batchnorm_rules(self.model, canonical, attribution=self._attribution)
+        )
         return module_rules, {}
 
     def start(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -180,6 +187,7 @@ class PatternAttribution(_PatternMethod):
     """
 
     name = "pattern_attribution"
+    _attribution = True
 
     def _swap(self, weight: Tensor, pattern: Tensor) -> Tensor:
         return elementwise_product(weight, pattern)
@@ -191,4 +199,8 @@ class PatternAttribution(_PatternMethod):
             from ..engine.rules import identity_estimator_rules
 
             return identity_estimator_rules(self.model, canonical)
-        return super().rules(canonical)
+        module_rules, function_rules = super().rules(canonical)
+        # Relevance is split at residual sums by the summands' absolute shares, so that it is
+        # conserved through a residual block and bounded where the summands cancel.
+        function_rules.update(addition_rules(ProportionalSum(absolute=True)))
+        return module_rules, function_rules
