@@ -48,15 +48,25 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def timed(fn: Callable[[], Any], device: torch.device | None = None) -> float:
-    """Seconds one call of ``fn`` takes (CUDA synchronised when ``device`` is a GPU)."""
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+def clock() -> float:
+    """The benchmarks' clock: CPU seconds of this process on the CPU, wall seconds on a GPU.
+
+    On a CPU shared with other work, the CPU time of a one-thread process counts the work done
+    and not the time spent waiting for a core (wall-clock times varied 2-3× from one minute to
+    the next while these benchmarks ran; CPU times far less). On a GPU the work is not on the
+    CPU: wall time, synchronised.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds (see :func:`clock`) one call of ``fn`` takes."""
+    start = clock()
     fn()
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def median(values: list[float]) -> float:

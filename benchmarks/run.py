@@ -37,7 +37,7 @@ def plan(quick: bool, threads: int) -> dict[str, list[list[str]]]:
         }
     fits = []
     for extra in (["--no-negative"], ["--estimator", "linear"], []):
-        fits.append(["fit.py", "--model", "vgg16", "--batches", "4", *t, *extra])
+        fits.append(["fit.py", "--model", "vgg16", "--batches", "9", *t, *extra])
     for extra in (["--no-negative"], ["--estimator", "linear"], []):
         fits.append(["fit.py", "--model", "vgg16", "--batches", "2", "--precision", "float64",
                      *t, *extra])

@@ -100,7 +100,9 @@ def processes(args: argparse.Namespace) -> dict[str, Any]:
         for n in one for k in one[n]
     )
     for r in runs.values():
-        Path(r.pop("path")).with_suffix(".safetensors").unlink()
+        path = Path(r.pop("path"))
+        path.with_suffix(".safetensors").unlink()
+        path.unlink()
     return {"runs": runs, "speedup": runs["1 process"]["fit_s"] / runs["2 processes (gloo)"][
         "fit_s"], "max_relative_pattern_difference": error}
 
