@@ -23,6 +23,7 @@ LRP rules (Linear/Conv unless said otherwise)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,10 +54,17 @@ class WeightSwap(Rule):
         The weight used where the unit was not active (two-component rule), or None.
     """
 
-    def __init__(self, module: nn.Module, positive: Tensor, negative: Tensor | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        positive: Tensor,
+        negative: Tensor | Callable[[], Tensor] | None = None,
+    ):
         self.geometry: LayerGeometry = geometry(module)
         self.positive = positive.detach()
-        self.negative = None if negative is None else negative.detach()
+        # A callable negative weight is computed on first use only (in a ReLU network only the
+        # layers without a ReLU after them, usually the last one, ever need it).
+        self.negative = negative.detach() if isinstance(negative, Tensor) else negative
 
     def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
         mask = (output > 0) if self.negative is not None else None
@@ -66,13 +74,16 @@ class WeightSwap(Rule):
         shape, mask = state
         if mask is None:
             return self.geometry.transpose(grad_output, self.positive, shape)
-        active = grad_output * mask
-        result = self.geometry.transpose(active, self.positive, shape)
-        inactive = grad_output - active
-        # In a ReLU network the gate already zeroed the inactive units: skip the second map.
-        if bool(inactive.any()):
-            result = result + self.geometry.transpose(inactive, self.negative, shape)
-        return result
+        inactive = grad_output.masked_fill(mask, 0)
+        # In a ReLU network the gate already zeroed the inactive units: one map, no mask.
+        if not bool(inactive.any()):
+            return self.geometry.transpose(grad_output, self.positive, shape)
+        if callable(self.negative):
+            self.negative = self.negative().detach()
+        active = grad_output - inactive
+        return self.geometry.transpose(active, self.positive, shape) + self.geometry.transpose(
+            inactive, self.negative, shape
+        )
 
 
 class DeconvNetReLU(Rule):

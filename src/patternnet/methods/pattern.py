@@ -14,6 +14,7 @@ ReLU gates and max-pool switches are the gradient's (no rule needed).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
@@ -107,7 +108,8 @@ class _PatternMethod(Attribution):
             module_rules[module] = WeightSwap(
                 module,
                 self._swap(weight, positive),
-                None if negative is None else self._swap(weight, negative),
+                # computed only if some inactive unit receives a gradient (see WeightSwap)
+                None if negative is None else partial(self._swap, weight, negative),
             )
         # BatchNorms that follow no Linear/Conv are per-channel linear units with pattern 1/s.
         module_rules.update(
