@@ -59,11 +59,17 @@ def methods(model: nn.Module, target: torch.Tensor) -> dict[str, Callable[[torch
         return grad
 
     patterns = random_patterns(model)
+    plus = Patterns({name: {"a_plus": t["a_plus"]} for name, t in patterns.items()},
+                    estimator="two_component", metadata=patterns.metadata)
     found: dict[str, Callable[[torch.Tensor], Any]] = {"gradient (autograd)": gradient}
     found["patternnet Gradient"] = lambda x: pn.Gradient(model).attribute(x, target)
-    found["PatternNet"] = lambda x: pn.PatternNet(model, patterns).attribute(x, target)
-    found["PatternAttribution"] = (
+    found["PatternNet (a₊, a₋)"] = lambda x: pn.PatternNet(model, patterns).attribute(x, target)
+    found["PatternAttribution (a₊, a₋)"] = (
         lambda x: pn.PatternAttribution(model, patterns).attribute(x, target)
+    )
+    found["PatternNet (a₊ only)"] = lambda x: pn.PatternNet(model, plus).attribute(x, target)
+    found["PatternAttribution (a₊ only)"] = (
+        lambda x: pn.PatternAttribution(model, plus).attribute(x, target)
     )
     try:
         from patternnet.methods.guided import GuidedBackprop

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "size": args.size, "machine": machine(), "fit_seconds": seconds,
               "layers": layers, "summary": summary,
               "pattern_attribution_relative_error": attribution_error}
-    write_result(f"precision_{args.model}", result)
+    write_result(f"precision_{args.model}_{args.size}", result)
     for key, values in summary.items():
         print(f"  {key:<28} median {values['median']:.2e}  max {values['max']:.2e}")
     print(f"  PatternAttribution heat map relative error {attribution_error:.2e}")

@@ -74,7 +74,7 @@ class WeightSwap(Rule):
         shape, mask = state
         if mask is None:
             return self.geometry.transpose(grad_output, self.positive, shape)
-        inactive = grad_output.masked_fill(mask, 0)
+        inactive = torch.where(mask, 0.0, grad_output)  # one pass (masked_fill copies first)
         # In a ReLU network the gate already zeroed the inactive units: one map, no mask.
         if not bool(inactive.any()):
             return self.geometry.transpose(grad_output, self.positive, shape)
