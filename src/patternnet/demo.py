@@ -126,9 +126,9 @@ class DemoConfig:
     fit_limit: int | None = None
     test_limit: int | None = None
     n_images: int = 8
-    eval_samples: int = 3000
+    eval_samples: int = 2000
     quality_neurons: int = 32
-    quality_positions: int = 8
+    quality_positions: int = 4
     linear_fit_limit: int = 10000
     degradation_images: int = 100
     degradation_patch: int = 4
