@@ -95,19 +95,9 @@ class LayerGeometry:
         padded_shape = input_shape
         if self.pre_pad is not None:
             padded_shape = self._padded_shape(input_shape)
-        grad = torch.ops.aten.convolution_backward(
-            grad_out,
-            grad_out.new_empty(1).expand(padded_shape),
-            weight.to(grad_out.dtype),
-            None,
-            list(self.stride),
-            list(self.padding),
-            list(self.dilation),
-            False,
-            [0] * self.spatial_dims,
-            self.groups,
-            (True, False, False),
-        )[0]
+        grad = self._convolution_backward(
+            grad_out, grad_out.new_empty(1).expand(padded_shape), weight.to(grad_out.dtype), 0
+        )
         if self.pre_pad is None:
             return grad
         return self._unpad_grad(grad, input_shape)
@@ -132,10 +122,18 @@ class LayerGeometry:
         """
         if self.kind == "linear":
             return grad_out.transpose(0, 1).matmul(x)
+        return self._convolution_backward(
+            grad_out, self.prepare_input(x), grad_out.new_empty(1).expand(weight_shape), 1
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _convolution_backward(self, grad_out: Tensor, x: Tensor, weight: Tensor, which: int):
+        """The convolution's own backward kernel: input-gradient (0) or weight-gradient (1)."""
+        mask = (which == 0, which == 1, False)
         return torch.ops.aten.convolution_backward(
             grad_out,
-            self.prepare_input(x),
-            grad_out.new_empty(1).expand(weight_shape),
+            x,
+            weight,
             None,
             list(self.stride),
             list(self.padding),
@@ -143,10 +141,9 @@ class LayerGeometry:
             False,
             [0] * self.spatial_dims,
             self.groups,
-            (False, True, False),
-        )[1]
+            mask,
+        )[which]
 
-    # ------------------------------------------------------------------ helpers
     def _padded_shape(self, input_shape: torch.Size) -> torch.Size:
         shape = list(input_shape)
         pads = self.pre_pad or ()
