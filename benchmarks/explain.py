@@ -35,11 +35,14 @@ def random_patterns(model: nn.Module) -> Patterns:
     its scale through the layers; unnormalised random patterns shrink it by orders of magnitude
     per layer, into float32 denormals, which are 10-100× slower to compute with on x86 CPUs.
     """
+    from patternnet.engine.canonize import Canonical, default_canonizers
+
+    canonical = Canonical(model, default_canonizers())  # fitted patterns see folded weights
     generator = torch.Generator().manual_seed(1)
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            w = module.weight.detach().reshape(module.weight.shape[0], -1)
+            w = canonical.weight(name).detach().reshape(module.weight.shape[0], -1)
             tensors = {}
             for key in ("a_plus", "a_minus"):
                 v = w + w.std() * torch.randn(w.shape, generator=generator)
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         })
     result = {"benchmark": "explain", "model": args.model, "batch": args.batch,
               "size": args.size, "rounds": args.rounds, "machine": machine(), "rows": rows}
-    write_result(f"explain_{args.model}", result)
+    write_result(f"explain_{args.model}{'_subset' if args.methods else ''}", result)
     print(f"\n{args.model}, batch {args.batch}, {args.rounds} rounds (median)")
     for row in rows:
         print(f"  {row['method']:<34} {row['median_s']:7.2f} s  ×{row['ratio_to_gradient']:.2f}")

@@ -514,8 +514,10 @@ def fit_patterns(
         ``"float64"`` (default): products and sums in float64, any batch split agrees to
         rounding. ``"float32"``: products in float32, convolution products summed over a few
         batches in float32 buffers, then added into float64 sums (method.md §9). Faster on
-        CPUs and GPUs without fast float64; the patterns differ from a float64 fit by about
-        1e-5 relative (measured on VGG16, see ``benchmarks/README.md``).
+        GPUs without fast float64 (1.2× on the CPU measured). Measured on VGG16 against a
+        float64 fit (``benchmarks/README.md``): a₊ within 1e-6 relative (median layer; worst
+        5e-4), dense layers within 4e-8, but a₋ of convolutions off by up to 8% (it is a
+        difference of two large sums): fit a₋ in float64.
     limit:
         Use at most this many samples.
     canonizers:
