@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -235,13 +236,21 @@ def test_torchrun_fit_matches_one_process(workspace, patterns_file, tmp_path):
     out = tmp_path / "dist.safetensors"
     env = dict(os.environ, PYTHONPATH=f"{workspace}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                OMP_NUM_THREADS="1")  # fmt: skip
-    result = subprocess.run(
+    # Own process group: on a timeout the workers die with torchrun instead of lingering.
+    process = subprocess.Popen(
         [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "patternnet", "fit",
          "--model", MODEL, "--data", str(workspace / "inputs.npy"), "--out", str(out),
          "--batch-size", "16", "--quiet"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        start_new_session=True,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+    try:
+        _, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("torchrun fit did not finish within 240 s")
+    assert process.returncode == 0, stderr[-2000:]
     distributed, single = Patterns.load(out), Patterns.load(patterns_file)
     assert distributed.metadata["images"] == single.metadata["images"] == 48
     for layer in single:

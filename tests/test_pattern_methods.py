@@ -169,3 +169,21 @@ def test_saved_patterns_give_bit_identical_explanations_in_a_fresh_process(tmp_p
     there = torch.load(tmp_path / "out.pt")
     assert torch.equal(there["pa"], here)
     assert torch.equal(there["pn"], here_net)
+
+
+def test_swapped_weights_are_reused_but_follow_weight_updates() -> None:
+    model = vgg_style().eval()
+    data = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    patterns = pn.fit_patterns(model, data, progress=False)
+    method = pn.PatternAttribution(model, patterns)
+    x = data[:2]
+    first = method.attribute(x, target=0)
+    layer_cache = dict(method._swap_cache)
+    torch.testing.assert_close(method.attribute(x, target=0), first)
+    assert all(method._swap_cache[k][3] is layer_cache[k][3] for k in layer_cache)  # reused
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # an in-place update (as an optimiser step does)
+    changed = method.attribute(x, target=0)
+    fresh = pn.PatternAttribution(model, patterns).attribute(x, target=0)
+    torch.testing.assert_close(changed, fresh)
+    assert not torch.allclose(changed, first)

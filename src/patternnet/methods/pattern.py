@@ -84,6 +84,7 @@ class _PatternMethod(Attribution):
             patterns.check(model)
         self.patterns = patterns
         self.estimator = estimator
+        self._swap_cache: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     def _layer_patterns(
         self, canonical: Canonical, name: str, weight: Tensor
@@ -98,18 +99,41 @@ class _PatternMethod(Attribution):
     def _swap(self, weight: Tensor, pattern: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _cached_swap(self, name: str, side: str, weight: Tensor, pattern: Tensor) -> Tensor:
+        """``_swap(weight, pattern)``, reused across calls while neither tensor changes.
+
+        The cache holds the very tensors it was computed from and their in-place version
+        counters: a weight updated in place (training) or replaced (a new folded weight) gives
+        a new swapped weight.
+        """
+        cached = self._swap_cache.get((name, side))
+        if (
+            cached is not None
+            and cached[0] is weight
+            and cached[1] is pattern
+            and cached[2] == (weight._version, pattern._version)
+        ):
+            return cached[3]
+        swapped = self._swap(weight, pattern)
+        versions = (weight._version, pattern._version)
+        self._swap_cache[(name, side)] = (weight, pattern, versions, swapped)
+        return swapped
+
     def rules(
         self, canonical: Canonical
     ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
         module_rules: dict[nn.Module, Rule] = {}
         for name, module in linear_layers(self.model).items():
-            weight = canonical.weight(name).detach()
+            # not detached: the swap cache recognises the same parameter object across calls
+            weight = canonical.weight(name)
             positive, negative = self._layer_patterns(canonical, name, weight)
             module_rules[module] = WeightSwap(
                 module,
-                self._swap(weight, positive),
+                self._cached_swap(name, "plus", weight, positive),
                 # computed only if some inactive unit receives a gradient (see WeightSwap)
-                None if negative is None else partial(self._swap, weight, negative),
+                None
+                if negative is None
+                else partial(self._cached_swap, name, "minus", weight, negative),
             )
         # BatchNorms that follow no Linear/Conv are per-channel linear units with pattern 1/s.
         module_rules.update(

@@ -22,10 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from .statistics import Statistics
-from .store import atomic_write
+from .statistics import LayerStatistics, Statistics
+from .store import _digest, atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -81,6 +82,7 @@ def save_checkpoint(
         "statistics": json.dumps(statistics.describe()),
         "context": json.dumps(dict(context)),
     }
+    metadata["sha256"] = _digest(tensors, metadata)
     path = Path(path)
     atomic_write(path, lambda tmp: _write_file(tensors, metadata, tmp))
     return path
@@ -108,22 +110,52 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Statistics, dict[str,
             metadata = handle.metadata() or {}
             for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 tensors[key] = handle.get_tensor(key)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
         raise ValueError(
             f"{path} is not a readable checkpoint ({error}); delete it to start the fit afresh"
         ) from error
+    if "sha256" in metadata and _digest(tensors, metadata) != metadata["sha256"]:
+        raise ValueError(
+            f"{path} is corrupted (its checksum does not match); delete it to start the fit "
+            "afresh"
+        )
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not a patternnet statistics checkpoint (format "
             f"{metadata.get('format')!r}); pass another checkpoint path"
         )
-    if int(metadata.get("version", "0")) > CHECKPOINT_VERSION:
+    try:
+        version = int(metadata.get("version", "0"))
+    except ValueError:
+        version = -1
+    if version > CHECKPOINT_VERSION:
         raise ValueError(
             f"{path} was written by a newer patternnet (checkpoint version "
             f"{metadata['version']}); upgrade patternnet to resume it"
         )
-    statistics = Statistics.from_state(json.loads(metadata["statistics"]), tensors)
-    return statistics, json.loads(metadata["context"])
+    try:
+        statistics = Statistics.from_state(json.loads(metadata["statistics"]), tensors)
+        context = json.loads(metadata["context"])
+        flush = context.get("flush_every", 1) if isinstance(context, dict) else None
+        if (
+            version < 0
+            or not isinstance(flush, int)
+            or isinstance(flush, bool)
+            or flush < 1
+            or min(statistics.images, statistics.batches) < 0
+        ):
+            raise ValueError("malformed header")
+        for name, layer in statistics.items():
+            fresh = LayerStatistics(layer.out_features, layer.groups, layer.patch_size, layer.sums)
+            for key, tensor in layer.tensors.items():
+                if tensor.shape != fresh.tensors[key].shape or not torch.isfinite(tensor).all():
+                    raise ValueError(f"sum {name}::{key} has a wrong shape or NaN/Inf values")
+    except Exception as error:  # noqa: BLE001 - any malformed field
+        raise ValueError(
+            f"{path} is a damaged checkpoint ({type(error).__name__}: {error}); delete it to "
+            "start the fit afresh"
+        ) from None
+    return statistics, context
 
 
 def check_context(path: str | os.PathLike[str], saved: Mapping[str, Any],
