@@ -58,7 +58,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    assert distributed_mod.init_from_env(backend="gloo")
+    assert distributed_mod.init_from_env(backend="gloo", timeout_minutes=2)
     try:
         x = make_data()
         results = {}

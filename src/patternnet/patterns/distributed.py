@@ -88,13 +88,16 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_from_env(backend: str | None = None) -> bool:
+def init_from_env(backend: str | None = None, timeout_minutes: float | None = None) -> bool:
     """Initialise ``torch.distributed`` from the environment ``torchrun`` sets, if any.
 
     Parameters
     ----------
     backend:
         ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is available, else gloo.
+    timeout_minutes:
+        How long a collective (the final all-reduce) waits for the other ranks before it
+        fails instead of hanging; default torch's (30 minutes for gloo).
 
     Returns
     -------
@@ -123,7 +126,12 @@ def init_from_env(backend: str | None = None) -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_device())
-    dist.init_process_group(backend=backend, init_method="env://")
+    options = {}
+    if timeout_minutes is not None:
+        from datetime import timedelta
+
+        options["timeout"] = timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend=backend, init_method="env://", **options)
     return True
 
 
