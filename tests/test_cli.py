@@ -132,16 +132,16 @@ def test_evaluate_writes_report(workspace, patterns_file, capsys):
     assert code == 0, err
     report = (out / "report.md").read_text()
     assert "ρ(S)" in report and "two_component" in report
-    assert "3×3 regions, 9 steps" in report  # 8×8 images: 3 + 3 + 2 px per side
-    aopc = (out / "degradation.csv").read_text().split()
-    assert aopc[0] == "method,aopc"
-    assert [line.split(",")[0] for line in aopc[1:]] == [
+    assert "k=3" in report and "steps=9" in report  # 8×8 images: regions of 3 + 3 + 2 px
+    rho = (out / "rho.csv").read_text().splitlines()
+    assert rho[0].startswith("layer,random,filter,two_component")
+    assert len(rho) == 3  # header + two layers
+    metrics = (out / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in metrics[1:]] == [
         "pattern_attribution", "gradient", "lrp_epsilon", "random"
     ]  # fmt: skip
-    assert (out / "degradation.png").stat().st_size > 1000
-    csv = (out / "quality.csv").read_text().splitlines()
-    assert csv[0].startswith("layer,random,filter,two_component")
-    assert len(csv) == 3  # header + two layers
+    for name in ("degradation.png", "rho.png", "explanations.png"):
+        assert (out / name).stat().st_size > 1000, name
 
 
 def test_methods_lists_the_registry(capsys):

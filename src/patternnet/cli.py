@@ -542,7 +542,14 @@ def _tqdm(total: int, desc: str) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``patternnet evaluate``: ρ(S) per layer and degradation curves, as a report."""
+    """``patternnet evaluate``: ρ(S) per layer and degradation curves, as a report.
+
+    DATA is split in two halves: ρ(S)'s regression and evaluation splits (the patterns were
+    fitted on other data); the degradation curves of every ``--method`` and a random order
+    are measured on the second half. :func:`patternnet.evaluate.compare` writes
+    ``report.md``, ``metrics.csv``, ``degradation.png``, ``explanations.png``, ``rho.png`` and
+    ``rho.csv`` into OUT.
+    """
     import torch
 
     from . import evaluate
@@ -558,12 +565,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if images.dim() != 4:
         raise UsageError(f"--data {args.data}: inputs of shape {tuple(images.shape[1:])}; "
                          "evaluate needs images (C, H, W)")  # fmt: skip
-    if args.patch > min(images.shape[-2:]):
-        height, width = images.shape[-2:]
+    height, width = images.shape[-2:]
+    if args.patch > min(height, width):
         raise UsageError(f"--patch {args.patch} is larger than the {height}×{width} images")
     methods = {name: _build_method(name, model, patterns) for name in _method_names(args.method)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     estimators = ["random", "filter", patterns.estimator]
     if patterns.estimator not in ("linear", "two_component"):
         estimators = ["random", "filter"]
@@ -578,59 +583,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    report = ["# patternnet evaluation", "", f"model `{args.model}`, patterns `{args.patterns}`,"
-              f" data `{args.data}` ({images.shape[0]} samples)", "",
-              "## Estimator quality ρ(S) (method.md §5)", "", table.to_markdown()]  # fmt: skip
-    table.to_csv(out / "quality.csv")
-    try:
-        table.plot(out / "quality.png")
-        report += ["", "![ρ(S) per layer](quality.png)"]
-    except ImportError:
-        _log(args, "  (ρ(S) plot skipped: patternnet.evaluate.plots is not available)")
-    degradation = _degradation(args, model, methods, images[half:].to(device), out)
-    report += degradation
-    (out / "report.md").write_text("\n".join(report) + "\n")
-    _log(args, f"report → {out / 'report.md'}")
-    return 0
-
-
-def _degradation(
-    args: argparse.Namespace, model: Any, methods: dict[str, Any], images: Any, out: Path
-) -> list[str]:
-    """Region-perturbation curves of each ``--method`` and the random order (method.md §6)."""
-    from . import viz
-    from .evaluate.perturbation import region_perturbation
-
-    k = args.patch
-    height, width = images.shape[-2:]
-    steps = min(100, -(-height // k) * -(-width // k))
-    curves = {}
-    _log(args, f"degradation of {images.shape[0]} images, {k}×{k} regions, {steps} steps")
-    for name, method in methods.items():
-        attribution = method.attribute(images)
-        curves[name] = region_perturbation(
-            model, images, attribution, k=k, steps=steps, label=name, seed=args.seed,
-            batch_size=max(args.batch_size, 64),
-        )  # fmt: skip
-    curves["random"] = region_perturbation(
-        model, images, "random", k=k, steps=steps, label="random", seed=args.seed,
+    steps = min(100, -(-height // args.patch) * -(-width // args.patch))
+    _log(args, f"degradation of {images.shape[0] - half} images, {args.patch}×{args.patch} "
+               f"regions, {steps} steps: {', '.join(methods)} and a random order")  # fmt: skip
+    evaluate.compare(
+        model,
+        methods,
+        images[half:].to(device),
+        k=args.patch,
+        steps=steps,
         batch_size=max(args.batch_size, 64),
-    )  # fmt: skip
-    viz.degradation_plot(curves, path=out / "degradation.png")
-    lines = ["method,aopc"] + [f"{name},{c.aopc():.6f}" for name, c in curves.items()]
-    (out / "degradation.csv").write_text("\n".join(lines) + "\n")
-    return [
-        "",
-        f"## Image degradation (method.md §6): {k}×{k} regions, {steps} steps",
-        "",
-        "AOPC: area over the perturbation curve; larger = steeper decay = better.",
-        "",
-        "| method | AOPC |",
-        "|---|---|",
-        *[f"| {name} | {c.aopc():.4f} |" for name, c in curves.items()],
-        "",
-        "![degradation curves](degradation.png)",
-    ]
+        seed=args.seed,
+        quality=table,
+        output_dir=Path(args.out),
+    )
+    _log(args, f"report → {Path(args.out) / 'report.md'}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
