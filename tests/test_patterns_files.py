@@ -373,3 +373,24 @@ def test_damaged_checkpoints_are_refused_not_resumed(checkpoint: Path, tmp_path:
 def test_checkpoint_of_another_model_is_refused(checkpoint: Path) -> None:
     with pytest.raises(ValueError, match="fingerprint"):
         fit_patterns(model(padding=2), X, progress=False, checkpoint=checkpoint, resume=True)
+
+
+def test_patterns_fitted_on_other_weights_warn_on_check() -> None:
+    import warnings
+
+    from torch import nn
+
+    import patternnet as pn
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2))
+
+    model, other = net(0), net(1)
+    x = torch.randn(8, 1, 6, 6)
+    patterns = pn.fit_patterns(model, x, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pn.PatternNet(model, patterns)  # the same weights: no warning
+    with pytest.warns(UserWarning, match="differ from those the patterns were fitted on"):
+        pn.PatternNet(other, patterns)

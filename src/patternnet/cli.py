@@ -305,6 +305,12 @@ def load_model(spec: str, weights: str | None = None) -> Any:
     """
     from .models import load
 
+    if spec.startswith("torchvision:") and weights is None:
+        print(
+            f"note: --model {spec} without --weights has RANDOM weights, drawn anew in each "
+            "run; pass --weights IMAGENET1K_V1 (or your file) to explain a trained network",
+            file=sys.stderr,
+        )
     try:
         return load(spec, weights=weights)
     except (ValueError, KeyError, TypeError, ImportError, FileNotFoundError) as error:

@@ -30,7 +30,7 @@ from .checkpoint import (
     remove_stale_temporaries,
 )
 from .statistics import DEFAULT_FLUSH_EVERY, LayerStatistics, Statistics, required_sums
-from .store import Patterns, architecture, fingerprint
+from .store import Patterns, architecture, fingerprint, weight_summary
 
 __all__ = ["collect_statistics", "compute_patterns", "fit_patterns", "iter_batches"]
 
@@ -458,6 +458,7 @@ def compute_patterns(
     metadata = {
         "fingerprint": fingerprint(model),
         "architecture": architecture(model),
+        "weights": weight_summary(model),
         "images": statistics.images,
         "negative": statistics.negative,
         "canonical": list(canonical.form.notes),

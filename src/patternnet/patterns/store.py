@@ -17,6 +17,7 @@ import json
 import os
 import stat
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from ..layers import geometry, is_linear_layer
 from .estimators import ESTIMATORS
 
-__all__ = ["Patterns", "architecture", "fingerprint", "atomic_write"]
+__all__ = ["Patterns", "architecture", "atomic_write", "fingerprint", "weight_summary"]
 
 FORMAT_VERSION = 1
 PATTERN_NAMES = ("a", "a_plus", "a_minus")
@@ -59,6 +60,24 @@ def fingerprint(model: nn.Module) -> str:
     """A short hash of :func:`architecture` (what a patterns file must match)."""
     text = json.dumps(architecture(model), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weight_summary(model: nn.Module) -> dict[str, list[float]]:
+    """``{layer: [Σw, Σw²]}`` of every Linear/Conv weight, in float64.
+
+    A cheap identity of the weights (one pass over the parameters): patterns fitted on other
+    weights of the same architecture (say, a second random initialisation, or a model loaded
+    without its trained weights) are then recognised by :meth:`Patterns.check`.
+    """
+    summary = {}
+    for name, module in model.named_modules():
+        if is_linear_layer(module):
+            w = module.weight.detach()
+            summary[name] = [
+                float(w.sum(dtype=torch.float64)),
+                float(w.double().square().sum()),
+            ]
+    return summary
 
 
 def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
@@ -229,6 +248,31 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
                         f"pattern {name}/{key} has shape {list(tensor.shape)} but the layer's "
                         f"weight has shape {shape}"
                     )
+        self._check_weights(model)
+
+    def _check_weights(self, model: nn.Module) -> None:
+        """Warn when the model's weights are not the ones the patterns were fitted on."""
+        recorded = self.metadata.get("weights")
+        if not isinstance(recorded, dict):
+            return
+        current = weight_summary(model)
+        for name, values in recorded.items():
+            now = current.get(name)
+            if now is None or not isinstance(values, list) or len(values) != 2:
+                continue
+            # Σw may cancel to ~0: compare it on the scale of ‖w‖; Σw² relative to itself.
+            squares = max(abs(values[1]), 1e-30)
+            moved_sum = abs(now[0] - values[0]) > 1e-3 * squares**0.5
+            moved_squares = abs(now[1] - values[1]) > 1e-6 * squares
+            if moved_sum or moved_squares:
+                warnings.warn(
+                    f"the weights of layer {name!r} differ from those the patterns were "
+                    "fitted on (same architecture, other weights: a new random "
+                    "initialisation, or trained weights not loaded?); the explanations are "
+                    "not meaningful until the patterns are fitted on these weights",
+                    stacklevel=3,
+                )
+                return
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
