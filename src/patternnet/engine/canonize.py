@@ -87,13 +87,14 @@ class Canonical:
     model:
         The user's model (borrowed).
     canonizers:
-        Canonizers applied in order; empty means the model as it is.
+        Canonizers applied in order; None (the default) means :func:`default_canonizers`,
+        an empty sequence the model as it is.
     """
 
-    def __init__(self, model: nn.Module, canonizers: Sequence[Canonizer] = ()) -> None:
+    def __init__(self, model: nn.Module, canonizers: Sequence[Canonizer] | None = None) -> None:
         self.model = model
         self.form = CanonicalForm()
-        for canonizer in canonizers:
+        for canonizer in default_canonizers() if canonizers is None else canonizers:
             self.form.update(canonizer(model, self.form))
         self._modules = dict(model.named_modules())
 

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..borrow import borrowed, model_device, model_dtype
-from ..engine.canonize import Canonical, Canonizer, default_canonizers
+from ..engine.canonize import Canonical, Canonizer
 from ..layers import LayerGeometry, geometry
 from ..patterns.fit import fit_patterns, iter_batches, linear_layers
 from ..patterns.store import Patterns
@@ -285,7 +285,7 @@ def collect_moments(
     if unknown:
         raise KeyError(f"layers {sorted(unknown)} are not Linear/Conv layers of the model")
     generator = torch.Generator().manual_seed(seed)
-    canonical = Canonical(model, default_canonizers() if canonizers is None else canonizers)
+    canonical = Canonical(model, canonizers)
     device, dtype = model_device(model), model_dtype(model)
     handles = []
     with borrowed(model):
@@ -620,7 +620,7 @@ def estimator_quality(
             raise ValueError(f"layer {name!r} is a Conv3d; estimator_quality supports Linear, "
                              "Conv1d and Conv2d (pass layers= to leave it out)")  # fmt: skip
     fitted = _patterns_for(model, estimators, fit_data, patterns, batch_size, canonizers)
-    canonical = Canonical(model, default_canonizers() if canonizers is None else canonizers)
+    canonical = Canonical(model, canonizers)
     generator = torch.Generator().manual_seed(seed)
     plans: dict[str, tuple[LayerMoments, LayerMoments]] = {}
     info: dict[str, dict[str, Any]] = {}

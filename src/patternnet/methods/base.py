@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from ..engine.backward import Rule, rules_applied
-from ..engine.canonize import Canonical, Canonizer, default_canonizers
+from ..engine.canonize import Canonical, Canonizer
 from ..engine.support import check_supported
 
 __all__ = ["Attribution", "TargetType", "resolve_target", "check_inputs"]
@@ -186,8 +186,7 @@ class Attribution:
 
     # ------------------------------------------------------------------ shared work
     def _canonical(self) -> Canonical:
-        canonizers = default_canonizers() if self.canonizers is None else self.canonizers
-        return Canonical(self.model, canonizers)
+        return Canonical(self.model, self.canonizers)
 
     def _logits(self, output: Any) -> Tensor:
         if self.output_selector is not None:

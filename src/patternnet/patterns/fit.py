@@ -153,14 +153,6 @@ def _new_statistics(
     return Statistics(layers, estimator=estimator, negative=negative)
 
 
-def _default_canonizers(canonizers: Sequence[Canonizer] | None) -> Sequence[Canonizer]:
-    if canonizers is not None:
-        return canonizers
-    from ..engine.canonize import default_canonizers
-
-    return default_canonizers()
-
-
 def collect_statistics(
     model: nn.Module,
     data: Any,
@@ -200,7 +192,7 @@ def collect_statistics(
                 f"the model is on {target_device} but device={str(device)!r}; move the model "
                 f"first (model.to({str(device)!r})): patternnet does not move a borrowed model"
             )
-    canonical = Canonical(model, _default_canonizers(canonizers))
+    canonical = Canonical(model, canonizers)
     use_distributed = distributed_mod.resolve(distributed)
     rank = distributed_mod.rank() if use_distributed else 0
     world = distributed_mod.world_size() if use_distributed else 1
@@ -402,7 +394,7 @@ def compute_patterns(
     dtype:
         dtype of the pattern tensors; default: the model's (at least float32).
     """
-    canonical = Canonical(model, _default_canonizers(canonizers))
+    canonical = Canonical(model, canonizers)
     if dtype is None:
         dtype = model_dtype(model)
         if dtype in (torch.float16, torch.bfloat16):
@@ -587,7 +579,7 @@ def fit_patterns(
             distributed=distributed,
         )
     else:
-        canonical = Canonical(model, _default_canonizers(canonizers))
+        canonical = Canonical(model, canonizers)
         stats = _new_statistics(model, canonical, estimator, negative, model_device(model))
     patterns = compute_patterns(model, stats, canonizers=canonizers)
     if needs_data:
