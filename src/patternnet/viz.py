@@ -317,10 +317,10 @@ def degradation_plot(
         raise ValueError("degradation_plot needs at least one curve")
     figure = Figure(figsize=(5.4, 3.7))
     ax = figure.subplots()
-    k = None
+    k, replacement = None, "mean"
     for i, (label, curve) in enumerate(curves.items()):
         mean = curve.mean().detach().cpu().numpy()
-        k = curve.k
+        k, replacement = curve.k, getattr(curve, "replacement", "mean")
         ax.plot(
             range(len(mean)),
             mean,
@@ -329,7 +329,7 @@ def degradation_plot(
             color="#777777" if "random" in label else LINE_COLOURS[i % len(LINE_COLOURS)],
             label=f"{label}  (AOPC {curve.aopc():.3f})",
         )
-    ax.set_xlabel(f"regions replaced by their mean ({k}×{k} px)")
+    ax.set_xlabel(f"regions replaced ({replacement}; {k}×{k} px)")
     ax.set_ylabel("probability of the predicted class")
     ax.set_title(title, fontsize=10)
     ax.set_ylim(0, 1.02)

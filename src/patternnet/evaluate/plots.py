@@ -98,6 +98,9 @@ def plot_degradation(
 ) -> Any:
     """Mean perturbation curves of several methods, AOPC in the legend.
 
+    The drawing is :func:`patternnet.viz.degradation_plot` (colour-blind-safe lines); this
+    adds the sequence form used by the evaluation code.
+
     Parameters
     ----------
     curves:
@@ -107,20 +110,9 @@ def plot_degradation(
     title:
         Axes title.
     """
-    items = list(curves.items()) if isinstance(curves, Mapping) else [(c.label, c) for c in curves]
+    from ..viz import degradation_plot
+
+    items = dict(curves) if isinstance(curves, Mapping) else {c.label: c for c in curves}
     if not items:
         raise ValueError("no curves to plot")
-    figure = _figure(5.0, 3.4)
-    ax = figure.add_subplot(1, 1, 1)
-    for label, curve in items:
-        style = "--" if label == "random" else "-"
-        mean = curve.mean().tolist()
-        ax.plot(range(len(mean)), mean, style, label=f"{label} (AOPC {curve.aopc():.3f})")
-    first = items[0][1]
-    ax.set_xlabel(f"regions replaced ({first.k}×{first.k}, {first.replacement})")
-    ax.set_ylabel("p(predicted class)")
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    _save(figure, path)
-    return figure
+    return degradation_plot(items, title=title, path=path)
