@@ -189,9 +189,7 @@ class Epsilon(Rule):
 
     def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
         layer, weight, bias = _layer(module, self)
-        z = output.detach()
-        if not self.bias and bias is not None:
-            z = z - _channel_view(bias, z, layer)
+        z = _without_bias(output.detach(), bias, layer, self.bias)
         return layer, weight, x.detach(), z
 
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
@@ -248,14 +246,12 @@ class AlphaBeta(Rule):
 
     def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
         layer, weight, bias = _layer(module, self)
-        x = x.detach()
         # Above a ReLU the input is non-negative: no copies, no second forward, and z⁺ needs
         # no W⁻ (dense layers of VGG-sized models: hundreds of MB per copy).
-        signed = bool(x.amin() < 0)
+        x_pos, x_neg = _signed_input(x.detach())
+        signed = x_neg is not None
         w_pos = weight.clamp(min=0)
         w_neg = weight.clamp(max=0) if (signed or self.beta) else None
-        x_pos = x.clamp(min=0) if signed else x
-        x_neg = x.clamp(max=0) if signed else None
         b_pos = bias.clamp(min=0) if (self.bias and bias is not None) else None
         # For x ≥ 0, p = W⁺x + b⁺ ≥ 0 and n = z − p ≤ 0: the stabilised denominators are
         # p + ε (added through the forward's bias, for free) and n − ε = z − (p + ε).
@@ -263,15 +259,10 @@ class AlphaBeta(Rule):
         if presized:
             shift = weight.new_full((weight.shape[0],), self.stabilizer)
             b_pos = shift if b_pos is None else b_pos + shift
-        positive = layer.forward(x_pos, w_pos, b_pos)
-        if x_neg is not None:
-            positive = positive + layer.forward(x_neg, w_neg)
+        positive = _positive_preactivation(layer, x_pos, x_neg, w_pos, w_neg, b_pos)
         negative = None
         if self.beta:
-            z = output.detach()
-            if not self.bias and bias is not None:
-                z = z - _channel_view(bias, z, layer)
-            negative = z - positive
+            negative = _without_bias(output.detach(), bias, layer, self.bias) - positive
         return layer, (w_pos, w_neg), (x_pos, x_neg), (positive, negative), presized
 
     def _ratio(self, relevance: Tensor, denominator: Tensor, presized: bool) -> Tensor:
@@ -338,19 +329,12 @@ class Gamma(Rule):
 
     def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
         layer, weight, bias = _layer(module, self)
-        x = x.detach()
-        signed = bool(x.amin() < 0)
-        x_pos = x.clamp(min=0) if signed else x
-        x_neg = x.clamp(max=0) if signed else None
+        x_pos, x_neg = _signed_input(x.detach())
         w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
         b_pos = bias.clamp(min=0) if (self.bias and bias is not None) else None
-        positive = layer.forward(x_pos, w_pos, b_pos)
-        if x_neg is not None:
-            positive = positive + layer.forward(x_neg, w_neg)
+        positive = _positive_preactivation(layer, x_pos, x_neg, w_pos, w_neg, b_pos)
         full = output.detach()  # Wx + b: selects the units' sign, as in Zennit
-        z = full
-        if not self.bias and bias is not None:
-            z = z - _channel_view(bias, z, layer)
+        z = _without_bias(full, bias, layer, self.bias)
         up = (weight + self.gamma * w_pos, weight + self.gamma * w_neg)
         denominators = (z + self.gamma * positive, z + self.gamma * (z - positive))
         masks = (full > 0, full < 0)
@@ -469,9 +453,7 @@ class ZBox(Rule):
         layer, weight, bias = _layer(module, self)
         low, high = _bound(self.low, x, "low"), _bound(self.high, x, "high")
         w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
-        z = output.detach()
-        if bias is not None:
-            z = z - _channel_view(bias, z, layer)
+        z = _without_bias(output.detach(), bias, layer, keep=False)
         z = z - layer.forward(low, w_pos) - layer.forward(high, w_neg)
         return layer, (weight, w_pos, w_neg), (x.detach(), low, high), z
 
@@ -522,6 +504,35 @@ def _channel_view(bias: Tensor, z: Tensor, layer: LayerGeometry) -> Tensor:
     if layer.kind == "linear":
         return bias.to(z.dtype)
     return bias.to(z.dtype).reshape((-1,) + (1,) * layer.spatial_dims)
+
+
+def _signed_input(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(x⁺, x⁻)``; ``x⁻`` is None (and ``x⁺`` is ``x``, no copy) for non-negative inputs."""
+    if bool(x.amin() < 0):
+        return x.clamp(min=0), x.clamp(max=0)
+    return x, None
+
+
+def _positive_preactivation(
+    layer: LayerGeometry,
+    x_pos: Tensor,
+    x_neg: Tensor | None,
+    w_pos: Tensor,
+    w_neg: Tensor | None,
+    b_pos: Tensor | None,
+) -> Tensor:
+    """``p = W⁺x⁺ + W⁻x⁻ + b⁺``: the positive contributions to each unit."""
+    positive = layer.forward(x_pos, w_pos, b_pos)
+    if x_neg is not None:
+        positive = positive + layer.forward(x_neg, w_neg)
+    return positive
+
+
+def _without_bias(z: Tensor, bias: Tensor | None, layer: LayerGeometry, keep: bool) -> Tensor:
+    """``z`` (the layer's output), minus its bias unless ``keep``."""
+    if not keep and bias is not None:
+        return z - _channel_view(bias, z, layer)
+    return z
 
 
 #: Modules whose relevance is split by :class:`Norm` in the LRP presets (as Zennit does).
