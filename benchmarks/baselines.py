@@ -9,7 +9,6 @@ Usage: python benchmarks/baselines.py --model resnet18 --batch 4 --rounds 5 --th
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import timed, vision_model  # noqa: E402
+from common import parse_args, timed, vision_model  # noqa: E402
 from explain import random_patterns  # noqa: E402
 
 import patternnet as pn  # noqa: E402
@@ -65,13 +64,10 @@ def methods(model: nn.Module, target: torch.Tensor) -> dict[str, Callable[[torch
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18", choices=["vgg16", "resnet50", "resnet18"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(
+        __doc__, argv, model="resnet18", batch=4, size=None, threads=1,
+        extra=lambda parser: parser.add_argument("--rounds", type=int, default=5),
+    )  # fmt: skip
     model = vision_model(args.model)
     for module in model.modules():  # Zennit's hooks need out-of-place ReLUs
         if isinstance(module, nn.ReLU):

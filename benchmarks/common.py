@@ -110,3 +110,33 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     return path
+
+
+def parse_args(
+    doc: str | None,
+    argv: list[str] | None,
+    *,
+    model: str = "vgg16",
+    batch: int = 8,
+    size: int | None = 224,
+    threads: int | None = None,
+    extra: Any = None,
+) -> Any:
+    """The options every benchmark shares (--model, --batch, --size, --threads) plus ``extra``.
+
+    ``extra(parser)`` adds a script's own options. The thread count is applied here.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    parser.add_argument("--model", default=model, choices=["vgg16", "resnet50", "resnet18"])
+    parser.add_argument("--batch", type=int, default=batch)
+    if size is not None:
+        parser.add_argument("--size", type=int, default=size)
+    parser.add_argument("--threads", type=int, default=threads)
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

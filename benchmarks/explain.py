@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, median, timed, vision_model, write_result  # noqa: E402
+from common import machine, median, parse_args, timed, vision_model, write_result  # noqa: E402
 
 import patternnet as pn  # noqa: E402
 from patternnet.patterns.store import Patterns, architecture, fingerprint  # noqa: E402
@@ -121,17 +121,14 @@ def methods(model: nn.Module, target: torch.Tensor) -> dict[str, Callable[[torch
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vgg16", choices=["vgg16", "resnet50", "resnet18"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="only these methods (substrings of their names), with the gradient")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--rounds", type=int, default=3)
+        parser.add_argument(
+            "--methods", nargs="+", default=None,
+            help="only these methods (substrings of their names), with the gradient",
+        )  # fmt: skip
+
+    args = parse_args(__doc__, argv, extra=extra)
     model = vision_model(args.model)
     # Captum's module hooks refuse in-place ReLUs; every method runs on the same model.
     for module in model.modules():

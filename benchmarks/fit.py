@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     images,
     machine,
     median,
+    parse_args,
     peak_rss_gb,
     vision_model,
     write_result,
@@ -74,19 +75,14 @@ def forward_times(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[f
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vgg16", choices=["vgg16", "resnet50", "resnet18"])
-    parser.add_argument("--estimator", default="two_component",
-                        choices=["two_component", "linear"])
-    parser.add_argument("--no-negative", dest="negative", action="store_false")
-    parser.add_argument("--precision", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batches", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--estimator", default="two_component",
+                            choices=["two_component", "linear"])
+        parser.add_argument("--no-negative", dest="negative", action="store_false")
+        parser.add_argument("--precision", default="float32", choices=["float32", "float64"])
+        parser.add_argument("--batches", type=int, default=3)
+
+    args = parse_args(__doc__, argv, extra=extra)
     model = vision_model(args.model)
     data = images(args.batch * args.batches, args.size)
     batches = list(data.split(args.batch))

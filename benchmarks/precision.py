@@ -10,30 +10,22 @@ Usage: python benchmarks/precision.py --model vgg16 --batches 2 --batch 8
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from common import images, machine, median, vision_model, write_result  # noqa: E402
+from common import images, machine, median, parse_args, vision_model, write_result  # noqa: E402
 
 import patternnet as pn  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vgg16", choices=["vgg16", "resnet50", "resnet18"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=2)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(
+        __doc__, argv,
+        extra=lambda parser: parser.add_argument("--batches", type=int, default=2),
+    )  # fmt: skip
     model = vision_model(args.model)
     data = images(args.batch * args.batches, args.size)
     fits: dict[str, pn.Patterns] = {}
