@@ -86,9 +86,7 @@ class _PatternMethod(Attribution):
         self.estimator = estimator
         self._swap_cache: dict[tuple[str, str], tuple[Any, ...]] = {}
 
-    def _layer_patterns(
-        self, canonical: Canonical, name: str, weight: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
+    def _layer_patterns(self, name: str, weight: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.estimator == "filter":
             a, _ = filter_pattern(weight)
             return a.reshape(weight.shape), None
@@ -126,7 +124,7 @@ class _PatternMethod(Attribution):
         for name, module in linear_layers(self.model).items():
             # not detached: the swap cache recognises the same parameter object across calls
             weight = canonical.weight(name)
-            positive, negative = self._layer_patterns(canonical, name, weight)
+            positive, negative = self._layer_patterns(name, weight)
             module_rules[module] = WeightSwap(
                 module,
                 self._cached_swap(name, "plus", weight, positive),
