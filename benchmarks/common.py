@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).parent / "results"
-FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+#: Fashion-MNIST test images (Debian's dataset-fashion-mnist); PATTERNNET_FASHION overrides.
+FASHION = Path(os.environ.get("PATTERNNET_FASHION",
+                              "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"))
 
 
 def machine() -> dict[str, Any]:
@@ -46,6 +48,11 @@ def machine() -> dict[str, Any]:
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far, in GB (Linux reports kB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def peak_gpu_gb() -> float | None:
+    """Peak GPU memory allocated by torch so far, in GB (None without CUDA)."""
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
 
 
 def clock() -> float:
@@ -134,9 +141,13 @@ def parse_args(
     if size is not None:
         parser.add_argument("--size", type=int, default=size)
     parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (timings: see clock())")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
     return args

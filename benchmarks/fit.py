@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     machine,
     median,
     parse_args,
+    peak_gpu_gb,
     peak_rss_gb,
     vision_model,
     write_result,
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.add_argument("--batches", type=int, default=3)
 
     args = parse_args(__doc__, argv, extra=extra)
-    model = vision_model(args.model)
-    data = images(args.batch * args.batches, args.size)
+    model = vision_model(args.model).to(args.device)
+    data = images(args.batch * args.batches, args.size).to(args.device)
     batches = list(data.split(args.batch))
     reference = sharing_copy(model)
     forward_times(reference, batches[:1])  # warm-up
@@ -121,14 +122,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "images_per_s_fit": args.batch / fit_batch,
         "images_per_s_forward": args.batch / median(forward),
         "model_gb": model_bytes / 1e9, "stats_gb": stats_bytes / 1e9,
-        "peak_rss_gb": peak, "rss_before_fit_gb": rss_before_fit,
+        "peak_rss_gb": peak, "rss_before_fit_gb": rss_before_fit, "device": str(args.device),
+        "peak_gpu_gb": peak_gpu_gb(),
         "rss_goal_gb": 1.2 * (model_bytes + stats_bytes) / 1e9 + 1.0,
     }
     tag = f"{args.model}_{args.estimator}{'' if args.negative else '_plus'}_{args.precision}"
+    if args.device.type != "cpu":
+        tag += f"_{args.device.type}"
     write_result(f"fit_{tag}", result)
     print(f"{tag}: fit {fit_batch:.2f} s/batch vs forward {median(forward):.2f} s/batch = "
           f"×{result['ratio_to_forward']:.2f}; first batch {per_batch[0]:.2f} s, final flush "
-          f"{final_flush:.2f} s; peak RSS {peak:.2f} GB (goal ≤ {result['rss_goal_gb']:.2f})")
+          f"{final_flush:.2f} s; peak RSS {peak:.2f} GB (goal ≤ {result['rss_goal_gb']:.2f})"
+          + (f"; peak GPU {result['peak_gpu_gb']:.2f} GB" if result["peak_gpu_gb"] else ""))
     return result
 
 

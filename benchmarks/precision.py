@@ -11,12 +11,11 @@ Usage: python benchmarks/precision.py --model vgg16 --batches 2 --batch 8
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import images, machine, median, parse_args, vision_model, write_result  # noqa: E402
+from common import clock, images, machine, median, parse_args, vision_model, write_result  # noqa: E402
 
 import patternnet as pn  # noqa: E402
 
@@ -26,15 +25,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         __doc__, argv,
         extra=lambda parser: parser.add_argument("--batches", type=int, default=2),
     )  # fmt: skip
-    model = vision_model(args.model)
-    data = images(args.batch * args.batches, args.size)
+    model = vision_model(args.model).to(args.device)
+    data = images(args.batch * args.batches, args.size).to(args.device)
     fits: dict[str, pn.Patterns] = {}
     seconds: dict[str, float] = {}
     for precision in ("float32", "float64"):
-        start = time.perf_counter()
+        start = clock()
         fits[precision] = pn.fit_patterns(model, data, batch_size=args.batch, progress=False,
                                           precision=precision)
-        seconds[precision] = time.perf_counter() - start
+        seconds[precision] = clock() - start
         print(f"{precision} fit: {seconds[precision]:.1f} s", flush=True)
     layers = []
     for name in fits["float64"]:
@@ -47,17 +46,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 (fast64 - exact64).abs().max() / exact64.abs().max()
             )
         layers.append(row)
-    x = images(2, args.size, seed=1)
+    x = images(2, args.size, seed=1).to(args.device)
     heat = {p: pn.PatternAttribution(model, fits[p]).attribute(x).double() for p in fits}
     attribution_error = float((heat["float32"] - heat["float64"]).norm() / heat["float64"].norm())
     keys = [k for k in layers[0] if k != "layer"]
     summary = {k: {"median": median([r[k] for r in layers]), "max": max(r[k] for r in layers)}
                for k in keys}
     result = {"benchmark": "precision", "model": args.model, "images": len(data),
+              "device": str(args.device),
               "size": args.size, "machine": machine(), "fit_seconds": seconds,
               "layers": layers, "summary": summary,
               "pattern_attribution_relative_error": attribution_error}
-    write_result(f"precision_{args.model}_{args.size}", result)
+    device = "" if args.device.type == "cpu" else f"_{args.device.type}"
+    write_result(f"precision_{args.model}_{args.size}{device}", result)
     for key, values in summary.items():
         print(f"  {key:<28} median {values['median']:.2e}  max {values['max']:.2e}")
     print(f"  PatternAttribution heat map relative error {attribution_error:.2e}")

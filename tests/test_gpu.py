@@ -121,3 +121,138 @@ def test_cuda_checkpoint_resume(tmp_path: Path) -> None:
         for key, tensor in reference[name].tensors.items():
             assert resumed[name].tensors[key].is_cuda
             torch.testing.assert_close(resumed[name].tensors[key], tensor, rtol=1e-12, atol=0)
+
+
+# --- every method, evaluation, and the distributed path on CUDA -------------------------------
+
+DETERMINISTIC = {
+    "pattern_net": {"estimator": "filter"},
+    "pattern_attribution": {"estimator": "filter"},
+    "integrated_gradients": {"n_steps": 3},
+}
+
+
+@pytest.mark.parametrize("name", [n for n in pn.methods() if n != "smoothgrad"])
+@pytest.mark.parametrize("net", ["vgg", "resnet"])
+def test_cuda_every_method_matches_cpu(name: str, net: str) -> None:
+    from baseline_models import images, resnet, vgg
+    from patternnet.methods.registry import get_method
+
+    cpu_model = {"vgg": vgg, "resnet": resnet}[net]()
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    x = images(n=3)
+    expected = get_method(name, cpu_model, **DETERMINISTIC.get(name, {})).attribute(x, target=1)
+    got = get_method(name, gpu_model, **DETERMINISTIC.get(name, {})).attribute(x.cuda(), target=1)
+    assert got.is_cuda and got.shape == x.shape
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_cuda_smoothgrad_runs_on_the_device() -> None:
+    from baseline_models import images, vgg
+
+    x = images(n=2).cuda()
+    result = pn.SmoothGrad(vgg().cuda(), n_samples=4, seed=0).attribute(x, target=1)
+    assert result.is_cuda and result.shape == x.shape and torch.isfinite(result).all()
+    assert result.abs().sum() > 0
+
+
+def test_cuda_region_perturbation_matches_cpu() -> None:
+    from baseline_models import images, vgg
+    from patternnet.evaluate.perturbation import region_perturbation
+
+    cpu_model = vgg()
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    x = images(n=4)
+    heat = pn.Gradient(cpu_model).attribute(x, target=1)
+    expected = region_perturbation(cpu_model, x, heat, k=2, steps=5, target=1)
+    got = region_perturbation(gpu_model, x.cuda(), heat.cuda(), k=2, steps=5, target=1)
+    torch.testing.assert_close(torch.as_tensor(got.scores).cpu(),
+                               torch.as_tensor(expected.scores), rtol=1e-8, atol=1e-10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_nccl_one_rank_fit_equals_plain_fit() -> None:
+    """The NCCL all-reduce path (a one-rank group: one GPU here) changes nothing."""
+    import torch.distributed as dist
+
+    from patternnet.patterns import distributed
+
+    model = make_model().double().cuda()
+    x = make_data().double().cuda()
+    plain = pn.fit_patterns(model, x, batch_size=8, progress=False)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    try:
+        assert distributed.is_initialized() and dist.get_backend() == "nccl"
+        fitted = pn.fit_patterns(model, x, batch_size=8, progress=False, distributed=True)
+    finally:
+        distributed.shutdown()
+    assert_patterns_close(fitted, plain, 1e-12)
+
+
+def _gloo_cuda_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from patternnet.patterns import distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert distributed.init_from_env(backend="gloo", timeout_minutes=2)
+    try:
+        model = make_model().double().cuda()
+        patterns = pn.fit_patterns(model, make_data().double(), batch_size=8, progress=False,
+                                   device="cuda")
+        if distributed.is_main_process():
+            patterns.save(Path(out) / "gloo_cuda.safetensors")
+    finally:
+        distributed.shutdown()
+
+
+def test_two_processes_on_one_gpu_equal_one_process(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_cuda_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = pn.fit_patterns(make_model().double().cuda(), make_data().double(), batch_size=8,
+                             progress=False, device="cuda")
+    assert_patterns_close(pn.Patterns.load(tmp_path / "gloo_cuda.safetensors"), single, 1e-10)
+
+
+def test_torchrun_cli_fit_on_cuda(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun not available")
+    model = make_model()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "netdef.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_gpu import make_model\n"
+    )
+    np.save(tmp_path / "inputs.npy", make_data().numpy())
+    out = tmp_path / "cuda.safetensors"
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "1", "-m", "patternnet", "fit",
+         "--model", "netdef:make_model", "--weights", str(tmp_path / "weights.pt"),
+         "--data", str(tmp_path / "inputs.npy"), "--out", str(out), "--batch-size", "8",
+         "--device", "cuda", "--quiet"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    on_gpu = pn.Patterns.load(out)
+    on_cpu = pn.fit_patterns(model, make_data(), batch_size=8, progress=False)
+    assert on_gpu.metadata["images"] == 48
+    assert_patterns_close(on_gpu, on_cpu, 1e-4)
