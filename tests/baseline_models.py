@@ -51,21 +51,26 @@ class VGGish(nn.Module):
         return self.fc2(x)
 
 
+#: BatchNorm eps of the test models: negligible next to the comparisons' tolerances.
+TINY_EPS = 1e-12
+
+
 class Block(nn.Module):
     """A residual block: conv-BN-ReLU-conv-BN plus the identity, then ReLU.
 
-    BatchNorm ``eps = 0``: Zennit's BatchNorm merging leaves the BatchNorm as ``x / √(1 + eps)``
-    (it resets the running variance to 1 but keeps eps), which would differ by ~1e-5.
+    BatchNorm ``eps = 1e-12`` (:data:`TINY_EPS`): Zennit's BatchNorm merging leaves the
+    BatchNorm as ``x / √(1 + eps)`` (it resets the running variance to 1 but keeps eps), which
+    with the default eps would differ by ~1e-5. Not 0: torch 2.11 refuses ``eps = 0``.
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1),
-            nn.BatchNorm2d(channels, eps=0.0),
+            nn.BatchNorm2d(channels, eps=TINY_EPS),
             nn.ReLU(),
             nn.Conv2d(channels, channels, 3, padding=1),
-            nn.BatchNorm2d(channels, eps=0.0),
+            nn.BatchNorm2d(channels, eps=TINY_EPS),
         )
         self.relu = nn.ReLU()
 
@@ -79,7 +84,7 @@ class ResNetish(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6, eps=0.0), nn.ReLU()
+            nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6, eps=TINY_EPS), nn.ReLU()
         )
         self.blocks = nn.Sequential(Block(6), Block(6))
         self.pool = nn.AdaptiveAvgPool2d(1)

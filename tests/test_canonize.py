@@ -212,3 +212,53 @@ def test_probe_runs_once_per_model() -> None:
     finally:
         handle.remove()
     assert len(calls) == 1
+
+
+def test_folding_is_reused_until_an_input_tensor_changes() -> None:
+    """A canonizer's folded weights are the same objects across calls, new after a change."""
+    model = bn_net()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    folding = BatchNormFolding()
+
+    def folded() -> torch.Tensor:
+        return Canonical(model, [folding]).weight("0")
+
+    first = folded()
+    assert folded() is first  # reused: the methods' caches keyed on it hold
+    assert Canonical(model, [BatchNormFolding()]).weight("0") is not first  # per canonizer
+
+    def in_place(tensor: torch.Tensor, value: float) -> None:
+        with torch.no_grad():  # as an optimiser step does
+            tensor.add_(value)
+
+    changes = {
+        "running_var in place": lambda m: m[1].running_var.mul_(2.0),
+        "BatchNorm weight in place": lambda m: in_place(m[1].weight, 0.5),
+        "conv weight in place": lambda m: in_place(m[0].weight, -0.1),
+        "load_state_dict": lambda m: m.load_state_dict(randomise_batchnorms(copy.deepcopy(m))
+                                                       .state_dict()),
+        ".data assignment": lambda m: setattr(m[1].running_mean, "data",
+                                              torch.randn(4, dtype=torch.float64)),
+        "eps": lambda m: setattr(m[1], "eps", 0.5),
+    }  # fmt: skip
+    for what, change in changes.items():
+        before = folded()
+        change(model)
+        after = folded()
+        assert after is not before, what
+        canonical = Canonical(model, [folding])
+        with torch.no_grad():  # still exactly the model's function
+            expected = model(x)
+            with canonical.active():
+                torch.testing.assert_close(canonical(x), expected, msg=what)
+    assert Canonical(model.float(), [folding]).weight("0").dtype == torch.float32
+
+
+def test_a_new_method_object_sees_writes_through_data() -> None:
+    """Writes through ``.data`` bypass version counters: a new method object folds afresh."""
+    model = bn_net()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    pn.Gradient(model).attribute(x, target=0)
+    model[1].weight.data.mul_(-2.0)
+    expected = torch.func.grad(lambda v: model(v)[:, 0].sum())(x)
+    torch.testing.assert_close(pn.Gradient(model).attribute(x, target=0), expected)

@@ -76,3 +76,26 @@ def test_held_products_wait_for_the_flush() -> None:
     assert torch.equal(stats["0"].tensors["sum_xy"], before)  # held, not yet added
     after = stats["0"]["sum_xy"]  # reading flushes
     assert not stats.pending and not torch.equal(after, before)
+
+
+def test_fitting_turns_tf32_off_and_restores_the_users_setting() -> None:
+    import torch
+    from torch import nn
+
+    import patternnet as pn
+
+    seen = []
+    model = nn.Sequential(nn.Linear(3, 2))
+    model.register_forward_hook(
+        lambda *_: seen.append((torch.backends.cudnn.allow_tf32,
+                                torch.backends.cuda.matmul.allow_tf32))
+    )  # fmt: skip
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        pn.fit_patterns(model, torch.randn(8, 3), progress=False, precision="float32")
+        assert seen and all(flags == (False, False) for flags in seen)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        assert torch.backends.cudnn.allow_tf32 == before[0]
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -38,20 +38,23 @@ def borrowed(model: nn.Module, *, warn_train: str | None = None) -> Iterator[nn.
             "the model's parameters are on the meta device (no values); materialise it first, "
             "e.g. model.to_empty(device='cpu') then load_state_dict(...)"
         )
-    training = {module: module.training for module in model.modules()}
-    requires_grad = {param: param.requires_grad for param in model.parameters()}
+    # Only what eval() and freezing change is recorded and restored (ResNet-50 has ~160
+    # parameters and ~150 modules; this runs twice per explanation).
+    training = [module for module in model.modules() if module.training]
+    frozen = [param for param in model.parameters() if param.requires_grad]
     if warn_train and model.training:
         warnings.warn(warn_train, stacklevel=3)
     try:
-        model.eval()
-        for param in requires_grad:
+        if training:
+            model.eval()  # (not the flags directly: a module may override train())
+        for param in frozen:
             param.requires_grad_(False)
         yield model
     finally:
-        for module, flag in training.items():
-            module.training = flag
-        for param, flag in requires_grad.items():
-            param.requires_grad_(flag)
+        for module in training:
+            module.training = True
+        for param in frozen:
+            param.requires_grad_(True)
 
 
 def forward_checked(call: Callable[[Tensor], Any], inputs: Tensor) -> Any:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from ..engine.backward import Rule, rules_applied
-from ..engine.canonize import Canonical, Canonizer
+from ..engine.canonize import Canonical, Canonizer, default_canonizers
 from ..engine.support import check_supported
 
 __all__ = ["Attribution", "TargetType", "resolve_target", "check_inputs"]
@@ -145,7 +145,10 @@ class Attribution:
         A classifier ``nn.Module`` returning logits ``(N, C)``; borrowed, never changed.
     canonizers:
         Graph rewrites applied for the explanation (default: fold BatchNorm into the preceding
-        Linear/Conv). ``[]`` for none.
+        Linear/Conv). ``[]`` for none. A method object reuses what it prepared (folded
+        weights, ``W ⊙ A``) across calls while the tensors are unchanged; in-place updates
+        (optimiser steps, ``load_state_dict``) are detected, writes through ``.data`` are not:
+        build a new method object after those.
     output_selector:
         For models returning tuples/dicts/objects: a function from the model's output to the
         ``(N, C)`` logits to explain, e.g. ``lambda out: out["logits"]``.
@@ -164,7 +167,9 @@ class Attribution:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
-        self.canonizers = canonizers
+        # Resolved once: the canonizers' own caches (folded BatchNorms) live as long as the
+        # method object, so repeated calls reuse them.
+        self.canonizers = default_canonizers() if canonizers is None else list(canonizers)
         self.output_selector = output_selector
 
     # ------------------------------------------------------------------ a method's choices

@@ -29,7 +29,13 @@ from .checkpoint import (
     rank_path,
     remove_stale_temporaries,
 )
-from .statistics import DEFAULT_FLUSH_EVERY, LayerStatistics, Statistics, required_sums
+from .statistics import (
+    DEFAULT_FLUSH_EVERY,
+    LayerStatistics,
+    Statistics,
+    full_float32,
+    required_sums,
+)
 from .store import Patterns, architecture, fingerprint, weight_summary
 
 __all__ = ["collect_statistics", "compute_patterns", "fit_patterns", "iter_batches"]
@@ -269,7 +275,7 @@ def collect_statistics(
         try:
             for name, module in modules.items():
                 handles.append(module.register_forward_hook(make_hook(name, module)))
-            with torch.no_grad(), canonical.active():
+            with torch.no_grad(), canonical.active(), full_float32():
                 for batch in _remaining_batches(data, batch_size, limit, *skip):
                     batch = batch.to(
                         device=target_device, dtype=dtype,
