@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rss_goal_gb": 1.2 * (model_bytes + stats_bytes) / 1e9 + 1.0,
     }
     tag = f"{args.model}_{args.estimator}{'' if args.negative else '_plus'}_{args.precision}"
+    if args.batch != 8:
+        tag += f"_batch{args.batch}"
     if args.device.type != "cpu":
         tag += f"_{args.device.type}"
     write_result(f"fit_{tag}", result)

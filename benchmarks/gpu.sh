@@ -36,6 +36,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$log" 2>
 python3 -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0],
 "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' >>"$log" 2>&1
 step 240 tests python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE
+if [ "$quick" != quick ]; then  # the whole CPU suite, on this machine's torch, with CUDA present
+    step 300 "whole suite" python3 -m pytest -q -p no:cacheprovider -rfE -n 8 tests
+fi
 rounds=20
 [ "$quick" = quick ] && rounds=5
 for model in vgg16 resnet50; do
@@ -50,6 +53,8 @@ step 90 "fit vgg16 linear float32" python3 benchmarks/fit.py --device cuda --mod
     --batches 9 --estimator linear --precision float32
 step 90 "fit vgg16 a+ a- float64" python3 benchmarks/fit.py --device cuda --model vgg16 \
     --batches 9 --precision float64
+step 90 "fit vgg16 a+ float32 batch 64" python3 benchmarks/fit.py --device cuda --model vgg16 \
+    --batches 9 --batch 64 --no-negative --precision float32
 step 90 "fit resnet50 a+ float32" python3 benchmarks/fit.py --device cuda --model resnet50 \
     --batches 9 --no-negative --precision float32
 step 120 "precision vgg16" python3 benchmarks/precision.py --device cuda --model vgg16 \
