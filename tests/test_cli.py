@@ -179,7 +179,10 @@ def test_methods_lists_the_registry(capsys):
         (["demo", "--epochs", "-1"], "must be at least 1"),
     ],
 )
-def test_bad_arguments_give_one_line_and_exit_2(workspace, capsys, monkeypatch, argv, message):
+def test_bad_arguments_give_one_line_and_exit_2(
+    workspace, patterns_file, capsys, monkeypatch, argv, message
+):
+    # patterns_file: some cases read it (not left to another test having made it first)
     monkeypatch.chdir(workspace)
     code, out, err = run(capsys, *argv)
     assert code == 2
@@ -256,3 +259,18 @@ def test_torchrun_fit_matches_one_process(workspace, patterns_file, tmp_path):
     for layer in single:
         for name, tensor in single[layer].items():
             torch.testing.assert_close(distributed[layer][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_on_the_cpu_asks_for_gloo_even_where_cuda_exists(workspace, capsys, monkeypatch,
+                                                             tmp_path):
+    """torchrun on a GPU machine with --device cpu: gloo (NCCL would need one GPU per rank)."""
+    from patternnet.patterns import distributed
+
+    asked = []
+    monkeypatch.setattr(distributed, "init_from_env",
+                        lambda backend=None, **_: asked.append(backend) or False)
+    monkeypatch.chdir(workspace)
+    code, _, err = run(capsys, "fit", "--model", MODEL, "--data", "inputs.npy", "--out",
+                       tmp_path / "p.safetensors", "--quiet")
+    assert code == 0, err
+    assert asked == ["gloo"]

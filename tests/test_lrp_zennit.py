@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from baseline_models import assert_relative, images, resnet, vgg
+from baseline_models import TINY_EPS, assert_relative, images, resnet, vgg
 from patternnet.engine.rules import Z
 from patternnet.methods.lrp import LRP, DeepTaylor
 
@@ -202,14 +202,14 @@ def test_epsilon_gamma_box_equals_zennit() -> None:
 
 
 def torchvision_resnet18() -> nn.Module:
-    """torchvision's ResNet-18 with random weights and statistics, float64, BatchNorm eps 0."""
+    """torchvision's ResNet-18 with random weights and statistics, float64, BatchNorm eps ≈ 0."""
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(num_classes=5)
     generator = torch.Generator().manual_seed(6)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
-                module.eps = 0.0
+                module.eps = TINY_EPS  # (torch 2.11 refuses 0)
                 module.running_mean.normal_(0, 0.1, generator=generator)
                 module.running_var.uniform_(0.5, 1.5, generator=generator)
                 module.weight.uniform_(0.5, 1.5, generator=generator)

@@ -420,7 +420,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .patterns import distributed
     from .patterns.fit import fit_patterns
 
-    launched = distributed.init_from_env()
+    # NCCL for a fit on GPUs, gloo for one on CPUs (even where CUDA is present).
+    on_gpu = str(args.device).startswith("cuda")
+    launched = distributed.init_from_env(backend="nccl" if on_gpu else "gloo")
     try:
         if launched and args.device == "cuda":
             args.device = str(distributed.local_device())
