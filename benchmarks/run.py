@@ -34,6 +34,7 @@ def plan(quick: bool, threads: int) -> dict[str, list[list[str]]]:
             "precision": [["precision.py", "--model", "resnet18", "--size", "64", *t]],
             "scaling": [["scaling.py", "--model", "resnet18", "--size", "32", "--sizes", "32",
                          "128", "--images", "64"]],
+            "checkpoint": [["checkpoint.py", "--model", "resnet18", "--repeat", "1", *t]],
         }
     fits = []
     for extra in (["--no-negative"], ["--estimator", "linear"], []):
@@ -48,6 +49,7 @@ def plan(quick: bool, threads: int) -> dict[str, list[list[str]]]:
         "fit": fits,
         "precision": [["precision.py", "--model", "vgg16", "--batches", "2", *t]],
         "scaling": [["scaling.py", "--model", "resnet18", "--size", "64"]],
+        "checkpoint": [["checkpoint.py", "--model", "vgg16", *t]],
     }
 
 
@@ -90,13 +92,33 @@ def summary() -> str:
         lines += [""] + [f"- {k}: fit {v['fit_s']:.1f} s" for k, v in p["runs"].items()]
         lines.append(f"- speed-up {p['speedup']:.2f}, patterns differ by "
                      f"{p['max_relative_pattern_difference']:.1e} (relative)")
+    checkpoints = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("checkpoint_*.json"))]
+    if checkpoints:
+        lines += ["\n### Checkpoints (CPU s / wall s; peak RSS above what is held, GB)", "",
+                  "| statistics | format | checksum | write | save | load | resume | peak "
+                  "save / load / resume |", "|---|---|---|---|---|---|---|---|"]
+        for r in checkpoints:
+            s, load, resume = r["save"], r["load"], r["resume"]
+
+            def cell(t: dict) -> str:
+                return f"{t['cpu']:.2f} / {t['wall']:.2f}"
+
+            lines.append(
+                f"| {r['model']} {r['estimator']} {s['statistics_gb']:.2f} GB | "
+                f"v{r.get('format_version', '?')} | {cell(s['checksum_s'])} | "
+                f"{cell(s['write_s'])} | {cell(s['save_s'])} | {cell(load['load_checkpoint_s'])} | "
+                f"{resume['resume_s'][1]:.2f} / {resume['resume_s'][0]:.2f} | "
+                f"{s['peak_above_sums_gb']:.2f} / {load['peak_above_loaded_gb']:.2f} / "
+                f"{resume['peak_above_model_and_sums_gb']:.2f} |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="+", choices=["explain", "fit", "precision", "scaling"])
+    parser.add_argument("--only", nargs="+", choices=["explain", "fit", "precision", "scaling",
+                                                       "checkpoint"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()

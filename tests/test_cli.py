@@ -99,6 +99,40 @@ def test_fit_image_folder_with_limit_and_linear_estimator(workspace, capsys):
     assert patterns["0"]["a"].shape == (4, 1, 3, 3)
 
 
+@pytest.mark.parametrize("minutes", [None, "1e-9"])
+def test_fit_checkpoint_minutes_reaches_the_fit(workspace, tmp_path, capsys, monkeypatch,
+                                                minutes):
+    from patternnet.patterns import checkpoint as checkpoint_mod
+
+    written = []
+    real_save = checkpoint_mod.save_checkpoint
+
+    def recording_save(path, statistics, context):
+        written.append((statistics.batches, bool(context.get("complete"))))
+        return real_save(path, statistics, context)
+
+    monkeypatch.setattr(checkpoint_mod, "save_checkpoint", recording_save)
+    out, ckpt = tmp_path / "p.safetensors", tmp_path / "fit.ckpt"
+    argv = ["fit", "--model", MODEL, "--data", workspace / "inputs.npy", "--out", out,
+            "--batch-size", "4", "--checkpoint", ckpt, "--quiet"]  # fmt: skip
+    if minutes is not None:
+        argv += ["--checkpoint-minutes", minutes]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    # 12 batches; sums are flushed every 8, and a checkpoint waits for a flush. The default
+    # (10 minutes) writes only the final checkpoint; a tiny interval writes at every flush too.
+    assert written == ([(12, True)] if minutes is None else [(8, False), (12, True)])
+    assert Patterns.load(out).metadata["images"] == 48
+    # and the finished checkpoint resumes into the same patterns without reading data again
+    again = tmp_path / "again.safetensors"
+    code, _, err = run(capsys, *argv[:6], again, *argv[7:], "--resume")
+    assert code == 0, err
+    first, second = Patterns.load(out), Patterns.load(again)
+    for layer in first:
+        for name, tensor in first[layer].items():
+            assert torch.equal(second[layer][name], tensor)
+
+
 def test_explain_writes_png_and_arrays(workspace, patterns_file, capsys):
     out = workspace / "explained"
     images = sorted((workspace / "images").rglob("*.png"))[:2]
@@ -173,6 +207,16 @@ def test_methods_lists_the_registry(capsys):
          "missing.png"),
         (["fit", "--model", MODEL, "--data", "x", "--out", "p", "--mean", "a,b"],
          "comma-separated list of numbers"),
+        (["fit", "--model", MODEL, "--data", "x", "--out", "p", "--checkpoint", "c",
+          "--checkpoint-minutes", "0"], "'0' must be a positive number"),
+        (["fit", "--model", MODEL, "--data", "x", "--out", "p", "--checkpoint", "c",
+          "--checkpoint-minutes", "nan"], "'nan' must be a positive number"),
+        (["fit", "--model", MODEL, "--data", "x", "--out", "p", "--checkpoint-minutes", "ten"],
+         "'ten' is not a number"),
+        (["fit", "--model", MODEL, "--data", "x", "--out", "p", "--checkpoint-minutes", "5"],
+         "--checkpoint-minutes needs --checkpoint FILE"),
+        (["fit", "--model", MODEL, "--data", "x", "--out", "p", "--checkpoint-every", "5"],
+         "--checkpoint-every needs --checkpoint FILE"),
         (["frobnicate"], "invalid choice"),
         (["evaluate", "--model", MODEL, "--patterns", "tiny.patterns.safetensors", "--data",
           "inputs.npy", "--out", "r", "--patch", "20"], "larger than the 8×8 images"),

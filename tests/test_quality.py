@@ -220,3 +220,64 @@ def test_conv1d_layer_matches_explicit_regression():
         for j in range(3)
     ]  # fmt: skip
     np.testing.assert_allclose(table.per_neuron[("0", "linear")].numpy(), expected, atol=2e-4)
+
+
+def _loop_patches_3d(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """Patches ``(M, C·k₁k₂k₃)`` of a zero-padded Conv3d by explicit loops over positions."""
+    (p1, p2, p3), (s1, s2, s3), (d1, d2, d3) = layer.padding, layer.stride, layer.dilation
+    k1, k2, k3 = layer.kernel_size
+    x = F.pad(x, (p3, p3, p2, p2, p1, p1))
+    rows = []
+    span = [(n - d * (k - 1) - 1) // s + 1
+            for n, d, k, s in zip(x.shape[2:], (d1, d2, d3), (k1, k2, k3), (s1, s2, s3))]
+    for i in range(span[0]):
+        for j in range(span[1]):
+            for m in range(span[2]):
+                rows.append(x[:, :, i * s1 : i * s1 + d1 * (k1 - 1) + 1 : d1,
+                              j * s2 : j * s2 + d2 * (k2 - 1) + 1 : d2,
+                              m * s3 : m * s3 + d3 * (k3 - 1) + 1 : d3].flatten(1))
+    return torch.stack(rows, 1).reshape(-1, rows[0].shape[1])  # image-major, positions row-major
+
+
+@pytest.mark.parametrize("estimator", ["linear", "two_component"])
+def test_conv3d_layer_matches_explicit_regression(estimator):
+    torch.manual_seed(0)
+    conv = nn.Conv3d(2, 3, (2, 3, 3), stride=(1, 2, 1), padding=(1, 1, 0), dilation=(1, 1, 2))
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 3 * 2, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    data = [F.avg_pool3d(torch.randn(300, 2, 5, 6, 7, generator=g, dtype=torch.float64), 2, 1)
+            + 0.3 for _ in range(3)]  # fmt: skip
+    patterns = fit_patterns(model, data[0], estimator=estimator, progress=False)
+    table = estimator_quality(model, None, data[1], data[2], estimators=[estimator], layers=["0"],
+                              patterns={estimator: patterns}, positions=None,
+                              max_neurons=None, max_dims=None)  # fmt: skip
+    assert table.info["0"]["exact"]
+    weight, bias = conv.weight.detach().flatten(1), conv.bias.detach()
+    tensors = patterns["0"]
+
+    def io(x):
+        patches = _loop_patches_3d(conv, x)
+        y = patches @ weight.T
+        return patches, y, y + bias > 0
+
+    (p_r, y_r, m_r), (p_e, y_e, m_e) = io(data[1]), io(data[2])
+    assert p_r.shape == (300 * 30, 36)
+    expected = []
+    for j in range(3):
+        d_r = _residual(p_r, y_r, m_r, estimator, tensors, conv.weight.detach(), j)
+        d_e = _residual(p_e, y_e, m_e, estimator, tensors, conv.weight.detach(), j)
+        expected.append(_reference_rho(d_r.numpy(), y_r[:, j].numpy(), d_e.numpy(),
+                                       y_e[:, j].numpy()))  # fmt: skip
+    np.testing.assert_allclose(table.per_neuron[("0", estimator)].numpy(), expected, atol=2e-4)
+
+
+def test_conv3d_network_gets_a_full_table():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv3d(4, 4, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4 * 4, 3))  # fmt: skip
+    data = torch.randn(90, 1, 4, 4, 4) + 0.2
+    table = estimator_quality(model, data[:30], data[30:60], data[60:], max_neurons=2,
+                              positions=8)  # fmt: skip
+    assert table.layers == ["0", "2", "5"]
+    assert torch.isfinite(table.rho).all()

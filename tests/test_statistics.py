@@ -8,7 +8,7 @@ from torch import nn
 
 import patternnet as pn
 from patternnet.patterns.fit import collect_statistics
-from reference import layer_samples, linear_pattern, two_component
+from reference import conv_patches, layer_samples, linear_pattern, two_component
 
 LAYERS = {
     "linear": lambda: nn.Linear(7, 5),
@@ -231,3 +231,13 @@ def test_reused_module_accumulates_every_call() -> None:
     x = torch.randn(10, 4, dtype=torch.float64)
     stats = collect_statistics(model, x, progress=False)
     assert stats["fc"].count == 20
+
+
+@pytest.mark.parametrize("name", [n for n in LAYERS if n.startswith("conv")])
+def test_patches_match_explicit_unfolding(name: str) -> None:
+    # LayerGeometry.patches (used by ρ(S)) against the reference, every padding mode and 1/2/3-D
+    layer, x = _layer(name)
+    cols = pn.layers.geometry(layer).patches(x, tuple(layer.weight.shape[2:]))
+    expected = conv_patches(layer, x)  # (M, G, D/G)
+    assert torch.equal(cols.permute(0, 2, 1).reshape(expected.shape[0], -1),
+                       expected.flatten(1))  # fmt: skip

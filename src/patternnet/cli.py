@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 import sys
 import time
@@ -55,6 +56,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
     return value
 
 
@@ -198,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--checkpoint-every", type=_positive_int, metavar="N", help="checkpoint every N batches"
+    )
+    fit.add_argument(
+        "--checkpoint-minutes",
+        type=_positive_float,
+        metavar="M",
+        help="checkpoint every M minutes (may be fractional; default with --checkpoint and "
+        "without --checkpoint-every: 10)",
     )
     fit.add_argument(
         "--resume", action="store_true", help="continue the fit saved in --checkpoint"
@@ -420,6 +438,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .patterns import distributed
     from .patterns.fit import fit_patterns
 
+    if args.checkpoint is None:
+        for flag, value in (("--checkpoint-every", args.checkpoint_every),
+                            ("--checkpoint-minutes", args.checkpoint_minutes),
+                            ("--resume", args.resume or None)):  # fmt: skip
+            if value is not None:
+                raise UsageError(f"{flag} needs --checkpoint FILE (where the statistics go)")
     # NCCL for a fit on GPUs, gloo for one on CPUs (even where CUDA is present).
     on_gpu = str(args.device).startswith("cuda")
     launched = distributed.init_from_env(backend="nccl" if on_gpu else "gloo")
@@ -440,6 +464,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         for name, value in (
             ("checkpoint", args.checkpoint),
             ("checkpoint_every", args.checkpoint_every),
+            ("checkpoint_minutes", args.checkpoint_minutes),
             ("resume", args.resume or None),
         ):
             if value is None:

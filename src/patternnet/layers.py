@@ -3,12 +3,14 @@
 Everything the rest of the package needs to know about a ``Linear`` or ``Conv1d/2d/3d``
 lives here: which modules count as such layers, how a batch of inputs is padded the way the
 layer pads it, the transposed map ``g -> Wᵀ g`` with any weight put in the place of ``W``
-(the backward pass of PatternNet and of every rule), and the weight-gradient product
-``Σ_positions patch ⊗ g`` that turns the sums of method.md §2 into one kernel call.
+(the backward pass of PatternNet and of every rule), the weight-gradient product
+``Σ_positions patch ⊗ g`` that turns the sums of method.md §2 into one kernel call, and the
+explicit patches themselves where a per-sample view is needed (ρ(S), method.md §5).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +70,34 @@ class LayerGeometry:
     def flatten_linear(self, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
         """Rows ``(M, D)`` and ``(M, O)`` of a Linear layer's inputs and outputs."""
         return x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+
+    def patches(self, x: Tensor, kernel_size: tuple[int, ...]) -> Tensor:
+        """The receptive field of every output position: ``(N, D, L)`` for a conv layer.
+
+        ``D = C·k₁⋯k_n`` in the order of ``weight.view(O, -1)`` (all channels, before any
+        group split) and ``L`` the output positions in row-major order, as ``F.unfold`` gives
+        them for Conv2d, but for any number of spatial dimensions (Conv1d/2d/3d). The layer's
+        padding (zeros, ``'same'``, reflect/replicate/circular), stride and dilation are
+        applied; the values are copied exactly (no arithmetic), once.
+
+        Parameters
+        ----------
+        x:
+            The layer's input batch ``(N, C, *spatial)`` (unpadded).
+        kernel_size:
+            The kernel's spatial extent, ``weight.shape[2:]``.
+        """
+        if self.kind != "conv":
+            raise TypeError("patches exist only for convolution layers")
+        n = self.spatial_dims
+        x = self.prepare_input(x)
+        if any(self.padding):
+            x = F.pad(x, [p for p in reversed(self.padding) for _ in range(2)])
+        for i in range(n):  # a strided view: (N, C, L₁..L_n, extent₁..extent_n)
+            x = x.unfold(2 + i, self.dilation[i] * (kernel_size[i] - 1) + 1, self.stride[i])
+        x = x[(..., *(slice(None, None, d) for d in self.dilation))]  # taps of the kernel
+        order = [0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n)]  # (N, C, k..., L...)
+        return x.permute(order).reshape(x.shape[0], -1, math.prod(x.shape[2 : 2 + n]))
 
     # ------------------------------------------------------------------ maps
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

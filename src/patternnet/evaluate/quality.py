@@ -61,7 +61,8 @@ Sampling 16 (4) of the 64 output positions per image changed ρ by at most 0.002
 averaging over 8 sampled neurons instead of all 16/32 by at most 0.002. Convolutions
 contribute ``positions`` output positions per image (the same seeded sample for a chunk of
 images; all positions with ``positions=None``); patches are unfolded for a chunk of images at a
-time and only the sampled positions are kept.
+time (:meth:`patternnet.layers.LayerGeometry.patches`, for Conv1d, Conv2d and Conv3d alike) and
+only the sampled positions are kept.
 """
 
 from __future__ import annotations
@@ -73,12 +74,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..borrow import borrowed, model_device, model_dtype
 from ..engine.canonize import Canonical, Canonizer
-from ..layers import LayerGeometry, geometry
+from ..layers import geometry
 from ..patterns.fit import fit_patterns, iter_batches, linear_layers
 from ..patterns.store import Patterns
 
@@ -191,25 +191,6 @@ def _sample(total: int, limit: int | None, generator: torch.Generator) -> Tensor
     return torch.randperm(total, generator=generator)[:limit].sort().values
 
 
-def _patches(geo: LayerGeometry, module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
-    """Unfolded patches ``(N, D, L)`` of a conv layer's input, in ``weight.view(O, -1)`` order."""
-    x = geo.prepare_input(x)
-    kernel = tuple(module.weight.shape[2:])
-    if geo.spatial_dims == 1:
-        cols = F.unfold(
-            x.unsqueeze(2), (1, kernel[0]), dilation=(1, geo.dilation[0]),
-            padding=(0, geo.padding[0]), stride=(1, geo.stride[0]),
-        )  # fmt: skip
-    elif geo.spatial_dims == 2:
-        cols = F.unfold(x, kernel, dilation=geo.dilation, padding=geo.padding, stride=geo.stride)
-    else:
-        raise ValueError(
-            f"estimator_quality supports Linear, Conv1d and Conv2d layers, not "
-            f"{type(module).__name__}; pass layers= to leave it out"
-        )
-    return cols, cols.shape[-1]
-
-
 class _LayerCollector:
     """Hook that turns one layer's forward calls into :class:`LayerMoments` rows."""
 
@@ -241,7 +222,8 @@ class _LayerCollector:
         per_image = math.prod(mod.weight.shape[1:]) * o_all.shape[-1]
         chunk = max(1, CHUNK_ELEMENTS // max(1, per_image * groups))
         for start in range(0, n, chunk):
-            cols, L = _patches(self.geo, mod, x[start : start + chunk])
+            cols = self.geo.patches(x[start : start + chunk], tuple(mod.weight.shape[2:]))
+            L = cols.shape[-1]
             pos = _sample(L, self.positions, self.generator).to(cols.device)
             if groups > 1:
                 # the neurons' group must be shared by all sampled neurons (checked up front)
@@ -615,10 +597,6 @@ def estimator_quality(
     missing = [n for n in names if n not in modules]
     if missing:
         raise KeyError(f"{missing} are not Linear/Conv layers; choose from {list(modules)}")
-    for name in names:
-        if isinstance(modules[name], nn.Conv3d):
-            raise ValueError(f"layer {name!r} is a Conv3d; estimator_quality supports Linear, "
-                             "Conv1d and Conv2d (pass layers= to leave it out)")  # fmt: skip
     fitted = _patterns_for(model, estimators, fit_data, patterns, batch_size, canonizers)
     canonical = Canonical(model, canonizers)
     generator = torch.Generator().manual_seed(seed)
