@@ -256,3 +256,34 @@ def test_torchrun_cli_fit_on_cuda(tmp_path: Path) -> None:
     on_cpu = pn.fit_patterns(model, make_data(), batch_size=8, progress=False)
     assert on_gpu.metadata["images"] == 48
     assert_patterns_close(on_gpu, on_cpu, 1e-4)
+
+
+def _synchronisations(fn) -> int:
+    """How many host-device synchronisations ``fn()`` makes (torch's sync debug mode)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("method", ["gradient", "pattern_net_plus", "pattern_attribution_plus"])
+def test_cuda_explaining_waits_for_the_gpu_only_at_the_ends(method: str) -> None:
+    """Checks of inputs, target and results read the GPU before/after, never between passes."""
+    model = make_model().cuda()
+    x = make_data(8).cuda()
+    patterns = pn.fit_patterns(model, make_data(), progress=False, negative=False)
+    explainer = {
+        "gradient": lambda: pn.Gradient(model),
+        "pattern_net_plus": lambda: pn.PatternNet(model, patterns),
+        "pattern_attribution_plus": lambda: pn.PatternAttribution(model, patterns),
+    }[method]()
+    explainer.attribute(x, target=1)  # warm-up (caches)
+    # the inputs' finiteness before the forward pass; logits and result after the backward
+    assert _synchronisations(lambda: explainer.attribute(x, target=1)) <= 3
+    assert _synchronisations(lambda: explainer.attribute(x)) <= 3

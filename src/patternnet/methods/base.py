@@ -78,35 +78,40 @@ def resolve_target(target: TargetType, logits: Tensor) -> Tensor:
     """
     n, classes = logits.shape
     if target is None:
-        return logits.detach().argmax(1)
+        return logits.detach().argmax(1)  # in range: no check (and no GPU synchronisation)
     if isinstance(target, bool):
         raise TypeError("target must be None, an int or one int per sample, not a bool")
     if isinstance(target, int):
-        index = torch.full((n,), target, dtype=torch.long, device=logits.device)
-    else:
-        try:
-            index = torch.as_tensor(target, device=logits.device)
-        except (TypeError, ValueError) as error:
-            raise TypeError(
-                f"target must be None, an int or one int per sample; got {type(target).__name__}"
-            ) from error
-        if index.dim() == 0:
-            index = index.expand(n)
-        if index.is_floating_point() or index.dtype == torch.bool:
-            raise TypeError(f"target must hold integers, not {index.dtype}")
-        index = index.reshape(-1).long()
-        if index.numel() != n:
-            raise ValueError(
-                f"target has {index.numel()} entries but the batch has {n} samples; give one "
-                "class per sample, a single int, or None"
-            )
+        _check_class_range(torch.tensor([target]), classes)
+        return torch.full((n,), target, dtype=torch.long, device=logits.device)
+    try:
+        # checked where the user's target lives (usually the CPU), then moved
+        index = torch.as_tensor(target)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"target must be None, an int or one int per sample; got {type(target).__name__}"
+        ) from error
+    if index.dim() == 0:
+        index = index.expand(n)
+    if index.is_floating_point() or index.dtype == torch.bool:
+        raise TypeError(f"target must hold integers, not {index.dtype}")
+    index = index.reshape(-1).long()
+    if index.numel() != n:
+        raise ValueError(
+            f"target has {index.numel()} entries but the batch has {n} samples; give one "
+            "class per sample, a single int, or None"
+        )
+    _check_class_range(index, classes)
+    return index.to(logits.device)
+
+
+def _check_class_range(index: Tensor, classes: int) -> None:
     bad = (index < 0) | (index >= classes)
     if bool(bad.any()):
         raise ValueError(
             f"target {index[bad][0].item()} is out of range: the model has {classes} outputs "
             f"(0 … {classes - 1})"
         )
-    return index
 
 
 def _bad_rows(values: Tensor) -> list[int]:
@@ -115,18 +120,26 @@ def _bad_rows(values: Tensor) -> list[int]:
     return bad.nonzero().flatten()[:8].tolist()
 
 
+def _check_finite_logits(finite: Tensor, logits: Tensor) -> None:
+    """Refuse NaN/Inf logits (``finite``: ``isfinite(logits).all()``, read only now).
+
+    Checked after the backward pass, not between the passes: reading a GPU value waits for
+    the forward pass to finish, and the backward pass would then be queued only afterwards.
+    """
+    if not bool(finite):
+        raise ValueError(
+            f"the model's output holds NaN or Inf for samples {_bad_rows(logits)}; an "
+            "explanation of it would be meaningless (check the model's weights and inputs)"
+        )
+
+
 def _check_logits(logits: Tensor, x: Tensor) -> None:
-    """Refuse logits that cannot be explained: wrong batch size, NaN/Inf, no gradient path."""
+    """Refuse logits that cannot be explained: wrong batch size, no gradient path."""
     if logits.shape[0] != x.shape[0]:
         raise ValueError(
             f"the model's output has {logits.shape[0]} rows but the batch has {x.shape[0]} "
             "samples; patternnet explains (N, C) logits, one row per sample (pass "
             "output_selector= to reshape the output)"
-        )
-    if not torch.isfinite(logits).all():
-        raise ValueError(
-            f"the model's output holds NaN or Inf for samples {_bad_rows(logits)}; an "
-            "explanation of it would be meaningless (check the model's weights and inputs)"
         )
     if not logits.requires_grad:
         raise ValueError(
@@ -230,9 +243,11 @@ class Attribution:
                 output = forward_checked(canonical, x)
                 logits = self._logits(output)
                 _check_logits(logits, x)
+                finite = torch.isfinite(logits.detach()).all()
                 index = resolve_target(target, logits)
                 start = self.start(logits.detach(), index)
                 (grad,) = torch.autograd.grad(logits, x, start)
+            _check_finite_logits(finite, logits.detach())
         return x.detach(), grad
 
     def attribute(self, inputs: Tensor, target: TargetType = None) -> Tensor:
