@@ -155,7 +155,7 @@ def two_component_patterns(
     ----------
     stats:
         Sums with ``count``, ``sum_y``, ``count_plus``, ``sum_x_plus``, ``sum_xy_plus`` (and
-        ``sum_x``, ``sum_xy`` for a₋).
+        ``sum_x``, ``sum_xy`` or ``sum_x_minus``, ``sum_xy_minus`` for a₋).
     weight:
         The layer's weight.
     negative:
@@ -174,7 +174,11 @@ def two_component_patterns(
     # differences all − plus, so their rounding is that of both terms, not of the result).
     plus_x, plus_xy = stats["sum_x_plus"], stats["sum_xy_plus"]
     sides = {"a_plus": (stats["count_plus"], plus_x, plus_xy, plus_x.abs(), plus_xy.abs())}
-    if negative:
+    if negative and "sum_xy_minus" in stats.tensors:  # collected directly (float32 fits)
+        minus_x, minus_xy = stats["sum_x_minus"], stats["sum_xy_minus"]
+        sides["a_minus"] = (n - stats["count_plus"], minus_x, minus_xy, minus_x.abs(),
+                            minus_xy.abs())  # fmt: skip
+    elif negative:
         count_minus = n - stats["count_plus"]
         all_x = _per_unit(stats["sum_x"], O)
         sum_x_minus = all_x - plus_x

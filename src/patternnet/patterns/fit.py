@@ -146,9 +146,14 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _new_statistics(
-    model: nn.Module, canonical: Canonical, estimator: str, negative: bool, device: torch.device
+    model: nn.Module,
+    canonical: Canonical,
+    estimator: str,
+    negative: bool,
+    device: torch.device,
+    precision: str,
 ) -> Statistics:
-    sums = required_sums(estimator, negative)
+    sums = required_sums(estimator, negative, precision)
     layers = {}
     for name, module in linear_layers(model).items():
         weight = canonical.weight(name)
@@ -234,7 +239,9 @@ def collect_statistics(
             flush_every = int(saved.get("flush_every", flush_every))
             resumed = True
     context["flush_every"] = flush_every
-    stats = statistics or _new_statistics(model, canonical, estimator, negative, target_device)
+    stats = statistics or _new_statistics(
+        model, canonical, estimator, negative, target_device, precision
+    )
     if stats.estimator != estimator:
         raise ValueError(
             f"cannot continue {stats.estimator!r} statistics with estimator {estimator!r}"
@@ -586,7 +593,9 @@ def fit_patterns(
         )
     else:
         canonical = Canonical(model, canonizers)
-        stats = _new_statistics(model, canonical, estimator, negative, model_device(model))
+        stats = _new_statistics(
+            model, canonical, estimator, negative, model_device(model), precision
+        )
     patterns = compute_patterns(model, stats, canonizers=canonizers)
     if needs_data:
         patterns.metadata["precision"] = precision

@@ -17,11 +17,19 @@ sum                 shape                        needed by
 ``count_plus``      ``(O,)``                      a₊, a₋
 ``sum_x_plus``      ``(O, D)``                    a₊, a₋
 ``sum_xy_plus``     ``(O, D)``                    a₊, a₋
+``sum_x_minus``     ``(O, D)``                    a₋ in float32 (instead of ``sum_x``)
+``sum_xy_minus``    ``(O, D)``                    a₋ in float32 (instead of ``sum_xy``)
 ==================  ===========================  ===========================
 
 ``G`` is the number of convolution groups and ``D = weight[0].numel()``. The inactive sums of
 a₋ are ``all − plus``. The products are computed by :meth:`LayerGeometry.weight_product`, the
 layer's own weight-gradient kernel, with the stacked output gradient ``[y·m, m, y, 1]``.
+
+With ``precision="float32"`` a₋'s sums are collected directly, with the stacked gradient
+``[y·m, m, y·(1−m), 1−m]``: ``all − plus`` of two float32-rounded sums cancels where most
+positions are active (a₋ off by several per cent; ``benchmarks/README.md``), the direct sums
+do not. It costs a fourth ``(O, D)`` sum and product instead of the ``(G, D)`` ``sum_x``; in
+float64 the difference is exact enough and the cheaper layout is kept.
 
 Speed and memory (method.md §9). A product is either formed per batch (convolutions with big
 activations, a few images at a time so that one chunk, not one batch, is stacked at once) or
@@ -57,13 +65,16 @@ _CHUNK_ELEMENTS = 1 << 24
 #: ``collect_statistics`` flushes all held-back products every this many batches.
 DEFAULT_FLUSH_EVERY = 8
 
-SUM_NAMES = ("count", "sum_y", "sum_x", "sum_xy", "count_plus", "sum_x_plus", "sum_xy_plus")
+SUM_NAMES = ("count", "sum_y", "sum_x", "sum_xy", "count_plus", "sum_x_plus", "sum_xy_plus",
+             "sum_x_minus", "sum_xy_minus")
 
 #: Which sums each estimator needs.
 _NEEDS = {
     "linear": {"count", "sum_y", "sum_x", "sum_xy"},
     "positive": {"count", "sum_y", "count_plus", "sum_x_plus", "sum_xy_plus"},
     "negative": {"count", "sum_y", "sum_x", "sum_xy", "count_plus", "sum_x_plus", "sum_xy_plus"},
+    "negative_direct": {"count", "sum_y", "count_plus", "sum_x_plus", "sum_xy_plus",
+                        "sum_x_minus", "sum_xy_minus"},
 }
 
 
@@ -91,7 +102,9 @@ def full_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
-def required_sums(estimator: str, negative: bool = True) -> frozenset[str]:
+def required_sums(
+    estimator: str, negative: bool = True, precision: str = "float64"
+) -> frozenset[str]:
     """The sums an estimator needs (``"identity"`` and ``"filter"`` need none).
 
     Parameters
@@ -100,11 +113,16 @@ def required_sums(estimator: str, negative: bool = True) -> frozenset[str]:
         ``"linear"``, ``"two_component"``, ``"filter"`` or ``"identity"``.
     negative:
         For ``"two_component"``: also collect what the inactive pattern a₋ needs.
+    precision:
+        ``"float32"`` collects a₋'s inactive sums directly (see the module's docstring).
     """
+    _compute_dtype(precision)  # validates
     if estimator == "linear":
         return frozenset(_NEEDS["linear"])
     if estimator == "two_component":
-        return frozenset(_NEEDS["negative" if negative else "positive"])
+        if not negative:
+            return frozenset(_NEEDS["positive"])
+        return frozenset(_NEEDS["negative_direct" if precision == "float32" else "negative"])
     if estimator in ("filter", "identity"):
         return frozenset()
     raise ValueError(
@@ -158,6 +176,8 @@ class LayerStatistics:
                 "count_plus": (self.out_features,),
                 "sum_x_plus": (self.out_features, self.patch_size),
                 "sum_xy_plus": (self.out_features, self.patch_size),
+                "sum_x_minus": (self.out_features, self.patch_size),
+                "sum_xy_minus": (self.out_features, self.patch_size),
             }
             self.tensors = {
                 name: torch.zeros(shapes[name], dtype=torch.float64, device=self.device)
@@ -235,6 +255,8 @@ class LayerStatistics:
             names += ["sum_xy_plus", "sum_x_plus"]
         if "sum_xy" in need:
             names.append("sum_xy")
+        if "sum_xy_minus" in need:
+            names += ["sum_xy_minus", "sum_x_minus"]
         need["count"] += out.numel() // O
 
         if geometry.kind == "linear":
@@ -245,7 +267,8 @@ class LayerStatistics:
             x2, _ = geometry.flatten_linear(x, out)
             if names:
                 parts = {"sum_xy_plus": lambda: y * m, "sum_x_plus": lambda: m,
-                         "sum_xy": lambda: y}
+                         "sum_xy": lambda: y, "sum_xy_minus": lambda: y - y * m,
+                         "sum_x_minus": lambda: 1 - m}
                 rows = torch.cat([parts[name]().reshape(-1, O) for name in names], dim=1)
                 if x2.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
                     x2 = x2.clone()  # held across batches: never alias the model's tensors
@@ -286,7 +309,9 @@ class LayerStatistics:
                 self._stage += product
 
     def _stack(self, out: Tensor, bias: Tensor | None, names: list[str]) -> Tensor:
-        """The stacked output gradient ``[y·m, m, y, 1]`` of a convolution, ``(N, G·K, ...)``.
+        """The stacked output gradient ``[y·m, m, y, 1]`` (or ``[y·m, m, y·(1−m), 1−m]``).
+
+        Shaped ``(N, G·K, ...)``.
 
         Written in place per group, so that the grouped weight-gradient keeps groups aligned:
         ``(N, G, K, *spatial)`` with ``K = len(names)·O/G (+1 for the ones of sum_x)``. Also
@@ -321,6 +346,10 @@ class LayerStatistics:
                 need["count_plus"] += mask.sum(dims).reshape(O).to(torch.float64)
             elif name == "sum_xy" and slot:
                 write_y(block)
+            elif name == "sum_xy_minus":  # after sum_xy_plus: y − y·m, exactly y or 0
+                torch.sub(write_y(block), stacked[:, :, :og], out=block)
+            elif name == "sum_x_minus":  # after sum_x_plus, whose block holds the mask
+                block.copy_(stacked[:, :, og : 2 * og]).neg_().add_(1.0)
             slot += og
         if ones:
             stacked[:, :, slot].fill_(1.0)
