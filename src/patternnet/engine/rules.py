@@ -285,8 +285,9 @@ class AlphaBeta(Rule):
         # needs no W⁻ (dense layers of VGG-sized models: hundreds of MB per copy).
         x_pos, x_neg = _signed_input(x)
         signed = x_neg is not None
-        w_pos = weight.clamp(min=0)
-        w_neg = weight.clamp(max=0) if (signed or self.beta) else None
+        # Signed inputs: [x⁺, x⁻] stacked along the channels meet [W⁺, W⁻] (positive
+        # contributions) and [W⁻, W⁺] (negative ones): one product each way instead of two.
+        x_in = _stack_channels(layer, x_pos, x_neg) if signed else x_pos
         b_pos = bias.clamp(min=0) if (self.bias and bias is not None) else None
         # p = W⁺x⁺ + W⁻x⁻ + b⁺ ≥ 0 and n = z − p ≤ 0 (every term has its sign): the
         # stabilised denominators are p + ε (added through the forward's bias, for free) and
@@ -295,19 +296,24 @@ class AlphaBeta(Rule):
         if presized:
             shift = weight.new_full((weight.shape[0],), self.stabilizer)
             b_pos = shift if b_pos is None else b_pos + shift
-        if signed:
-            # Signed inputs: [x⁺, x⁻] stacked along the channels meet [W⁺, W⁻] (positive
-            # contributions) and [W⁻, W⁺] (negative ones): one product each way instead of two.
-            x_in = _stack_channels(layer, x_pos, x_neg)
-            swapped = torch.cat([w_neg, w_pos], 1) if self.beta else None
-            w_in = (torch.cat([w_pos, w_neg], 1), swapped)
-        else:
-            x_in, w_in = x_pos, (w_pos, w_neg)
+        if not self.beta:
+            # z⁺ needs nothing of the forward pass but x: W⁺ and p are formed on the way back,
+            # where their buffers are reused layer after layer instead of every layer holding
+            # them until the backward pass (ResNet-50, batch 8 at 224²: 430 MB less held;
+            # measured 10% faster at 112², fewer fresh pages to fault in).
+            return layer, weight, x_in, x_in._version, [(b_pos, None)], presized, signed
+        w_in = self._weights(weight, signed)
         positive = layer.forward(x_in, w_in[0], b_pos)
-        negative = None
-        if self.beta:
-            negative = _without_bias(output.detach(), bias, layer, self.bias) - positive
-        return layer, w_in, x_in, [(positive, negative)], presized, signed
+        negative = _without_bias(output.detach(), bias, layer, self.bias) - positive
+        return layer, w_in, x_in, x_in._version, [(positive, negative)], presized, signed
+
+    def _weights(self, weight: Tensor, signed: bool) -> tuple[Tensor, Tensor | None]:
+        """The weights meeting the input for the positive and the negative contributions."""
+        w_pos = weight.clamp(min=0)
+        w_neg = weight.clamp(max=0) if (signed or self.beta) else None
+        if not signed:
+            return w_pos, w_neg
+        return torch.cat([w_pos, w_neg], 1), torch.cat([w_neg, w_pos], 1) if self.beta else None
 
     def _ratio(self, relevance: Tensor, denominator: Tensor, presized: bool) -> Tensor:
         if presized:  # the denominator is ours: divide into it
@@ -315,8 +321,17 @@ class AlphaBeta(Rule):
         return relevance_ratio(relevance, denominator, self.stabilizer)
 
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
-        layer, (w_pos, w_neg), x, box, presized, signed = state
+        layer, weights, x, version, box, presized, signed = state
         positive, negative = _consume(box)
+        if x._version != version:
+            raise RuntimeError(
+                f"the input of a layer with the {type(self).__name__} rule was changed in place "
+                "after the layer ran; LRP needs it unchanged (use an out-of-place operation)"
+            )
+        if not self.beta:  # z⁺: weights is the layer's weight, positive holds b⁺ (+ ε)
+            weights = self._weights(weights, signed)
+            positive = layer.forward(x, weights[0], positive)
+        w_pos, w_neg = weights
         ratio = self._ratio(grad_output, positive, presized)
         if self.alpha != 1:
             ratio = ratio.mul_(self.alpha)
