@@ -169,9 +169,15 @@ def _sum(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
     if func in _IN_PLACE_ADDITIONS:
         # An in-place sum overwrites ``a``: the rule must see its value before.
         before = a.detach().clone()
-        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        if (
+            not a.is_leaf
+            and a._base is None
+            and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+        ):
             return _SwappedSumInPlace.apply(rule, before, a, b)
-        values = before + b.detach()  # ``a += a`` and other overlaps: sum first, then copy
+        # Views, leaves (refused by autograd as before), ``a += a`` and other overlaps: sum
+        # first, then copy into ``a``.
+        values = before + b.detach()
         state = rule.save(None, (before, b.detach().clone()), values)
         return a.copy_(_SwappedSum.apply(rule, state, a, b, [values]))
     values = a.detach() + b.detach()
