@@ -128,6 +128,12 @@ def elementwise_product(weight: Tensor, pattern: Tensor) -> Tensor:
 # one rule object may serve many layers. ``stab(z) = z + ε·sign(z)`` with sign(0) = +1, the
 # convention Zennit uses; ``ε = 0`` means a plain division where units with ``z = 0`` pass no
 # relevance.
+#
+# Cost (benchmarks/README.md): what a rule needs of the layer's output is taken in the forward
+# pass (the model may overwrite the output in place later, as ``out += identity`` does); what
+# needs only the input (z⁺'s ``W⁺x``) is formed on the way back, so that no layer holds it until
+# then; ratios are divided into the rule's own buffers and products multiplied in place, so
+# the saved values serve one backward pass (a second one is refused, not silently wrong).
 
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
