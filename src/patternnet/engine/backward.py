@@ -101,6 +101,27 @@ class _SwappedSum(torch.autograd.Function):
         return None, None, to_a, to_b, None
 
 
+class _SwappedSumInPlace(torch.autograd.Function):
+    """``a += b`` written into ``a`` (as the model asked); ``rule.backward`` on the way back.
+
+    Marking ``a`` dirty makes autograd treat the sum as a new version of ``a``: no copy of
+    the sum into ``a`` and no zero gradient for the overwritten values on the way back.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rule: Rule, a_before: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        a.add_(b)
+        ctx.mark_dirty(a)
+        ctx.rule = rule
+        ctx.state = rule.save(None, (a_before, b.detach()), a.detach())
+        return a
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+        to_a, to_b = ctx.rule.backward(None, ctx.state, grad_output)
+        return None, None, to_a, to_b
+
+
 def _module_hook(rule: Rule) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not args:
@@ -145,15 +166,23 @@ def _sum(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
         and kwargs.get("alpha", 1) == 1
     ):
         return func(*args, **kwargs)
-    in_place = func in _IN_PLACE_ADDITIONS
+    if func in _IN_PLACE_ADDITIONS:
+        # An in-place sum overwrites ``a``: the rule must see its value before.
+        before = a.detach().clone()
+        if (
+            not a.is_leaf
+            and a._base is None
+            and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+        ):
+            return _SwappedSumInPlace.apply(rule, before, a, b)
+        # Views, leaves (refused by autograd as before), ``a += a`` and other overlaps: sum
+        # first, then copy into ``a``.
+        values = before + b.detach()
+        state = rule.save(None, (before, b.detach().clone()), values)
+        return a.copy_(_SwappedSum.apply(rule, state, a, b, [values]))
     values = a.detach() + b.detach()
-    # An in-place sum overwrites ``a``: the rule must see its value before.
-    summands = (a.detach().clone() if in_place else a.detach(), b.detach())
-    state = rule.save(None, summands, values)
-    result = _SwappedSum.apply(rule, state, a, b, [values])
-    if in_place:
-        return a.copy_(result)
-    return result
+    state = rule.save(None, (a.detach(), b.detach()), values)
+    return _SwappedSum.apply(rule, state, a, b, [values])
 
 
 class _FunctionRules(TorchFunctionMode):

