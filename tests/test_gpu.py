@@ -287,3 +287,18 @@ def test_cuda_explaining_waits_for_the_gpu_only_at_the_ends(method: str) -> None
     # the inputs' finiteness before the forward pass; logits and result after the backward
     assert _synchronisations(lambda: explainer.attribute(x, target=1)) <= 3
     assert _synchronisations(lambda: explainer.attribute(x)) <= 3
+
+
+def test_cuda_target_tensor_out_of_range_is_a_clear_error() -> None:
+    model = make_model().cuda()
+    x = make_data(8).cuda()
+    targets = torch.full((8,), 1, device="cuda")
+    targets[3] = 7  # the model has 4 classes
+    for method in (pn.Gradient(model), pn.PatternNet(model, estimator="filter")):
+        with pytest.raises(ValueError, match="target 7 is out of range"):
+            method.attribute(x, target=targets)
+    # in range: one more synchronisation (the range check after the backward pass), no more
+    targets[3] = 2
+    gradient = pn.Gradient(model)
+    gradient.attribute(x, target=targets)
+    assert _synchronisations(lambda: gradient.attribute(x, target=targets)) <= 4

@@ -65,7 +65,7 @@ def check_inputs(inputs: Any, name: str = "inputs") -> Tensor:
     return inputs
 
 
-def resolve_target(target: TargetType, logits: Tensor) -> Tensor:
+def resolve_target(target: TargetType, logits: Tensor, *, check: bool = True) -> Tensor:
     """Turn ``target`` into one class index per sample.
 
     Parameters
@@ -75,6 +75,11 @@ def resolve_target(target: TargetType, logits: Tensor) -> Tensor:
         with one class per sample.
     logits:
         ``(N, C)`` model output.
+    check:
+        Refuse classes out of range. ``False`` leaves the range check of a target tensor on
+        a GPU to the caller (:func:`check_target_range`, e.g. after the backward pass:
+        reading it is a host-device synchronisation); the index is then clamped into range
+        so that nothing in between indexes out of bounds.
     """
     n, classes = logits.shape
     if target is None:
@@ -101,8 +106,16 @@ def resolve_target(target: TargetType, logits: Tensor) -> Tensor:
             f"target has {index.numel()} entries but the batch has {n} samples; give one "
             "class per sample, a single int, or None"
         )
-    _check_class_range(index, classes)
-    return index.to(logits.device)
+    if check or index.device.type == "cpu":
+        _check_class_range(index, classes)
+        return index.to(logits.device)
+    return index.to(logits.device).clamp(0, classes - 1)
+
+
+def check_target_range(target: TargetType, classes: int) -> None:
+    """The range check :func:`resolve_target` skipped with ``check=False``."""
+    if isinstance(target, Tensor) and target.device.type != "cpu":
+        _check_class_range(target.reshape(-1).long(), classes)
 
 
 def _check_class_range(index: Tensor, classes: int) -> None:
@@ -244,10 +257,11 @@ class Attribution:
                 logits = self._logits(output)
                 _check_logits(logits, x)
                 finite = torch.isfinite(logits.detach()).all()
-                index = resolve_target(target, logits)
+                index = resolve_target(target, logits, check=False)
                 start = self.start(logits.detach(), index)
                 (grad,) = torch.autograd.grad(logits, x, start)
             _check_finite_logits(finite, logits.detach())
+            check_target_range(target, logits.shape[1])
         return x.detach(), grad
 
     def attribute(self, inputs: Tensor, target: TargetType = None) -> Tensor:
