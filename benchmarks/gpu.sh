@@ -42,6 +42,7 @@ fi
 rounds=20
 [ "$quick" = quick ] && rounds=5
 for model in vgg16 resnet50; do
+    step 60 "syncs $model" python3 benchmarks/syncs.py --device cuda --model "$model"
     step 150 "explain $model" python3 benchmarks/explain.py --device cuda --model "$model" \
         --batch 8 --rounds "$rounds"
 done
