@@ -607,16 +607,26 @@ class ProportionalSum(Rule):
         self.absolute = bool(absolute)
 
     def save(self, module: nn.Module | None, x: Any, output: Tensor) -> Any:
+        # References only (no work in the forward pass): the summands' absolute values are
+        # formed on the way back, in buffers that then become the results.
         a, b = x
-        if self.absolute:
-            a, b = a.abs(), b.abs()
-            return a, b, a + b
         return a, b, output
 
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Any:
         a, b, z = state
-        ratio = relevance_ratio(grad_output, z, self.stabilizer)
-        return a * ratio, b * ratio
+        if not self.absolute:
+            ratio = relevance_ratio(grad_output, z, self.stabilizer)
+            to_b = b * ratio
+            return ratio.mul_(a), to_b
+        # |a| + |b| ≥ 0, so stab(z) = z + ε: seven passes over the sum's shape and three
+        # buffers (ResNet-50: a third of what the general z rule and copies needed).
+        to_a, to_b = a.abs(), b.abs()
+        z = to_a + to_b
+        if self.stabilizer:
+            ratio = torch.div(grad_output, z.add_(self.stabilizer), out=z)
+        else:
+            ratio = (grad_output / z).masked_fill_(z == 0, 0.0)
+        return to_a.mul_(ratio), to_b.mul_(ratio)
 
 
 class ChannelScale(Rule):
