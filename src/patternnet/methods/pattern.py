@@ -42,6 +42,29 @@ def _pattern_pair(patterns: Patterns, name: str) -> tuple[Tensor, Tensor | None]
     )
 
 
+class _Sources:
+    """The model's parameters and buffers with their in-place version counters, comparable.
+
+    Two snapshots are equal when they hold the same tensor objects at the same versions: a
+    weight the canonical form derives from them (e.g. with BatchNorm folded in) is then the
+    same.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.tensors = (*model.parameters(), *model.buffers())
+        self.versions = tuple(t._version for t in self.tensors)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Sources)
+            and self.versions == other.versions
+            and len(self.tensors) == len(other.tensors)
+            and all(a is b for a, b in zip(self.tensors, other.tensors))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class _PatternMethod(Attribution):
     _attribution = False
 
@@ -97,41 +120,53 @@ class _PatternMethod(Attribution):
     def _swap(self, weight: Tensor, pattern: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _cached_swap(self, name: str, side: str, weight: Tensor, pattern: Tensor) -> Tensor:
+    def _cached_swap(
+        self, name: str, side: str, weight: Tensor, pattern: Tensor, sources: _Sources | None
+    ) -> Tensor:
         """``_swap(weight, pattern)``, reused across calls while neither tensor changes.
 
         The cache holds the very tensors it was computed from and their in-place version
-        counters: a weight updated in place (training) or replaced (a new folded weight) gives
-        a new swapped weight.
+        counters: a weight updated in place (training) or replaced gives a new swapped weight.
+        A weight the canonical form computes anew on every call (BatchNorm folded into it) is
+        recognised by ``sources`` instead: the model's parameters and buffers it is derived
+        from, unchanged (same tensors, same version counters).
         """
         cached = self._swap_cache.get((name, side))
         if (
             cached is not None
-            and cached[0] is weight
             and cached[1] is pattern
-            and cached[2] == (weight._version, pattern._version)
+            and cached[2][1] == pattern._version
+            and (
+                (sources is None and cached[0] is weight and cached[2][0] == weight._version)
+                or (sources is not None and sources == cached[4])
+            )
         ):
             return cached[3]
         swapped = self._swap(weight, pattern)
         versions = (weight._version, pattern._version)
-        self._swap_cache[(name, side)] = (weight, pattern, versions, swapped)
+        # a derived weight is not kept (it is a new tensor per call): its sources are
+        kept = weight if sources is None else None
+        self._swap_cache[(name, side)] = (kept, pattern, versions, swapped, sources)
         return swapped
 
     def rules(
         self, canonical: Canonical
     ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
         module_rules: dict[nn.Module, Rule] = {}
+        derived = canonical.form.parameters
+        sources = _Sources(self.model) if derived else None
         for name, module in linear_layers(self.model).items():
             # not detached: the swap cache recognises the same parameter object across calls
             weight = canonical.weight(name)
+            origin = sources if (f"{name}.weight" if name else "weight") in derived else None
             positive, negative = self._layer_patterns(name, weight)
             module_rules[module] = WeightSwap(
                 module,
-                self._cached_swap(name, "plus", weight, positive),
+                self._cached_swap(name, "plus", weight, positive, origin),
                 # computed only if some inactive unit receives a gradient (see WeightSwap)
                 None
                 if negative is None
-                else partial(self._cached_swap, name, "minus", weight, negative),
+                else partial(self._cached_swap, name, "minus", weight, negative, origin),
             )
         # BatchNorms that follow no Linear/Conv are per-channel linear units with pattern 1/s.
         module_rules.update(
