@@ -65,15 +65,17 @@ def methods(model: nn.Module, target: torch.Tensor) -> dict[str, Callable[[torch
     plus = Patterns({name: {"a_plus": t["a_plus"]} for name, t in patterns.items()},
                     estimator="two_component", metadata=patterns.metadata)
     found: dict[str, Callable[[torch.Tensor], Any]] = {"gradient (autograd)": gradient}
-    found["patternnet Gradient"] = lambda x: pn.Gradient(model).attribute(x, target)
-    found["PatternNet (a₊, a₋)"] = lambda x: pn.PatternNet(model, patterns).attribute(x, target)
-    found["PatternAttribution (a₊, a₋)"] = (
-        lambda x: pn.PatternAttribution(model, patterns).attribute(x, target)
-    )
-    found["PatternNet (a₊ only)"] = lambda x: pn.PatternNet(model, plus).attribute(x, target)
-    found["PatternAttribution (a₊ only)"] = (
-        lambda x: pn.PatternAttribution(model, plus).attribute(x, target)
-    )
+    # Each method object is built once and explains every batch (as Captum's below): what it
+    # prepares once (W ⊙ A of PatternAttribution, ...) is not paid per batch.
+    explainers = {
+        "patternnet Gradient": pn.Gradient(model),
+        "PatternNet (a₊, a₋)": pn.PatternNet(model, patterns),
+        "PatternAttribution (a₊, a₋)": pn.PatternAttribution(model, patterns),
+        "PatternNet (a₊ only)": pn.PatternNet(model, plus),
+        "PatternAttribution (a₊ only)": pn.PatternAttribution(model, plus),
+    }
+    for name, explainer in explainers.items():
+        found[name] = lambda x, explainer=explainer: explainer.attribute(x, target)
     try:
         from patternnet.methods.guided import GuidedBackprop
 

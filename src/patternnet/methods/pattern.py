@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..engine.backward import Rule, addition_rules
 from ..engine.canonize import Canonical, Canonizer
+from ..engine.gates import relu_gated_layers
 from ..engine.rules import ProportionalSum, WeightSwap, as_dtype, elementwise_product
 from ..engine.support import standalone_batchnorm_rules
 from ..patterns.estimators import filter_pattern
@@ -67,6 +68,9 @@ class _Sources:
 
 class _PatternMethod(Attribution):
     _attribution = False
+    #: ReLUs pass the gradient's gate backward (no ReLU rule is installed), so layers read
+    #: only by ReLUs never need a₋. A subclass that installs a ReLU rule must set it False.
+    _gradient_relus = True
 
     def __init__(
         self,
@@ -153,6 +157,13 @@ class _PatternMethod(Attribution):
         self, canonical: Canonical
     ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
         module_rules: dict[nn.Module, Rule] = {}
+        # Layers read only by ReLUs: the gate zeroes what reaches their inactive units, so
+        # the a₋ map is always zero there and no mask is needed (see engine.gates).
+        gated = (
+            relu_gated_layers(self.model, canonical.form.bypass)
+            if self._gradient_relus
+            else frozenset()
+        )
         derived = canonical.form.parameters
         sources = _Sources(self.model) if derived else None
         for name, module in linear_layers(self.model).items():
@@ -160,6 +171,8 @@ class _PatternMethod(Attribution):
             weight = canonical.weight(name)
             origin = sources if (f"{name}.weight" if name else "weight") in derived else None
             positive, negative = self._layer_patterns(name, weight)
+            if name in gated:
+                negative = None
             module_rules[module] = WeightSwap(
                 module,
                 self._cached_swap(name, "plus", weight, positive, origin),

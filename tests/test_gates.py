@@ -1,0 +1,177 @@
+"""Static decision which layers never need a₋ (engine.gates) and what PatternNet does with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import patternnet as pn
+from patternnet.engine.canonize import Canonical
+from patternnet.engine.gates import relu_gated_layers
+
+
+class SkipNet(nn.Module):
+    """``h = L1 x`` feeds a ReLU *and* the skip path: ``L2(relu(h) + h)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l1(x)
+        return self.l2(F.relu(h) + h)
+
+
+class Spellings(nn.Module):
+    """Every spelling of a ReLU, folded BatchNorms, a reused layer and a LeakyReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = nn.Conv2d(4, 4, 1)
+        self.c4 = nn.Conv2d(4, 4, 1)
+        self.c5 = nn.Conv2d(4, 4, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn1(self.c1(x)))  # through a folded BatchNorm
+        h = torch.relu(self.c2(h))
+        h = self.c3(h).relu()
+        h = self.c4(h)
+        h = F.relu(h, inplace=True)
+        h = self.c4(h)  # the same layer again, now without a ReLU
+        h = self.leaky(self.c5(h))  # LeakyReLU passes gradient at negative inputs
+        return self.head(h.mean((2, 3)))
+
+
+def test_layers_read_only_by_relus_are_found() -> None:
+    model = Spellings().eval()
+    bypass = Canonical(model).form.bypass
+    assert bypass == {"bn1"}
+    assert relu_gated_layers(model, bypass) == {"c1", "c2", "c3"}
+    # without folding, the BatchNorm (shift!) stands between c1 and its ReLU
+    assert relu_gated_layers(model) == {"c2", "c3"}
+    assert relu_gated_layers(SkipNet()) == frozenset()
+    sequential = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(),
+                               nn.Linear(4, 2), nn.ReLU6(), nn.Linear(2, 2))
+    assert relu_gated_layers(sequential) == {"0", "4"}
+
+
+def test_untraceable_or_hooked_models_leave_the_decision_to_run_time() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.l1(x))
+            return self.l2(h) if h.sum() > 0 else -self.l2(h)
+
+    assert relu_gated_layers(DataDependent()) == frozenset()
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert relu_gated_layers(model) == {"0"}
+    handle = model[0].register_forward_hook(lambda module, args, out: -out)
+    try:
+        assert relu_gated_layers(model) == frozenset()
+    finally:
+        handle.remove()
+
+
+def _two_component_patterns(model: nn.Module, seed: int) -> pn.Patterns:
+    generator = torch.Generator().manual_seed(seed)
+    layers = {
+        name: {
+            "a_plus": torch.randn(m.weight.shape, generator=generator, dtype=torch.float64),
+            "a_minus": torch.randn(m.weight.shape, generator=generator, dtype=torch.float64),
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
+    return pn.Patterns(layers, estimator="two_component")
+
+
+class RunTimePatternNet(pn.PatternNet):
+    """The two-component rule deciding at run time only (as before the static decision)."""
+
+    _gradient_relus = False
+
+
+class RunTimePatternAttribution(pn.PatternAttribution):
+    _gradient_relus = False
+
+
+def test_skip_path_layer_uses_a_minus_as_the_explicit_formula() -> None:
+    torch.manual_seed(0)
+    model = SkipNet().double().eval()
+    patterns = _two_component_patterns(model, 1)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    got = pn.PatternNet(model, patterns).attribute(x, target=1)
+
+    # explicit backward: A₊ᵀ(g·m) + A₋ᵀ(g·(1−m)) per layer, ReLU gate and skip copy at h
+    h = model.l1(x).detach()
+    z = model.l2(F.relu(h) + h).detach()
+    g = torch.zeros_like(z)
+    g[:, 1] = z[:, 1]
+    m2 = (z > 0).double()
+    p2, n2 = patterns["l2"]["a_plus"], patterns["l2"]["a_minus"]
+    g_sum = (g * m2) @ p2 + (g * (1 - m2)) @ n2
+    g_h = g_sum * (h > 0).double() + g_sum  # through the ReLU and along the skip path
+    m1 = (h > 0).double()
+    p1, n1 = patterns["l1"]["a_plus"], patterns["l1"]["a_minus"]
+    expected = (g_h * m1) @ p1 + (g_h * (1 - m1)) @ n1
+    torch.testing.assert_close(got, expected)
+    # the a₋ of l1 matters: inactive units of h receive the skip path's gradient
+    assert ((g_h * (1 - m1)).abs().sum(1) > 0).all()
+    assert not torch.allclose(got, (g_h * m1) @ p1 + (g_h * (1 - m1)) @ p1)
+
+
+def test_layer_without_relu_after_it_keeps_a_minus() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    patterns = _two_component_patterns(model, 2)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    method = pn.PatternNet(model, patterns)
+    module_rules, _ = method.rules(Canonical(model))
+    assert all(rule.negative is not None for rule in module_rules.values())
+    got = method.attribute(x, target=0)
+    plus_only = pn.Patterns(
+        {name: {"a_plus": t["a_plus"]} for name, t in patterns.items()},
+        estimator="two_component",
+    )
+    assert not torch.allclose(got, pn.PatternNet(model, plus_only).attribute(x, target=0))
+    torch.testing.assert_close(got, RunTimePatternNet(model, patterns).attribute(x, target=0))
+
+
+@pytest.mark.parametrize("kind", ["net", "attribution"])
+def test_static_decision_gives_the_run_time_results_bit_for_bit(kind: str) -> None:
+    torch.manual_seed(2)
+    model = Spellings().double()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-1, 1)
+        model.bn1.running_var.uniform_(0.5, 2)
+    model.eval()
+    patterns = _two_component_patterns(model, 3)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    static, dynamic = (
+        (pn.PatternNet, RunTimePatternNet)
+        if kind == "net"
+        else (pn.PatternAttribution, RunTimePatternAttribution)
+    )
+    method = static(model, patterns)
+    module_rules, _ = method.rules(Canonical(model))
+    negatives = {name: module_rules[getattr(model, name)].negative is not None
+                 for name in ("c1", "c2", "c3", "c4", "c5", "head")}
+    assert negatives == {"c1": False, "c2": False, "c3": False, "c4": True, "c5": True,
+                         "head": True}
+    for target in (0, 1):
+        got = method.attribute(x, target=target)
+        assert torch.equal(got, dynamic(model, patterns).attribute(x, target=target))
+    # a₋ of the gated layers was never formed
+    assert not any(side == "minus" and name in ("c1", "c2", "c3")
+                   for name, side in method._swap_cache)
