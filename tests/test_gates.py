@@ -9,7 +9,7 @@ from torch import nn
 
 import patternnet as pn
 from patternnet.engine.canonize import Canonical
-from patternnet.engine.gates import relu_gated_layers
+from patternnet.engine.gates import relu_gates
 
 
 class SkipNet(nn.Module):
@@ -54,13 +54,14 @@ def test_layers_read_only_by_relus_are_found() -> None:
     model = Spellings().eval()
     bypass = Canonical(model).form.bypass
     assert bypass == {"bn1"}
-    assert relu_gated_layers(model, bypass) == {"c1", "c2", "c3"}
+    expected = {"c1": True, "c2": True, "c3": True, "c4": False, "c5": False, "head": False}
+    assert relu_gates(model, bypass) == expected
     # without folding, the BatchNorm (shift!) stands between c1 and its ReLU
-    assert relu_gated_layers(model) == {"c2", "c3"}
-    assert relu_gated_layers(SkipNet()) == frozenset()
+    assert relu_gates(model) == {**expected, "c1": False}
+    assert relu_gates(SkipNet()) == {"l1": False, "l2": False}
     sequential = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(),
                                nn.Linear(4, 2), nn.ReLU6(), nn.Linear(2, 2))
-    assert relu_gated_layers(sequential) == {"0", "4"}
+    assert relu_gates(sequential) == {"0": True, "2": False, "4": True, "6": False}
 
 
 def test_untraceable_or_hooked_models_leave_the_decision_to_run_time() -> None:
@@ -73,12 +74,12 @@ def test_untraceable_or_hooked_models_leave_the_decision_to_run_time() -> None:
             h = F.relu(self.l1(x))
             return self.l2(h) if h.sum() > 0 else -self.l2(h)
 
-    assert relu_gated_layers(DataDependent()) == frozenset()
+    assert relu_gates(DataDependent()) == {}
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    assert relu_gated_layers(model) == {"0"}
+    assert relu_gates(model) == {"0": True, "2": False}
     handle = model[0].register_forward_hook(lambda module, args, out: -out)
     try:
-        assert relu_gated_layers(model) == frozenset()
+        assert relu_gates(model) == {}
     finally:
         handle.remove()
 
@@ -169,6 +170,9 @@ def test_static_decision_gives_the_run_time_results_bit_for_bit(kind: str) -> No
                  for name in ("c1", "c2", "c3", "c4", "c5", "head")}
     assert negatives == {"c1": False, "c2": False, "c3": False, "c4": True, "c5": True,
                          "head": True}
+    # layers known to feed something else than ReLUs skip the run-time test
+    assert not any(module_rules[getattr(model, name)].check_inactive
+                   for name in ("c4", "c5", "head"))
     for target in (0, 1):
         got = method.attribute(x, target=target)
         assert torch.equal(got, dynamic(model, patterns).attribute(x, target=target))

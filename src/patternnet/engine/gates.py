@@ -8,12 +8,14 @@ inactive unit is zero, so the second map is zero: such a layer needs neither the
 convolutions of each block (the third and the shortcut feed the residual sum, and the ReLU
 after the sum gates the *sum*, not their own units).
 
-:func:`relu_gated_layers` reads this from the model's graph (``torch.fx``, no data), before
+:func:`relu_gates` reads this from the model's graph (``torch.fx``, no data), before
 the forward pass, so that the rule of such a layer saves no mask and makes no test on the way
 back (a test would also cost a host-device synchronisation per layer on a GPU). Whatever the
 graph does not show for certain — an untraceable model, a layer called inside another leaf
 module, forward hooks of the user that could change outputs — gives no entry: those layers
-keep the two-component rule, which decides at run time.
+keep the two-component rule, which decides at run time. Layers the graph shows to be read by
+something else (a residual sum) are said so too: their rule skips the run-time test for
+gradient at inactive units, which is then almost surely there.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 from ..layers import is_linear_layer
 
-__all__ = ["RELU_GATES", "relu_gated_layers"]
+__all__ = ["RELU_GATES", "relu_gates"]
 
 #: ReLU modules: their gradient is zero wherever their input is ≤ 0.
 RELU_GATES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
@@ -52,8 +54,8 @@ def _has_forward_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def relu_gated_layers(model: nn.Module, bypass: Collection[str] = ()) -> frozenset[str]:
-    """Names of the Linear/Conv layers whose outputs are read only by ReLUs.
+def relu_gates(model: nn.Module, bypass: Collection[str] = ()) -> dict[str, bool]:
+    """For each Linear/Conv layer the graph shows: is its output read only by ReLUs?
 
     Parameters
     ----------
@@ -66,31 +68,33 @@ def relu_gated_layers(model: nn.Module, bypass: Collection[str] = ()) -> frozens
 
     Returns
     -------
-    frozenset
-        Layers such that every call's output (after the bypassed modules) is read only by
-        ``nn.ReLU``/``nn.ReLU6`` modules, ``F.relu``/``torch.relu``/``F.relu6`` or
-        ``Tensor.relu`` (in place or not). Only valid while those ReLUs pass the gradient's
-        gate backward (no ReLU rule installed). Empty when the model cannot be traced or has
-        forward hooks.
+    dict
+        ``{layer name: gated}``. ``True``: every call's output (after the bypassed modules) is
+        read only by ``nn.ReLU``/``nn.ReLU6`` modules, ``F.relu``/``torch.relu``/``F.relu6``
+        or ``Tensor.relu`` (in place or not) — valid while those ReLUs pass the gradient's gate
+        backward (no ReLU rule installed). ``False``: some call's output is read by anything
+        else (a residual sum, another layer, the model's output ...). Layers the graph does not
+        show for certain are left out; the dict is empty when the model cannot be traced or
+        has forward hooks.
     """
     if _has_forward_hooks(model):
-        return frozenset()
+        return {}
     from .canonize import _LeafTracer, _structure_key
 
     bypass = frozenset(bypass)
     key = (_structure_key(model), bypass)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:
-        return cached[1]
+        return dict(cached[1])
     from .support import classify
 
     if any(s.kind == "unsupported" for s in classify(model, folding=False).values()):
-        return frozenset()  # the method refuses the model; tracing would run its forward
+        return {}  # the method refuses the model; tracing would run its forward
     try:
         graph = _LeafTracer().trace(model)
     except Exception:  # noqa: BLE001 - untraceable: decide at run time
-        _CACHE[model] = (key, frozenset())
-        return frozenset()
+        _CACHE[model] = (key, {})
+        return {}
     modules = dict(model.named_modules())
 
     def gate(node: torch.fx.Node) -> bool:
@@ -127,8 +131,6 @@ def relu_gated_layers(model: nn.Module, bypass: Collection[str] = ()) -> frozens
         name for name in calls
         if any(name.startswith(leaf + ".") for leaf in leaves if leaf and leaf != name)
     }
-    result = frozenset(
-        name for name, flags in calls.items() if all(flags) and name not in hidden
-    )
+    result = {name: all(flags) for name, flags in calls.items() if name not in hidden}
     _CACHE[model] = (key, result)
-    return result
+    return dict(result)

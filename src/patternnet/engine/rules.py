@@ -51,7 +51,14 @@ class WeightSwap(Rule):
         The weight used where the unit was active (``Wx + b > 0``), or everywhere when
         ``negative`` is None. Shaped like the layer's weight.
     negative:
-        The weight used where the unit was not active (two-component rule), or None.
+        The weight used where the unit was not active (two-component rule), or None; a
+        callable is called once, when first needed.
+    check_inactive:
+        With ``negative``: test on the way back whether any inactive unit receives something,
+        and use one map when none does (e.g. a ReLU after the layer zeroed them; one
+        reduction, and a host-device synchronisation on a GPU). False where inactive units are
+        known to receive gradient (a layer feeding a residual sum, see
+        :func:`patternnet.engine.gates.relu_gates`): the two maps without the test.
     """
 
     def __init__(
@@ -59,31 +66,47 @@ class WeightSwap(Rule):
         module: nn.Module,
         positive: Tensor,
         negative: Tensor | Callable[[], Tensor] | None = None,
+        *,
+        check_inactive: bool = True,
     ):
         self.geometry: LayerGeometry = geometry(module)
         self.positive = positive.detach()
         # A callable negative weight is computed on first use only (in a ReLU network only the
         # layers without a ReLU after them, usually the last one, ever need it).
         self.negative = negative.detach() if isinstance(negative, Tensor) else negative
+        self.check_inactive = bool(check_inactive)
 
     def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
-        mask = (output > 0) if self.negative is not None else None
-        return x.shape, mask
+        if self.negative is None:
+            return x.shape, None
+        # The mask as 0/1 in the output's dtype: comparing into a float buffer, and later
+        # multiplying by it, are plain vectorised passes (a bool mask, torch.where and
+        # Tensor.any took 3-5× longer each on CPU).
+        output = output.detach()
+        return x.shape, torch.gt(output, 0, out=torch.empty_like(output))
 
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
         shape, mask = state
         if mask is None:
             return self.geometry.transpose(grad_output, self.positive, shape)
-        inactive = torch.where(mask, 0.0, grad_output)  # one pass (masked_fill copies first)
-        # In a ReLU network the gate already zeroed the inactive units: one map, no mask.
-        if not bool(inactive.any()):
+        active = grad_output * mask
+        inactive = grad_output - active  # exactly g where inactive, 0 where active
+        # In a ReLU network the gate already zeroed the inactive units: one map.
+        if self.check_inactive and not _any_nonzero(inactive):
             return self.geometry.transpose(grad_output, self.positive, shape)
         if callable(self.negative):
             self.negative = self.negative().detach()
-        active = grad_output - inactive
-        return self.geometry.transpose(active, self.positive, shape) + self.geometry.transpose(
-            inactive, self.negative, shape
-        )
+        result = self.geometry.transpose(active, self.positive, shape)
+        result += self.geometry.transpose(inactive, self.negative, shape)
+        return result
+
+
+def _any_nonzero(values: Tensor) -> bool:
+    """Whether any entry is non-zero (or NaN): one vectorised min/max pass."""
+    if values.numel() == 0:
+        return False
+    low, high = torch.aminmax(values)
+    return bool((low != 0) | (high != 0))
 
 
 class DeconvNetReLU(Rule):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..engine.backward import Rule, addition_rules
 from ..engine.canonize import Canonical, Canonizer
-from ..engine.gates import relu_gated_layers
+from ..engine.gates import relu_gates
 from ..engine.rules import ProportionalSum, WeightSwap, as_dtype, elementwise_product
 from ..engine.support import standalone_batchnorm_rules
 from ..patterns.estimators import filter_pattern
@@ -159,11 +159,7 @@ class _PatternMethod(Attribution):
         module_rules: dict[nn.Module, Rule] = {}
         # Layers read only by ReLUs: the gate zeroes what reaches their inactive units, so
         # the a₋ map is always zero there and no mask is needed (see engine.gates).
-        gated = (
-            relu_gated_layers(self.model, canonical.form.bypass)
-            if self._gradient_relus
-            else frozenset()
-        )
+        gates = relu_gates(self.model, canonical.form.bypass) if self._gradient_relus else {}
         derived = canonical.form.parameters
         sources = _Sources(self.model) if derived else None
         for name, module in linear_layers(self.model).items():
@@ -171,7 +167,7 @@ class _PatternMethod(Attribution):
             weight = canonical.weight(name)
             origin = sources if (f"{name}.weight" if name else "weight") in derived else None
             positive, negative = self._layer_patterns(name, weight)
-            if name in gated:
+            if gates.get(name):
                 negative = None
             module_rules[module] = WeightSwap(
                 module,
@@ -180,6 +176,8 @@ class _PatternMethod(Attribution):
                 None
                 if negative is None
                 else partial(self._cached_swap, name, "minus", weight, negative, origin),
+                # a layer known to feed something else than ReLUs: no run-time test
+                check_inactive=gates.get(name) is None,
             )
         # BatchNorms that follow no Linear/Conv are per-channel linear units with pattern 1/s.
         module_rules.update(
