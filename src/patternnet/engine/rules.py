@@ -630,19 +630,28 @@ class ProportionalSum(Rule):
         self.absolute = bool(absolute)
 
     def save(self, module: nn.Module | None, x: Any, output: Tensor) -> Any:
-        # References only (no work in the forward pass): the summands' absolute values are
-        # formed on the way back, in buffers that then become the results.
+        # References only (no work in the forward pass), with their in-place version counters:
+        # the summands' absolute values are formed on the way back, in buffers that then
+        # become the results.
         a, b = x
-        return a, b, output
+        return a, b, output, (a._version, b._version, output._version)
 
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Any:
-        a, b, z = state
+        a, b, z, versions = state
+        if (a._version, b._version) != versions[:2]:
+            raise RuntimeError(
+                "a summand of a residual sum was modified in place after the sum (e.g. "
+                "x.relu_() after y = x + h); the relevance split needs its value: write the "
+                "later operation out of place (x = x.relu())"
+            )
         if not self.absolute:
+            if z._version != versions[2]:  # the sum itself changed in place (y.relu_())
+                z = a + b
             ratio = relevance_ratio(grad_output, z, self.stabilizer)
             to_b = b * ratio
             return ratio.mul_(a), to_b
         # |a| + |b| ≥ 0, so stab(z) = z + ε: seven passes over the sum's shape and three
-        # buffers (ResNet-50: a third of what the general z rule and copies needed).
+        # buffers, all in the backward pass.
         to_a, to_b = a.abs(), b.abs()
         z = to_a + to_b
         if self.stabilizer:
