@@ -101,6 +101,25 @@ class _SwappedSum(torch.autograd.Function):
         return None, None, to_a, to_b, None
 
 
+class _SwappedSumInPlace(torch.autograd.Function):
+    """``a += b`` in place on ``a``; ``rule.backward`` splits the way back.
+
+    The rule's state is put into ``box`` after the call (it needs the sum).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rule: Rule, box: list, a: Tensor, b: Tensor) -> Tensor:
+        ctx.rule, ctx.box = rule, box
+        a.add_(b)
+        ctx.mark_dirty(a)
+        return a
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+        to_a, to_b = ctx.rule.backward(None, ctx.box[0], grad_output)
+        return None, None, to_a, to_b
+
+
 def _module_hook(rule: Rule) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not args:
@@ -145,15 +164,17 @@ def _sum(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
         and kwargs.get("alpha", 1) == 1
     ):
         return func(*args, **kwargs)
-    in_place = func in _IN_PLACE_ADDITIONS
+    if func in _IN_PLACE_ADDITIONS:
+        # An in-place sum overwrites ``a``: the rule must see its value before (one copy);
+        # the sum is then formed in ``a`` itself, as the model asked.
+        before = a.detach().clone()
+        box: list = [None]
+        result = _SwappedSumInPlace.apply(rule, box, a, b)
+        box[0] = rule.save(None, (before, b.detach()), result.detach())
+        return result
     values = a.detach() + b.detach()
-    # An in-place sum overwrites ``a``: the rule must see its value before.
-    summands = (a.detach().clone() if in_place else a.detach(), b.detach())
-    state = rule.save(None, summands, values)
-    result = _SwappedSum.apply(rule, state, a, b, [values])
-    if in_place:
-        return a.copy_(result)
-    return result
+    state = rule.save(None, (a.detach(), b.detach()), values)
+    return _SwappedSum.apply(rule, state, a, b, [values])
 
 
 class _FunctionRules(TorchFunctionMode):
