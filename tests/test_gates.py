@@ -9,7 +9,7 @@ from torch import nn
 
 import patternnet as pn
 from patternnet.engine.canonize import Canonical
-from patternnet.engine.gates import relu_gates
+from patternnet.engine.gates import OTHER, RELU, SUM, relu_gates
 
 
 class SkipNet(nn.Module):
@@ -50,18 +50,35 @@ class Spellings(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+class Pooled(nn.Module):
+    """Pooling between a layer and its ReLU (as in PyTorch's MNIST example)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)
+        self.pool, self.fc = nn.MaxPool2d(2), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.c1(x), 2))
+        x = self.pool(self.c2(x)).flatten(2).view(x.shape[0], 4, 4, 4).relu()
+        x = torch.relu(F.avg_pool2d(self.c3(x), 2))
+        return self.fc(torch.flatten(x, 1))
+
+
 def test_layers_read_only_by_relus_are_found() -> None:
     model = Spellings().eval()
     bypass = Canonical(model).form.bypass
     assert bypass == {"bn1"}
-    expected = {"c1": True, "c2": True, "c3": True, "c4": False, "c5": False, "head": False}
+    expected = {"c1": RELU, "c2": RELU, "c3": RELU, "c4": OTHER, "c5": OTHER, "head": OTHER}
     assert relu_gates(model, bypass) == expected
     # without folding, the BatchNorm (shift!) stands between c1 and its ReLU
-    assert relu_gates(model) == {**expected, "c1": False}
-    assert relu_gates(SkipNet()) == {"l1": False, "l2": False}
+    assert relu_gates(model) == {**expected, "c1": OTHER}
+    assert relu_gates(SkipNet()) == {"l1": SUM, "l2": OTHER}
     sequential = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(),
                                nn.Linear(4, 2), nn.ReLU6(), nn.Linear(2, 2))
-    assert relu_gates(sequential) == {"0": True, "2": False, "4": True, "6": False}
+    assert relu_gates(sequential) == {"0": RELU, "2": OTHER, "4": RELU, "6": OTHER}
+    # max-pooling and reshaping before the ReLU keep the gate; average pooling does not
+    assert relu_gates(Pooled()) == {"c1": RELU, "c2": RELU, "c3": OTHER, "fc": OTHER}
 
 
 def test_untraceable_or_hooked_models_leave_the_decision_to_run_time() -> None:
@@ -76,7 +93,7 @@ def test_untraceable_or_hooked_models_leave_the_decision_to_run_time() -> None:
 
     assert relu_gates(DataDependent()) == {}
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    assert relu_gates(model) == {"0": True, "2": False}
+    assert relu_gates(model) == {"0": RELU, "2": OTHER}
     handle = model[0].register_forward_hook(lambda module, args, out: -out)
     try:
         assert relu_gates(model) == {}
@@ -112,7 +129,11 @@ def test_skip_path_layer_uses_a_minus_as_the_explicit_formula() -> None:
     model = SkipNet().double().eval()
     patterns = _two_component_patterns(model, 1)
     x = torch.randn(6, 4, dtype=torch.float64)
-    got = pn.PatternNet(model, patterns).attribute(x, target=1)
+    method = pn.PatternNet(model, patterns)
+    module_rules, _ = method.rules(Canonical(model))
+    assert module_rules[model.l1].negative is not None
+    assert not module_rules[model.l1].check_inactive  # feeds a sum: no run-time test
+    got = method.attribute(x, target=1)
 
     # explicit backward: A₊ᵀ(g·m) + A₋ᵀ(g·(1−m)) per layer, ReLU gate and skip copy at h
     h = model.l1(x).detach()
@@ -170,12 +191,19 @@ def test_static_decision_gives_the_run_time_results_bit_for_bit(kind: str) -> No
                  for name in ("c1", "c2", "c3", "c4", "c5", "head")}
     assert negatives == {"c1": False, "c2": False, "c3": False, "c4": True, "c5": True,
                          "head": True}
-    # layers known to feed something else than ReLUs skip the run-time test
-    assert not any(module_rules[getattr(model, name)].check_inactive
-                   for name in ("c4", "c5", "head"))
+    # only layers feeding a residual sum skip the run-time test (none here)
+    assert all(module_rules[getattr(model, name)].check_inactive
+               for name in ("c4", "c5", "head"))
     for target in (0, 1):
         got = method.attribute(x, target=target)
         assert torch.equal(got, dynamic(model, patterns).attribute(x, target=target))
     # a₋ of the gated layers was never formed
     assert not any(side == "minus" and name in ("c1", "c2", "c3")
                    for name, side in method._swap_cache)
+    # pooling before the ReLU, and a layer feeding a sum (two maps without the test)
+    for other, inputs in ((Pooled(), torch.randn(3, 1, 22, 22)), (SkipNet(), torch.randn(5, 4))):
+        other = other.double().eval()
+        patterns = _two_component_patterns(other, 4)
+        inputs = inputs.double()
+        got = static(other, patterns).attribute(inputs, target=1)
+        assert torch.equal(got, dynamic(other, patterns).attribute(inputs, target=1))

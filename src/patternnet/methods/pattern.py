@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..engine.backward import Rule, addition_rules
 from ..engine.canonize import Canonical, Canonizer
-from ..engine.gates import relu_gates
+from ..engine.gates import RELU, SUM, relu_gates
 from ..engine.rules import ProportionalSum, WeightSwap, as_dtype, elementwise_product
 from ..engine.support import standalone_batchnorm_rules
 from ..patterns.estimators import filter_pattern
@@ -167,7 +167,7 @@ class _PatternMethod(Attribution):
             weight = canonical.weight(name)
             origin = sources if (f"{name}.weight" if name else "weight") in derived else None
             positive, negative = self._layer_patterns(name, weight)
-            if gates.get(name):
+            if gates.get(name) == RELU:
                 negative = None
             module_rules[module] = WeightSwap(
                 module,
@@ -176,8 +176,8 @@ class _PatternMethod(Attribution):
                 None
                 if negative is None
                 else partial(self._cached_swap, name, "minus", weight, negative, origin),
-                # a layer known to feed something else than ReLUs: no run-time test
-                check_inactive=gates.get(name) is None,
+                # a layer feeding a residual sum: its inactive units receive gradient
+                check_inactive=gates.get(name) != SUM,
             )
         # BatchNorms that follow no Linear/Conv are per-channel linear units with pattern 1/s.
         module_rules.update(
