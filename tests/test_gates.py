@@ -207,3 +207,49 @@ def test_static_decision_gives_the_run_time_results_bit_for_bit(kind: str) -> No
         inputs = inputs.double()
         got = static(other, patterns).attribute(inputs, target=1)
         assert torch.equal(got, dynamic(other, patterns).attribute(inputs, target=1))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("check_inactive", [True, False])
+def test_two_component_rule_on_convolutions_matches_explicit_maps(
+    groups: int, check_inactive: bool
+) -> None:
+    from torch.nn.grad import conv2d_input
+
+    from patternnet.engine.rules import WeightSwap
+
+    torch.manual_seed(7)
+    conv = nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=groups).double()
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64)
+    output = conv(x).detach()
+    plus, minus = torch.randn_like(conv.weight), torch.randn_like(conv.weight)
+    g = torch.randn_like(output)
+    m = (output > 0).double()
+    expected = conv2d_input(x.shape, plus, g * m, stride=2, padding=1, groups=groups)
+    expected += conv2d_input(x.shape, minus, g * (1 - m), stride=2, padding=1, groups=groups)
+    for stacked in (None, lambda: torch.cat([plus, minus])):
+        rule = WeightSwap(conv, plus, minus, check_inactive=check_inactive, stacked=stacked)
+        got = rule.backward(conv, rule.save(conv, x, output), g)
+        torch.testing.assert_close(got, expected)
+    # where no inactive unit receives anything, the result is A₊ᵀg either way
+    gated = g * m
+    rule = WeightSwap(conv, plus, minus, check_inactive=check_inactive)
+    got = rule.backward(conv, rule.save(conv, x, output), gated)
+    torch.testing.assert_close(
+        got, conv2d_input(x.shape, plus, gated, stride=2, padding=1, groups=groups)
+    )
+
+
+def test_two_component_rule_on_a_linear_layer_with_extra_dimensions() -> None:
+    from patternnet.engine.rules import WeightSwap
+
+    torch.manual_seed(8)
+    layer = nn.Linear(5, 4).double()
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    output = layer(x).detach()
+    plus, minus = torch.randn_like(layer.weight), torch.randn_like(layer.weight)
+    g = torch.randn_like(output)
+    m = (output > 0).double()
+    rule = WeightSwap(layer, plus, minus, check_inactive=False)
+    got = rule.backward(layer, rule.save(layer, x, output), g)
+    torch.testing.assert_close(got, (g * m) @ plus + (g * (1 - m)) @ minus)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..engine.backward import Rule, addition_rules
@@ -112,6 +113,7 @@ class _PatternMethod(Attribution):
         self.patterns = patterns
         self.estimator = estimator
         self._swap_cache: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._stacked_cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
 
     def _layer_patterns(self, name: str, weight: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.estimator == "filter":
@@ -153,6 +155,20 @@ class _PatternMethod(Attribution):
         self._swap_cache[(name, side)] = (kept, pattern, versions, swapped, sources)
         return swapped
 
+    def _stacked_swap(
+        self, name: str, weight: Tensor, positive: Tensor, negative: Tensor,
+        sources: _Sources | None,
+    ) -> Tensor:
+        """``[swap(A₊); swap(A₋)]`` along the output dimension, reused like the swaps."""
+        plus = self._cached_swap(name, "plus", weight, positive, sources)
+        minus = self._cached_swap(name, "minus", weight, negative, sources)
+        cached = self._stacked_cache.get(name)
+        if cached is not None and cached[0] is plus and cached[1] is minus:
+            return cached[2]
+        stacked = torch.cat([plus, minus])
+        self._stacked_cache[name] = (plus, minus, stacked)
+        return stacked
+
     def rules(
         self, canonical: Canonical
     ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
@@ -178,6 +194,9 @@ class _PatternMethod(Attribution):
                 else partial(self._cached_swap, name, "minus", weight, negative, origin),
                 # a layer feeding a residual sum: its inactive units receive gradient
                 check_inactive=gates.get(name) != SUM,
+                stacked=None
+                if negative is None
+                else partial(self._stacked_swap, name, weight, positive, negative, origin),
             )
         # BatchNorms that follow no Linear/Conv are per-channel linear units with pattern 1/s.
         module_rules.update(
