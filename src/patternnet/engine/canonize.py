@@ -75,8 +75,12 @@ class Canonizer(Protocol):
         ...
 
 
-def _bypass_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-    return args[0]
+def _bypass(x: Any, *args: Any, **kwargs: Any) -> Any:
+    """The forward of a bypassed module while :meth:`Canonical.active` (its input)."""
+    return x
+
+
+_NO_FORWARD = object()
 
 
 class Canonical:
@@ -119,15 +123,25 @@ class Canonical:
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        """Within this block, bypassed modules return their input (hooks removed on exit)."""
-        handles = [
-            self._modules[name].register_forward_hook(_bypass_hook) for name in self.form.bypass
-        ]
+        """Within this block, bypassed modules return their input (restored on exit).
+
+        Their ``forward`` is replaced (an instance attribute, removed on exit) rather than
+        their output after the fact: a folded BatchNorm then costs nothing (computing and
+        discarding it was 3-4% of a ResNet-50 explanation).
+        """
+        replaced = []
         try:
+            for name in self.form.bypass:
+                module = self._modules[name]
+                replaced.append((module, module.__dict__.get("forward", _NO_FORWARD)))
+                module.forward = _bypass
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            for module, previous in reversed(replaced):
+                if previous is _NO_FORWARD:
+                    del module.forward
+                else:
+                    module.forward = previous
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """One forward pass in canonical form (use inside :meth:`active`)."""
