@@ -253,3 +253,26 @@ def test_two_component_rule_on_a_linear_layer_with_extra_dimensions() -> None:
     rule = WeightSwap(layer, plus, minus, check_inactive=False)
     got = rule.backward(layer, rule.save(layer, x, output), g)
     torch.testing.assert_close(got, (g * m) @ plus + (g * (1 - m)) @ minus)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_two_component_rule_in_batch_slices_gives_the_same(monkeypatch, groups: int) -> None:
+    from torch.nn.grad import conv2d_input
+
+    from patternnet.engine import rules
+
+    torch.manual_seed(9)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=groups).double()
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    output = conv(x).detach()
+    plus, minus = torch.randn_like(conv.weight), torch.randn_like(conv.weight)
+    g = torch.randn_like(output)
+    g[1] *= (output[1] > 0)  # one sample whose inactive units receive nothing
+    m = (output > 0).double()
+    expected = conv2d_input(x.shape, plus, g * m, padding=1, groups=groups)
+    expected += conv2d_input(x.shape, minus, g * (1 - m), padding=1, groups=groups)
+    monkeypatch.setattr(rules, "_CHUNK_BYTES", 2 * g[:2].numel() * g.element_size())
+    for check_inactive in (True, False):
+        rule = rules.WeightSwap(conv, plus, minus, check_inactive=check_inactive)
+        got = rule.backward(conv, rule.save(conv, x, output), g)  # slices of two samples
+        torch.testing.assert_close(got, expected)

@@ -96,6 +96,27 @@ class WeightSwap(Rule):
         shape, mask = state
         if mask is None:
             return self.geometry.transpose(grad_output, self.positive, shape)
+        # On a CPU, a few samples at a time: buffers of a few MB stay in cache and in the
+        # allocator's heap (a 50 MB buffer is mapped afresh, page by page, at every call).
+        rows = grad_output.shape[0] if grad_output.dim() > 1 else 1
+        size = 2 * grad_output.numel() * grad_output.element_size()
+        step = rows
+        if grad_output.device.type == "cpu" and size > _CHUNK_BYTES and rows > 1:
+            step = max(1, rows * _CHUNK_BYTES // size)
+        if step >= rows:
+            return self._two_component(grad_output, mask, shape)
+        parts = [
+            self._two_component(
+                grad_output[start : start + step],
+                mask[start : start + step],
+                (min(step, rows - start), *shape[1:]),
+            )
+            for start in range(0, rows, step)
+        ]
+        return torch.cat(parts)
+
+    def _two_component(self, grad_output: Tensor, mask: Tensor, shape: Any) -> Tensor:
+        """``A₊ᵀ(g ⊙ m) + A₋ᵀ(g ⊙ (1 − m))`` for one batch (or a slice of one)."""
         # g ⊙ m and g ⊙ (1 − m) (exactly g − g ⊙ m), side by side along the output channels
         dim = 1 if self.geometry.kind != "linear" else grad_output.dim() - 1
         stacked_shape = list(grad_output.shape)
@@ -118,6 +139,10 @@ class WeightSwap(Rule):
         elif callable(self.stacked):
             self.stacked = self.stacked().detach()
         return self.geometry.transpose(both, self.stacked, shape)
+
+
+#: Largest buffer of stacked ``[g ⊙ m; g ⊙ (1 − m)]`` formed at once on a CPU (bytes).
+_CHUNK_BYTES = 16 * 2**20
 
 
 def _any_nonzero(values: Tensor) -> bool:
@@ -653,6 +678,8 @@ class ProportionalSum(Rule):
         # the summands' absolute values are formed on the way back, in buffers that then
         # become the results.
         a, b = x
+        if self.absolute:  # the sum itself is not needed: do not keep it alive
+            return a, b, None, (a._version, b._version, None)
         return a, b, output, (a._version, b._version, output._version)
 
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Any:
