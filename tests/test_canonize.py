@@ -262,3 +262,23 @@ def test_a_new_method_object_sees_writes_through_data() -> None:
     model[1].weight.data.mul_(-2.0)
     expected = torch.func.grad(lambda v: model(v)[:, 0].sum())(x)
     torch.testing.assert_close(pn.Gradient(model).attribute(x, target=0), expected)
+
+
+def test_active_skips_bypassed_modules_and_restores_their_forward() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU()).eval()
+    calls = []
+    own = model[1].forward  # a user's instance attribute must come back as it was
+    model[1].forward = lambda x: calls.append(1) or own(x)
+    canonical = Canonical(model, default_canonizers())
+    assert canonical.form.bypass == {"1"}
+    x = torch.randn(2, 2, 5, 5)
+    with canonical.active():
+        out = canonical(x)
+    assert not calls  # the folded BatchNorm was not computed
+    torch.testing.assert_close(out, model(x))
+    assert calls and "forward" in model[1].__dict__
+    del model[1].forward
+    with canonical.active():
+        canonical(x)
+    assert "forward" not in model[1].__dict__

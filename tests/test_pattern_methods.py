@@ -187,3 +187,28 @@ def test_swapped_weights_are_reused_but_follow_weight_updates() -> None:
     fresh = pn.PatternAttribution(model, patterns).attribute(x, target=0)
     torch.testing.assert_close(changed, fresh)
     assert not torch.allclose(changed, first)
+
+
+def test_swapped_folded_weights_are_reused_but_follow_batchnorm_updates() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    data = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    patterns = pn.fit_patterns(model, data, progress=False)
+    method = pn.PatternAttribution(model, patterns)
+    x = data[:2]
+    first = method.attribute(x, target=0)
+    conv = method._swap_cache[("0", "plus")][3]  # W ⊙ A of the BatchNorm-folded conv
+    torch.testing.assert_close(method.attribute(x, target=0), first)
+    assert method._swap_cache[("0", "plus")][3] is conv  # reused, although folded anew
+    with torch.no_grad():
+        model[1].running_var.mul_(3.0)  # the folded weight changes, the conv's does not
+    changed = method.attribute(x, target=0)
+    assert method._swap_cache[("0", "plus")][3] is not conv
+    torch.testing.assert_close(changed, pn.PatternAttribution(model, patterns).attribute(x, 0))
+    assert not torch.allclose(changed, first)

@@ -328,3 +328,66 @@ def test_reused_modules_and_concatenation() -> None:
     patterns = pn.compute_patterns(model, stats)
     relevance = pn.PatternAttribution(model, patterns).attribute(x)
     assert relevance.shape == x.shape and torch.isfinite(relevance).all()
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_sum_modified_in_place_afterwards_is_split_by_its_value_before(absolute: bool) -> None:
+    torch.manual_seed(5)
+    l1, l2 = nn.Linear(4, 4).double(), nn.Linear(4, 3).double()
+
+    class Net(nn.Module):
+        def __init__(self, in_place: bool) -> None:
+            super().__init__()
+            self.l1, self.l2, self.in_place = l1, l2, in_place
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.l1(x) + x
+            z = z.mul_(-2.0) if self.in_place else z * -2.0
+            return self.l2(z)
+
+    kind = AbsoluteResidualPatternAttribution if absolute else ResidualPatternAttribution
+    x = torch.randn(6, 4, dtype=torch.float64)
+    in_place = kind(Net(True), estimator="filter").attribute(x, 1)
+    out_of_place = kind(Net(False), estimator="filter").attribute(x, 1)
+    torch.testing.assert_close(in_place, out_of_place)
+
+
+def test_summand_modified_in_place_after_the_sum_is_refused() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.l1(x)
+            z = h + x
+            h.mul_(2.0)  # changes a summand after the sum read it
+            return self.l2(z + h)
+
+    x = torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="modified in place after the sum"):
+        pn.PatternAttribution(Net().eval(), estimator="filter").attribute(x, 0)
+
+
+def test_in_place_sum_into_a_view_equals_the_out_of_place_sum() -> None:
+    torch.manual_seed(6)
+    l1, l2 = nn.Linear(4, 4).double(), nn.Linear(4, 3).double()
+
+    class Net(nn.Module):
+        def __init__(self, in_place: bool) -> None:
+            super().__init__()
+            self.l1, self.l2, self.in_place = l1, l2, in_place
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.l1(x) * 1.0
+            if self.in_place:
+                view = h[:, :2]
+                view += x[:, :2]  # the sum written into part of h
+            else:
+                h = torch.cat([h[:, :2] + x[:, :2], h[:, 2:]], dim=1)
+            return self.l2(torch.relu(h))
+
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for kind in (ResidualPatternAttribution, AbsoluteResidualPatternAttribution):
+        in_place = kind(Net(True), estimator="filter").attribute(x, 1)
+        torch.testing.assert_close(in_place, kind(Net(False), estimator="filter").attribute(x, 1))

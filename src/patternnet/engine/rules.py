@@ -51,7 +51,19 @@ class WeightSwap(Rule):
         The weight used where the unit was active (``Wx + b > 0``), or everywhere when
         ``negative`` is None. Shaped like the layer's weight.
     negative:
-        The weight used where the unit was not active (two-component rule), or None.
+        The weight used where the unit was not active (two-component rule), or None; a
+        callable is called once, when first needed.
+    check_inactive:
+        With ``negative``: test on the way back whether any inactive unit receives something,
+        and use one map when none does (e.g. a ReLU after the layer zeroed them; one
+        reduction, and a host-device synchronisation on a GPU). False where inactive units are
+        known to receive gradient (a layer feeding a residual sum, see
+        :func:`patternnet.engine.gates.relu_gates`): the two maps without the test.
+    stacked:
+        ``[positive; negative]`` concatenated along the output dimension (or a callable
+        giving it, called once when first needed); built here when not given. With one
+        convolution group the two maps are one: ``[A₊; A₋]ᵀ [g ⊙ m; g ⊙ (1 − m)]``, which
+        spares a pass and ran 10–15% faster than two maps and a sum on CPU.
     """
 
     def __init__(
@@ -59,31 +71,86 @@ class WeightSwap(Rule):
         module: nn.Module,
         positive: Tensor,
         negative: Tensor | Callable[[], Tensor] | None = None,
+        *,
+        check_inactive: bool = True,
+        stacked: Tensor | Callable[[], Tensor] | None = None,
     ):
         self.geometry: LayerGeometry = geometry(module)
         self.positive = positive.detach()
         # A callable negative weight is computed on first use only (in a ReLU network only the
         # layers without a ReLU after them, usually the last one, ever need it).
         self.negative = negative.detach() if isinstance(negative, Tensor) else negative
+        self.check_inactive = bool(check_inactive)
+        self.stacked = stacked.detach() if isinstance(stacked, Tensor) else stacked
 
     def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
-        mask = (output > 0) if self.negative is not None else None
-        return x.shape, mask
+        if self.negative is None:
+            return x.shape, None
+        # The mask as 0/1 in the output's dtype: comparing into a float buffer, and later
+        # multiplying by it, are plain vectorised passes (a bool mask, torch.where and
+        # Tensor.any took 3-5× longer each on CPU).
+        output = output.detach()
+        return x.shape, torch.gt(output, 0, out=torch.empty_like(output))
 
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
         shape, mask = state
         if mask is None:
             return self.geometry.transpose(grad_output, self.positive, shape)
-        inactive = torch.where(mask, 0.0, grad_output)  # one pass (masked_fill copies first)
-        # In a ReLU network the gate already zeroed the inactive units: one map, no mask.
-        if not bool(inactive.any()):
+        # On a CPU, a few samples at a time: buffers of a few MB stay in cache and in the
+        # allocator's heap (a 50 MB buffer is mapped afresh, page by page, at every call).
+        rows = grad_output.shape[0] if grad_output.dim() > 1 else 1
+        size = 2 * grad_output.numel() * grad_output.element_size()
+        step = rows
+        if grad_output.device.type == "cpu" and size > _CHUNK_BYTES and rows > 1:
+            step = max(1, rows * _CHUNK_BYTES // size)
+        if step >= rows:
+            return self._two_component(grad_output, mask, shape)
+        parts = [
+            self._two_component(
+                grad_output[start : start + step],
+                mask[start : start + step],
+                (min(step, rows - start), *shape[1:]),
+            )
+            for start in range(0, rows, step)
+        ]
+        return torch.cat(parts)
+
+    def _two_component(self, grad_output: Tensor, mask: Tensor, shape: Any) -> Tensor:
+        """``A₊ᵀ(g ⊙ m) + A₋ᵀ(g ⊙ (1 − m))`` for one batch (or a slice of one)."""
+        # g ⊙ m and g ⊙ (1 − m) (exactly g − g ⊙ m), side by side along the output channels
+        dim = 1 if self.geometry.kind != "linear" else grad_output.dim() - 1
+        stacked_shape = list(grad_output.shape)
+        channels = stacked_shape[dim]
+        stacked_shape[dim] *= 2
+        both = grad_output.new_empty(stacked_shape)
+        active = torch.mul(grad_output, mask, out=both.narrow(dim, 0, channels))
+        inactive = torch.sub(grad_output, active, out=both.narrow(dim, channels, channels))
+        # In a ReLU network the gate already zeroed the inactive units: one map.
+        if self.check_inactive and not _any_nonzero(inactive):
             return self.geometry.transpose(grad_output, self.positive, shape)
         if callable(self.negative):
             self.negative = self.negative().detach()
-        active = grad_output - inactive
-        return self.geometry.transpose(active, self.positive, shape) + self.geometry.transpose(
-            inactive, self.negative, shape
-        )
+        if self.geometry.groups != 1:  # grouped outputs: [A₊; A₋] would mix the groups
+            result = self.geometry.transpose(active, self.positive, shape)
+            result += self.geometry.transpose(inactive, self.negative, shape)
+            return result
+        if self.stacked is None:
+            self.stacked = torch.cat([self.positive, self.negative])
+        elif callable(self.stacked):
+            self.stacked = self.stacked().detach()
+        return self.geometry.transpose(both, self.stacked, shape)
+
+
+#: Largest buffer of stacked ``[g ⊙ m; g ⊙ (1 − m)]`` formed at once on a CPU (bytes).
+_CHUNK_BYTES = 16 * 2**20
+
+
+def _any_nonzero(values: Tensor) -> bool:
+    """Whether any entry is non-zero (or NaN): one vectorised min/max pass."""
+    if values.numel() == 0:
+        return False
+    low, high = torch.aminmax(values)
+    return bool((low != 0) | (high != 0))
 
 
 class DeconvNetReLU(Rule):
@@ -712,16 +779,37 @@ class ProportionalSum(Rule):
         self.absolute = bool(absolute)
 
     def save(self, module: nn.Module | None, x: Any, output: Tensor) -> Any:
+        # References only (no work in the forward pass), with their in-place version counters:
+        # the summands' absolute values are formed on the way back, in buffers that then
+        # become the results.
         a, b = x
-        if self.absolute:
-            a, b = a.abs(), b.abs()
-            return a, b, a + b
-        return a, b, output
+        if self.absolute:  # the sum itself is not needed: do not keep it alive
+            return a, b, None, (a._version, b._version, None)
+        return a, b, output, (a._version, b._version, output._version)
 
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Any:
-        a, b, z = state
-        ratio = relevance_ratio(grad_output, z, self.stabilizer)
-        return a * ratio, b * ratio
+        a, b, z, versions = state
+        if (a._version, b._version) != versions[:2]:
+            raise RuntimeError(
+                "a summand of a residual sum was modified in place after the sum (e.g. "
+                "x.relu_() after y = x + h); the relevance split needs its value: write the "
+                "later operation out of place (x = x.relu())"
+            )
+        if not self.absolute:
+            if z._version != versions[2]:  # the sum itself changed in place (y.relu_())
+                z = a + b
+            ratio = relevance_ratio(grad_output, z, self.stabilizer)
+            to_b = b * ratio
+            return ratio.mul_(a), to_b
+        # |a| + |b| ≥ 0, so stab(z) = z + ε: seven passes over the sum's shape and three
+        # buffers, all in the backward pass.
+        to_a, to_b = a.abs(), b.abs()
+        z = to_a + to_b
+        if self.stabilizer:
+            ratio = torch.div(grad_output, z.add_(self.stabilizer), out=z)
+        else:
+            ratio = (grad_output / z).masked_fill_(z == 0, 0.0)
+        return to_a.mul_(ratio), to_b.mul_(ratio)
 
 
 class ChannelScale(Rule):

@@ -17,10 +17,12 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..engine.backward import Rule, addition_rules
 from ..engine.canonize import Canonical, Canonizer
+from ..engine.gates import RELU, SUM, relu_gates
 from ..engine.rules import ProportionalSum, WeightSwap, as_dtype, elementwise_product
 from ..engine.support import standalone_batchnorm_rules
 from ..patterns.estimators import filter_pattern
@@ -42,8 +44,34 @@ def _pattern_pair(patterns: Patterns, name: str) -> tuple[Tensor, Tensor | None]
     )
 
 
+class _Sources:
+    """The model's parameters and buffers with their in-place version counters, comparable.
+
+    Two snapshots are equal when they hold the same tensor objects at the same versions: a
+    weight the canonical form derives from them (e.g. with BatchNorm folded in) is then the
+    same.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.tensors = (*model.parameters(), *model.buffers())
+        self.versions = tuple(t._version for t in self.tensors)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Sources)
+            and self.versions == other.versions
+            and len(self.tensors) == len(other.tensors)
+            and all(a is b for a, b in zip(self.tensors, other.tensors))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class _PatternMethod(Attribution):
     _attribution = False
+    #: ReLUs pass the gradient's gate backward (no ReLU rule is installed), so layers read
+    #: only by ReLUs never need a₋. A subclass that installs a ReLU rule must set it False.
+    _gradient_relus = True
 
     def __init__(
         self,
@@ -85,6 +113,7 @@ class _PatternMethod(Attribution):
         self.patterns = patterns
         self.estimator = estimator
         self._swap_cache: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._stacked_cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
 
     def _layer_patterns(self, name: str, weight: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.estimator == "filter":
@@ -97,41 +126,77 @@ class _PatternMethod(Attribution):
     def _swap(self, weight: Tensor, pattern: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _cached_swap(self, name: str, side: str, weight: Tensor, pattern: Tensor) -> Tensor:
+    def _cached_swap(
+        self, name: str, side: str, weight: Tensor, pattern: Tensor, sources: _Sources | None
+    ) -> Tensor:
         """``_swap(weight, pattern)``, reused across calls while neither tensor changes.
 
         The cache holds the very tensors it was computed from and their in-place version
-        counters: a weight updated in place (training) or replaced (a new folded weight) gives
-        a new swapped weight.
+        counters: a weight updated in place (training) or replaced gives a new swapped weight.
+        A weight the canonical form computes anew on every call (BatchNorm folded into it) is
+        recognised by ``sources`` instead: the model's parameters and buffers it is derived
+        from, unchanged (same tensors, same version counters).
         """
         cached = self._swap_cache.get((name, side))
         if (
             cached is not None
-            and cached[0] is weight
             and cached[1] is pattern
-            and cached[2] == (weight._version, pattern._version)
+            and cached[2][1] == pattern._version
+            and (
+                (sources is None and cached[0] is weight and cached[2][0] == weight._version)
+                or (sources is not None and sources == cached[4])
+            )
         ):
             return cached[3]
         swapped = self._swap(weight, pattern)
         versions = (weight._version, pattern._version)
-        self._swap_cache[(name, side)] = (weight, pattern, versions, swapped)
+        # a derived weight is not kept (it is a new tensor per call): its sources are
+        kept = weight if sources is None else None
+        self._swap_cache[(name, side)] = (kept, pattern, versions, swapped, sources)
         return swapped
+
+    def _stacked_swap(
+        self, name: str, weight: Tensor, positive: Tensor, negative: Tensor,
+        sources: _Sources | None,
+    ) -> Tensor:
+        """``[swap(A₊); swap(A₋)]`` along the output dimension, reused like the swaps."""
+        plus = self._cached_swap(name, "plus", weight, positive, sources)
+        minus = self._cached_swap(name, "minus", weight, negative, sources)
+        cached = self._stacked_cache.get(name)
+        if cached is not None and cached[0] is plus and cached[1] is minus:
+            return cached[2]
+        stacked = torch.cat([plus, minus])
+        self._stacked_cache[name] = (plus, minus, stacked)
+        return stacked
 
     def rules(
         self, canonical: Canonical
     ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
         module_rules: dict[nn.Module, Rule] = {}
+        # Layers read only by ReLUs: the gate zeroes what reaches their inactive units, so
+        # the a₋ map is always zero there and no mask is needed (see engine.gates).
+        gates = relu_gates(self.model, canonical.form.bypass) if self._gradient_relus else {}
+        derived = canonical.form.parameters
+        sources = _Sources(self.model) if derived else None
         for name, module in linear_layers(self.model).items():
             # not detached: the swap cache recognises the same parameter object across calls
             weight = canonical.weight(name)
+            origin = sources if (f"{name}.weight" if name else "weight") in derived else None
             positive, negative = self._layer_patterns(name, weight)
+            if gates.get(name) == RELU:
+                negative = None
             module_rules[module] = WeightSwap(
                 module,
-                self._cached_swap(name, "plus", weight, positive),
+                self._cached_swap(name, "plus", weight, positive, origin),
                 # computed only if some inactive unit receives a gradient (see WeightSwap)
                 None
                 if negative is None
-                else partial(self._cached_swap, name, "minus", weight, negative),
+                else partial(self._cached_swap, name, "minus", weight, negative, origin),
+                # a layer feeding a residual sum: its inactive units receive gradient
+                check_inactive=gates.get(name) != SUM,
+                stacked=None
+                if negative is None
+                else partial(self._stacked_swap, name, weight, positive, negative, origin),
             )
         # BatchNorms that follow no Linear/Conv are per-channel linear units with pattern 1/s.
         module_rules.update(
