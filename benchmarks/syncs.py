@@ -32,7 +32,7 @@ def synchronisations(fn: Callable[[], Any]) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sum("called a synchronizing" in str(w.message) for w in caught)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -269,7 +269,7 @@ def _synchronisations(fn) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sum("called a synchronizing" in str(w.message) for w in caught)
 
 
 @pytest.mark.parametrize("method", ["gradient", "pattern_net_plus", "pattern_attribution_plus",
