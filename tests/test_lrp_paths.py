@@ -235,3 +235,20 @@ def test_bypassed_batchnorms_are_not_computed_and_get_their_forward_back() -> No
     with pytest.raises(ValueError, match="inside"), canonical.active():
         raise ValueError("inside")
     assert "forward" not in vars(model[1])
+
+
+def test_no_scalar_is_copied_to_the_device_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ε and friends are made once per dtype/device: a host-to-GPU copy would synchronise."""
+    from baseline_models import resnet
+
+    model = resnet()
+    x = images(n=2)
+    method = LRP(model, "epsilon_plus_flat")
+    method.attribute(x, target=1)  # warm-up: constants made here
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a scalar tensor was made during the explanation")
+
+    monkeypatch.setattr(torch.Tensor, "new_tensor", refuse)
+    monkeypatch.setattr(torch, "tensor", refuse)
+    method.attribute(x, target=1)

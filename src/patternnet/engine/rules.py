@@ -23,6 +23,7 @@ LRP rules (Linear/Conv unless said otherwise)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -208,8 +209,18 @@ def stabilize(z: Tensor, epsilon: float) -> Tensor:
     # z + 0.0 turns −0.0 into +0.0, so copysign gives +ε for both zeros; written into one
     # buffer this is ~4× faster than torch.where with scalar operands.
     shifted = z + 0.0
-    torch.copysign(z.new_tensor(epsilon), shifted, out=shifted)
+    torch.copysign(_constant(epsilon, z.dtype, z.device), shifted, out=shifted)
     return shifted.add_(z)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-dim tensor holding ``value``, made once per dtype and device.
+
+    Made anew at every call it is a copy from the host to the GPU, which waits for the GPU
+    (one synchronisation per stabilised layer and residual sum: 19 per ResNet-50 explanation).
+    """
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def relevance_ratio(relevance: Tensor, z: Tensor, epsilon: float) -> Tensor:
@@ -528,7 +539,10 @@ class Flat(_InputFree):
 
 def _bound(value: float | Tensor, x: Tensor, name: str) -> Tensor:
     """A bound of the input domain broadcast to ``(1 or N, *x.shape[1:])``."""
-    bound = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    if isinstance(value, (int, float)):  # made once per dtype/device (no copy to the GPU)
+        bound = _constant(float(value), x.dtype, x.device)
+    else:
+        bound = torch.as_tensor(value, dtype=x.dtype, device=x.device)
     try:
         if bound.dim() == x.dim():
             return bound.expand((bound.shape[0],) + tuple(x.shape[1:]))

@@ -87,7 +87,11 @@ def resolve_target(target: TargetType, logits: Tensor, *, check: bool = True) ->
     if isinstance(target, bool):
         raise TypeError("target must be None, an int or one int per sample, not a bool")
     if isinstance(target, int):
-        _check_class_range(torch.tensor([target]), classes)
+        if not 0 <= target < classes:
+            raise ValueError(
+                f"target {target} is out of range: the model has {classes} outputs "
+                f"(0 … {classes - 1})"
+            )
         return torch.full((n,), target, dtype=torch.long, device=logits.device)
     try:
         # checked where the user's target lives (usually the CPU), then moved
