@@ -44,29 +44,6 @@ def _pattern_pair(patterns: Patterns, name: str) -> tuple[Tensor, Tensor | None]
     )
 
 
-class _Sources:
-    """The model's parameters and buffers with their in-place version counters, comparable.
-
-    Two snapshots are equal when they hold the same tensor objects at the same versions: a
-    weight the canonical form derives from them (e.g. with BatchNorm folded in) is then the
-    same.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.tensors = (*model.parameters(), *model.buffers())
-        self.versions = tuple(t._version for t in self.tensors)
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _Sources)
-            and self.versions == other.versions
-            and len(self.tensors) == len(other.tensors)
-            and all(a is b for a, b in zip(self.tensors, other.tensors))
-        )
-
-    __hash__ = None  # type: ignore[assignment]
-
-
 class _PatternMethod(Attribution):
     _attribution = False
     #: ReLUs pass the gradient's gate backward (no ReLU rule is installed), so layers read
@@ -126,42 +103,33 @@ class _PatternMethod(Attribution):
     def _swap(self, weight: Tensor, pattern: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _cached_swap(
-        self, name: str, side: str, weight: Tensor, pattern: Tensor, sources: _Sources | None
-    ) -> Tensor:
+    def _cached_swap(self, name: str, side: str, weight: Tensor, pattern: Tensor) -> Tensor:
         """``_swap(weight, pattern)``, reused across calls while neither tensor changes.
 
         The cache holds the very tensors it was computed from and their in-place version
         counters: a weight updated in place (training) or replaced gives a new swapped weight.
-        A weight the canonical form computes anew on every call (BatchNorm folded into it) is
-        recognised by ``sources`` instead: the model's parameters and buffers it is derived
-        from, unchanged (same tensors, same version counters).
+        Folded weights (BatchNorm folded in) are the same tensors across calls while the
+        model is unchanged: the method's canonizers reuse them (``BatchNormFolding``).
         """
         cached = self._swap_cache.get((name, side))
         if (
             cached is not None
+            and cached[0] is weight
             and cached[1] is pattern
-            and cached[2][1] == pattern._version
-            and (
-                (sources is None and cached[0] is weight and cached[2][0] == weight._version)
-                or (sources is not None and sources == cached[4])
-            )
+            and cached[2] == (weight._version, pattern._version)
         ):
             return cached[3]
         swapped = self._swap(weight, pattern)
         versions = (weight._version, pattern._version)
-        # a derived weight is not kept (it is a new tensor per call): its sources are
-        kept = weight if sources is None else None
-        self._swap_cache[(name, side)] = (kept, pattern, versions, swapped, sources)
+        self._swap_cache[(name, side)] = (weight, pattern, versions, swapped)
         return swapped
 
     def _stacked_swap(
-        self, name: str, weight: Tensor, positive: Tensor, negative: Tensor,
-        sources: _Sources | None,
+        self, name: str, weight: Tensor, positive: Tensor, negative: Tensor
     ) -> Tensor:
         """``[swap(A₊); swap(A₋)]`` along the output dimension, reused like the swaps."""
-        plus = self._cached_swap(name, "plus", weight, positive, sources)
-        minus = self._cached_swap(name, "minus", weight, negative, sources)
+        plus = self._cached_swap(name, "plus", weight, positive)
+        minus = self._cached_swap(name, "minus", weight, negative)
         cached = self._stacked_cache.get(name)
         if cached is not None and cached[0] is plus and cached[1] is minus:
             return cached[2]
@@ -176,27 +144,24 @@ class _PatternMethod(Attribution):
         # Layers read only by ReLUs: the gate zeroes what reaches their inactive units, so
         # the a₋ map is always zero there and no mask is needed (see engine.gates).
         gates = relu_gates(self.model, canonical.form.bypass) if self._gradient_relus else {}
-        derived = canonical.form.parameters
-        sources = _Sources(self.model) if derived else None
         for name, module in linear_layers(self.model).items():
             # not detached: the swap cache recognises the same parameter object across calls
             weight = canonical.weight(name)
-            origin = sources if (f"{name}.weight" if name else "weight") in derived else None
             positive, negative = self._layer_patterns(name, weight)
             if gates.get(name) == RELU:
                 negative = None
             module_rules[module] = WeightSwap(
                 module,
-                self._cached_swap(name, "plus", weight, positive, origin),
+                self._cached_swap(name, "plus", weight, positive),
                 # computed only if some inactive unit receives a gradient (see WeightSwap)
                 None
                 if negative is None
-                else partial(self._cached_swap, name, "minus", weight, negative, origin),
+                else partial(self._cached_swap, name, "minus", weight, negative),
                 # a layer feeding a residual sum: its inactive units receive gradient
                 check_inactive=gates.get(name) != SUM,
                 stacked=None
                 if negative is None
-                else partial(self._stacked_swap, name, weight, positive, negative, origin),
+                else partial(self._stacked_swap, name, weight, positive, negative),
             )
         # BatchNorms that follow no Linear/Conv are per-channel linear units with pattern 1/s.
         module_rules.update(
