@@ -259,17 +259,13 @@ def test_torchrun_cli_fit_on_cuda(tmp_path: Path) -> None:
 
 
 def _synchronisations(fn) -> int:
-    """How many host-device synchronisations ``fn()`` makes (torch's sync debug mode)."""
-    import warnings
+    """How many host-device synchronisations ``fn()`` makes (``benchmarks/syncs.py``)."""
+    import sys
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("called a synchronizing" in str(w.message) for w in caught)
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from syncs import synchronisations
+
+    return synchronisations(fn)
 
 
 @pytest.mark.parametrize("method", ["gradient", "pattern_net_plus", "pattern_attribution_plus",
