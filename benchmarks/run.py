@@ -57,25 +57,29 @@ def summary() -> str:
     lines = []
     for path in sorted(RESULTS.glob("explain_*.json")):
         r = json.loads(path.read_text())
+        where = (r["machine"].get("cuda") or "CPU") if r.get("device", "cpu") != "cpu" else "CPU"
         lines += [f"\n### Explain: {r['model']}, batch {r['batch']}, {r['size']}², "
-                  f"{r['rounds']} rounds", "", "| method | median s | × gradient |",
-                  "|---|---|---|"]
-        lines += [f"| {row['method']} | {row['median_s']:.2f} | {row['ratio_to_gradient']:.2f} |"
-                  for row in r["rows"]]
+                  f"{r['rounds']} rounds, {where} ({path.name})", "",
+                  "| method | median ms | × gradient |", "|---|---|---|"]
+        lines += [f"| {row['method']} | {1000 * row['median_s']:.1f} | "
+                  f"{row['ratio_to_gradient']:.2f} |" for row in r["rows"]]
     fits = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("fit_*.json"))]
     if fits:
-        lines += ["\n### Fit", "", "| model | estimator | precision | fit s/batch | forward "
-                  "s/batch | × forward | peak RSS GB | RSS goal GB |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["\n### Fit", "", "| model | device | estimator | precision | fit s/batch | "
+                  "forward s/batch | × forward | peak RSS GB | RSS goal GB | peak GPU GB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in fits:
             est = r["estimator"] + ("" if r["estimator"] == "linear" or r["negative"] else " (a₊)")
-            lines.append(f"| {r['model']} {r['size']}² b{r['batch']} | {est} | {r['precision']} | "
-                         f"{r['fit_batch_s']:.2f} | {r['forward_batch_s']:.2f} | "
-                         f"{r['ratio_to_forward']:.2f} | {r['peak_rss_gb']:.2f} | "
-                         f"{r['rss_goal_gb']:.2f} |")
+            gpu = r.get("peak_gpu_gb")
+            lines.append(f"| {r['model']} {r['size']}² b{r['batch']} | {r.get('device', 'cpu')} | "
+                         f"{est} | {r['precision']} | {r['fit_batch_s']:.3f} | "
+                         f"{r['forward_batch_s']:.3f} | {r['ratio_to_forward']:.2f} | "
+                         f"{r['peak_rss_gb']:.2f} | {r['rss_goal_gb']:.2f} | "
+                         f"{'' if gpu is None else f'{gpu:.2f}'} |")
     for path in sorted(RESULTS.glob("precision_*.json")):
         r = json.loads(path.read_text())
-        lines += [f"\n### float32 vs float64: {r['model']}, {r['images']} images", ""]
+        lines += [f"\n### float32 vs float64: {r['model']}, {r['images']} images at "
+                  f"{r['size']}², {r.get('device', 'cpu')}", ""]
         lines += [f"- {k}: median {v['median']:.1e}, max {v['max']:.1e}"
                   for k, v in r["summary"].items()]
         error = r["pattern_attribution_relative_error"]
