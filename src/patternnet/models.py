@@ -307,7 +307,7 @@ _FUNCTIONS = {
 }
 
 
-def _owner(graph_module: nn.Module, node: Any) -> tuple[str, str] | None:
+def _owner(node: Any) -> tuple[str, str] | None:
     """``(owner module path, attribute)`` of a ``get_attr`` node, or None."""
     if getattr(node, "op", None) != "get_attr":
         return None
@@ -361,7 +361,7 @@ def from_exported(program: Any) -> nn.Module:
         is_conv, is_linear = node.target in _CONVS, node.target == _LINEAR
         if is_conv or is_linear:
             args = list(node.args) + [None] * 7
-            weight_at, bias_at = _owner(gm, args[1]), _owner(gm, args[2])
+            weight_at, bias_at = _owner(args[1]), _owner(args[2])
             if weight_at is None or (args[2] is not None and bias_at is None):
                 continue
             if bias_at is not None and bias_at[0] != weight_at[0]:
@@ -404,7 +404,7 @@ def from_exported(program: Any) -> nn.Module:
 
 def _module_batch_norm(gm: Any, graph: Any, node: Any) -> None:
     x, weight, bias, mean, var = node.args[:5]
-    owner = _owner(gm, mean)
+    owner = _owner(mean)
     if owner is None or getattr(node.args[0], "meta", {}).get("val") is None:
         return
     path = owner[0]
