@@ -503,6 +503,11 @@ def _report_dead(args: argparse.Namespace, patterns: Any) -> None:
             if count:
                 _log(args, f"  note: layer {name}: {count} of {entry.get('units')} units have "
                            f"no samples for {which} (their patterns are zero)")  # fmt: skip
+        for which, count in (entry.get("fallback") or {}).items():
+            if count:
+                _log(args, f"  note: layer {name}: {count} of {entry.get('units')} units have an "
+                           f"ill-conditioned {which} normaliser (they use the "
+                           f"{entry.get('fallback_to')} pattern)")  # fmt: skip
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

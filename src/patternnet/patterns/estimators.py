@@ -13,6 +13,16 @@ float64 patterns shaped ``(O, D)`` (reshape to the weight's shape) plus a small 
 Dead units (no sample on that side) and zero denominators give zero patterns, never NaN, and
 are counted in the report. A denominator counts as zero when it is below ``1e-12`` times the
 magnitude of the two terms whose difference it is (the cancellation is then pure rounding).
+
+The two-component normaliser is not sign-definite (method.md §11). On the active side
+``wᵀ(E₊[xy] − E₊[x]E[y]) = E₊[y²] − E₊[y]E[y] = Var₊(y) + E₊[y]·(E₊[y] − E[y])``, and since
+``E₊[y] ≥ E[y]`` (the active side is the upper part of ``y + b``) it falls below ``Var₊(y)``
+exactly when ``E₊[y] < 0``: a unit whose bias lets it fire on mostly negative ``y`` (a bias
+offset, BatchNorm folded in). Then the pattern flips sign or blows up. A unit whose normaliser
+is ``≤ MIN_NORMALISER_FRACTION · Var₊(y)`` (likewise ``Var₋(y)`` for ``a₋``) **falls back to
+its linear pattern** ``a = cov[x, y] / Var(y)`` on that side; the report counts them and the
+fit records which units they are. Where ``E₊[y] ≥ 0`` (every ReLU unit without bias, and most
+with one) the normaliser is at least ``Var₊(y)`` and nothing changes.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from .statistics import LayerStatistics
 
 __all__ = [
     "ESTIMATORS",
+    "MIN_NORMALISER_FRACTION",
     "LayerReport",
     "filter_pattern",
     "linear_pattern",
@@ -38,6 +49,12 @@ ESTIMATORS = ("identity", "filter", "linear", "two_component")
 
 #: Relative size under which a denominator is rounding noise.
 RELATIVE_TOLERANCE = 1e-12
+
+#: A two-component normaliser at or below this fraction of the side's variance ``Var₊(y)``
+#: (``Var₋(y)`` for a₋) is ill-conditioned: the unit falls back to its linear pattern. At this
+#: value the normaliser amplifies the side's covariance at most tenfold; in a ReLU unit
+#: without bias the ratio is ≥ 1, so fallbacks only happen where ``E₊[y] < 0``.
+MIN_NORMALISER_FRACTION = 0.1
 
 
 @dataclass
@@ -58,6 +75,13 @@ class LayerReport:
         pattern name.
     active_fraction:
         Mean over units of the fraction of samples where the unit was active (two-component).
+    fallback:
+        Two-component only: per pattern name, the indices of the units whose normaliser was
+        ill-conditioned (``≤ MIN_NORMALISER_FRACTION · Var(y)`` on that side) and which got
+        their linear pattern instead (the filter pattern ``w/wᵀw`` when the fit did not
+        collect the linear sums, ``negative=False``).
+    fallback_to:
+        ``"linear"`` or ``"filter"``: what those units got.
     """
 
     samples: int
@@ -65,6 +89,8 @@ class LayerReport:
     dead: dict[str, int]
     degenerate: dict[str, int]
     active_fraction: float | None = None
+    fallback: dict[str, list[int]] | None = None
+    fallback_to: str | None = None
 
 
 def _per_unit(sum_x: Tensor, out_features: int) -> Tensor:
@@ -174,7 +200,8 @@ def two_component_patterns(
     # differences all − plus, so their rounding is that of both terms, not of the result).
     plus_x, plus_xy = stats["sum_x_plus"], stats["sum_xy_plus"]
     sides = {"a_plus": (stats["count_plus"], plus_x, plus_xy, plus_x.abs(), plus_xy.abs())}
-    if negative and "sum_xy_minus" in stats.tensors:  # collected directly (float32 fits)
+    direct = "sum_xy_minus" in stats.tensors  # collected directly (float32 fits)
+    if negative and direct:
         minus_x, minus_xy = stats["sum_x_minus"], stats["sum_xy_minus"]
         sides["a_minus"] = (n - stats["count_plus"], minus_x, minus_xy, minus_x.abs(),
                             minus_xy.abs())  # fmt: skip
@@ -193,6 +220,9 @@ def two_component_patterns(
     patterns: dict[str, Tensor] = {}
     dead: dict[str, int] = {}
     degenerate_counts: dict[str, int] = {}
+    fallback: dict[str, list[int]] = {}
+    replacement: Tensor | None = None
+    fallback_to = "linear" if (direct or "sum_xy" in stats.tensors) else "filter"
     for name, (count, sum_x, sum_xy, size_x, size_xy) in sides.items():
         alive = count > 0
         safe = torch.where(alive, count, torch.ones_like(count))[:, None]
@@ -203,11 +233,46 @@ def two_component_patterns(
         ) * ey.abs()
         a, degenerate = normalise(numerator, w, reference)
         a[~alive] = 0.0
+        # The normaliser E_side[y²] − E_side[y]E[y] against the side's variance of y.
+        side_y2, side_y = (w * exy).sum(1), (w * ex).sum(1)
+        variance = (side_y2 - side_y * side_y).clamp(min=0)
+        normaliser = (w * numerator).sum(1)
+        unsafe = alive & ~degenerate & (normaliser <= MIN_NORMALISER_FRACTION * variance)
+        if bool(unsafe.any()):
+            if replacement is None:
+                replacement = _fallback_patterns(stats, w, direct)
+            a[unsafe] = replacement[unsafe]
         patterns[name] = a
         dead[name] = int((~alive).sum())
         degenerate_counts[name] = int((degenerate & alive).sum())
+        fallback[name] = unsafe.nonzero().flatten().tolist()
     fraction = None
     if n.item() > 0:
         fraction = float((stats["count_plus"] / n).mean())
-    report = LayerReport(int(n.item()), O, dead, degenerate_counts, fraction)
+    report = LayerReport(
+        int(n.item()), O, dead, degenerate_counts, fraction, fallback, fallback_to
+    )
     return patterns, report
+
+
+def _fallback_patterns(stats: LayerStatistics, w: Tensor, direct: bool) -> Tensor:
+    """The ``(O, D)`` patterns ill-conditioned two-component units fall back to.
+
+    The linear pattern ``cov[x, y] / wᵀcov[x, y]`` over all samples, from the sums the fit
+    holds (``sum_x``/``sum_xy``, or active + inactive sums of a float32 fit); without them
+    (``negative=False``) the filter pattern ``w / wᵀw``, which needs no data.
+    """
+    O = w.shape[0]
+    n = stats["count"]
+    if direct:
+        sum_x = stats["sum_x_plus"] + stats["sum_x_minus"]
+        sum_xy = stats["sum_xy_plus"] + stats["sum_xy_minus"]
+    elif "sum_xy" in stats.tensors:
+        sum_x, sum_xy = _per_unit(stats["sum_x"], O), stats["sum_xy"]
+    else:
+        return filter_pattern(w)[0]
+    count = n.clamp(min=1)
+    ex, ey, exy = sum_x / count, stats["sum_y"] / count, sum_xy / count
+    reference = (w * exy).sum(1).abs() + (w * ex).sum(1).abs() * ey.abs()
+    a, _ = normalise(exy - ex * ey[:, None], w, reference)
+    return a

@@ -415,6 +415,7 @@ def compute_patterns(
     estimator = statistics.estimator
     layers: dict[str, dict[str, Tensor]] = {}
     report: dict[str, Any] = {}
+    fallback: dict[str, dict[str, list[int]]] = {}
     statistics.flush()
     smooth = set()
     if estimator == "two_component":
@@ -460,6 +461,11 @@ def compute_patterns(
             if rep.active_fraction is None or math.isnan(rep.active_fraction)
             else rep.active_fraction,
         }
+        if rep.fallback is not None:  # ill-conditioned two-component units (estimators.py)
+            report[name]["fallback"] = {k: len(v) for k, v in rep.fallback.items()}
+            report[name]["fallback_to"] = rep.fallback_to
+            if any(rep.fallback.values()):
+                fallback[name] = {k: v for k, v in rep.fallback.items() if v}
     metadata = {
         "fingerprint": fingerprint(model),
         "architecture": architecture(model),
@@ -468,6 +474,7 @@ def compute_patterns(
         "negative": statistics.negative,
         "canonical": list(canonical.form.notes),
         "report": report,
+        "fallback": fallback,
     }
     return Patterns(layers, estimator=estimator, metadata=metadata)
 

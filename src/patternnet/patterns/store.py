@@ -207,6 +207,17 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
         )
 
     @property
+    def fallback(self) -> dict[str, dict[str, list[int]]]:
+        """Units whose two-component normaliser was ill-conditioned, by layer and pattern.
+
+        ``{layer: {"a_plus": [unit, ...], "a_minus": [...]}}`` (only layers and sides with
+        such units): their pattern on that side is the linear one (method.md §11,
+        :data:`~patternnet.patterns.estimators.MIN_NORMALISER_FRACTION`). Saved with the file.
+        """
+        recorded = self.metadata.get("fallback") or {}
+        return {layer: {k: list(v) for k, v in sides.items()} for layer, sides in recorded.items()}
+
+    @property
     def fingerprint(self) -> str | None:
         """The architecture fingerprint of the model the patterns were fitted on."""
         return self.metadata.get("fingerprint")
