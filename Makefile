@@ -31,17 +31,17 @@ fashion-mnist:
 	fi
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests perf
 
 test: venv
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests perf
 	$(BIN)/python -m pytest -q
 
 demo: venv fashion-mnist
 	$(BIN)/patternnet demo
 
 bench: venv
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m perf.run
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -259,11 +259,8 @@ def test_torchrun_cli_fit_on_cuda(tmp_path: Path) -> None:
 
 
 def _synchronisations(fn) -> int:
-    """How many host-device synchronisations ``fn()`` makes (``benchmarks/syncs.py``)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from syncs import synchronisations
+    """How many host-device synchronisations ``fn()`` makes (``perf/syncs.py``)."""
+    from perf.syncs import synchronisations
 
     return synchronisations(fn)
 

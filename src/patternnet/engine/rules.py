@@ -197,7 +197,7 @@ def elementwise_product(weight: Tensor, pattern: Tensor) -> Tensor:
 # convention Zennit uses; ``ε = 0`` means a plain division where units with ``z = 0`` pass no
 # relevance.
 #
-# Cost (benchmarks/README.md): what a rule needs of the layer's output is taken in the forward
+# Cost (perf/README.md): what a rule needs of the layer's output is taken in the forward
 # pass (the model may overwrite the output in place later, as ``out += identity`` does); what
 # needs only the input (z⁺'s ``W⁺x``) is formed on the way back, so that no layer holds it until
 # then; ratios are divided into the rule's own buffers and products multiplied in place, so

@@ -18,7 +18,7 @@ the checksum (CRC-32 over the header fields and the tensors' bytes, read in plac
 files carry a SHA-256 and are still read) costs a fraction of the write, and loading reads
 the file with plain reads straight into the tensors it returns, so that resuming needs the
 statistics' memory once (no mapped file, no byte copy, no zero set to compare shapes with).
-Measured on VGG16: ``benchmarks/checkpoint.py`` and ``benchmarks/README.md``.
+Measured on VGG16: ``perf/checkpoint.py`` and ``perf/README.md``.
 """
 
 from __future__ import annotations

@@ -528,7 +528,7 @@ def fit_patterns(
         rounding. ``"float32"``: products in float32, convolution products summed over a few
         batches in float32 buffers, then added into float64 sums (method.md §9). Faster on
         GPUs without fast float64 (4.7× on an H100; TF32 is turned off during the fit).
-        Measured on VGG16 against a float64 fit (``benchmarks/README.md``): a₊ and a₋ within
+        Measured on VGG16 against a float64 fit (``perf/README.md``): a₊ and a₋ within
         about 1e-6 relative (median layer; worst 4e-4 on a CPU, 3e-3 on a GPU), dense layers
         within 4e-8 (a₋'s
         inactive sums are collected directly in float32 fits, never as a difference).

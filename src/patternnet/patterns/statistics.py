@@ -27,7 +27,7 @@ layer's own weight-gradient kernel, with the stacked output gradient ``[y·m, m,
 
 With ``precision="float32"`` a₋'s sums are collected directly, with the stacked gradient
 ``[y·m, m, y·(1−m), 1−m]``: ``all − plus`` of two float32-rounded sums cancels where most
-positions are active (a₋ off by several per cent; ``benchmarks/README.md``), the direct sums
+positions are active (a₋ off by several per cent; ``perf/README.md``), the direct sums
 do not. It costs a fourth ``(O, D)`` sum and product instead of the ``(G, D)`` ``sum_x``; in
 float64 the difference is exact enough and the cheaper layout is kept.
 
@@ -232,7 +232,7 @@ class LayerStatistics:
             ``"float64"``: products computed in float64 (exact up to float64 rounding, any
             batch split agrees). ``"float32"``: products computed in float32, convolution
             products summed over a few batches in float32 staging buffers, then added into the
-            float64 sums by :meth:`flush` (fast; error measured in ``benchmarks/README.md``).
+            float64 sums by :meth:`flush` (fast; error measured in ``perf/README.md``).
 
         Notes
         -----

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).parent / "results"
+#: The repository root: benchmarks that start processes run ``python -m perf.NAME`` from here.
+ROOT = Path(__file__).parents[1]
 #: Fashion-MNIST test images (Debian's dataset-fashion-mnist); PATTERNNET_FASHION overrides.
 FASHION = Path(os.environ.get("PATTERNNET_FASHION",
                               "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"))

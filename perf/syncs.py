@@ -3,24 +3,21 @@
 Each synchronisation makes the CPU wait until the GPU has finished everything queued: a check
 between the forward and the backward pass, or one per layer, takes away the overlap of the
 CPU's kernel launches with the GPU's work, which at small batches is most of the time
-(`benchmarks/README.md`, "On a GPU"). Counted with ``torch.cuda.set_sync_debug_mode("warn")``.
+(`perf/README.md`, "On a GPU"). Counted with ``torch.cuda.set_sync_debug_mode("warn")``.
 
-Usage: python benchmarks/syncs.py --device cuda [--model vgg16]
+Usage: python -m perf.syncs --device cuda [--model vgg16]
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, parse_args, vision_model, write_result  # noqa: E402
-from explain import methods  # noqa: E402
+from .common import machine, parse_args, vision_model, write_result
+from .explain import methods
 
 
 def synchronisations(fn: Callable[[], Any]) -> int:

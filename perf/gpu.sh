@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks, as one script for a lent GPU machine (see benchmarks/README.md).
+# The GPU checks and benchmarks, as one script for a lent GPU machine (see perf/README.md).
 #
-#   bash benchmarks/gpu.sh OUT_DIR [quick]
+#   bash perf/gpu.sh OUT_DIR [quick]
 #
 # Runs the CUDA tests (tests/test_gpu.py, marked gpu), then the explain, fit and precision
 # benchmarks with --device cuda; logs and result JSON go to OUT_DIR. Uses the machine's own
@@ -30,7 +30,7 @@ step() {  # step SECONDS NAME COMMAND...
     timeout "$limit" "$@" >>"$log" 2>&1
     echo "=== $name: exit $? in $((SECONDS - start)) s" | tee -a "$log"
     # results so far, packed after every step (a later step cut off by a limit loses nothing)
-    tar -czf "$out/results.tgz" benchmarks/results/*cuda*.json 2>/dev/null
+    tar -czf "$out/results.tgz" perf/results/*cuda*.json 2>/dev/null
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$log" 2>&1
 python3 -c 'import torch, sys; print("torch", torch.__version__, "python", sys.version.split()[0],
@@ -42,22 +42,22 @@ fi
 rounds=20
 [ "$quick" = quick ] && rounds=5
 for model in vgg16 resnet50; do
-    step 60 "syncs $model" python3 benchmarks/syncs.py --device cuda --model "$model"
-    step 150 "explain $model" python3 benchmarks/explain.py --device cuda --model "$model" \
+    step 60 "syncs $model" python3 -m perf.syncs --device cuda --model "$model"
+    step 150 "explain $model" python3 -m perf.explain --device cuda --model "$model" \
         --batch 8 --rounds "$rounds"
 done
-step 90 "fit vgg16 a+ float32" python3 benchmarks/fit.py --device cuda --model vgg16 \
+step 90 "fit vgg16 a+ float32" python3 -m perf.fit --device cuda --model vgg16 \
     --batches 9 --no-negative --precision float32
-step 90 "fit vgg16 a+ a- float32" python3 benchmarks/fit.py --device cuda --model vgg16 \
+step 90 "fit vgg16 a+ a- float32" python3 -m perf.fit --device cuda --model vgg16 \
     --batches 9 --precision float32
-step 90 "fit vgg16 linear float32" python3 benchmarks/fit.py --device cuda --model vgg16 \
+step 90 "fit vgg16 linear float32" python3 -m perf.fit --device cuda --model vgg16 \
     --batches 9 --estimator linear --precision float32
-step 90 "fit vgg16 a+ a- float64" python3 benchmarks/fit.py --device cuda --model vgg16 \
+step 90 "fit vgg16 a+ a- float64" python3 -m perf.fit --device cuda --model vgg16 \
     --batches 9 --precision float64
-step 90 "fit vgg16 a+ float32 batch 64" python3 benchmarks/fit.py --device cuda --model vgg16 \
+step 90 "fit vgg16 a+ float32 batch 64" python3 -m perf.fit --device cuda --model vgg16 \
     --batches 9 --batch 64 --no-negative --precision float32
-step 90 "fit resnet50 a+ float32" python3 benchmarks/fit.py --device cuda --model resnet50 \
+step 90 "fit resnet50 a+ float32" python3 -m perf.fit --device cuda --model resnet50 \
     --batches 9 --no-negative --precision float32
-step 120 "precision vgg16" python3 benchmarks/precision.py --device cuda --model vgg16 \
+step 120 "precision vgg16" python3 -m perf.precision --device cuda --model vgg16 \
     --batches 8 --batch 8
 echo "=== done in $SECONDS s" | tee -a "$log"

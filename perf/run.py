@@ -1,11 +1,11 @@
 """Run every benchmark (each in its own process) and print a summary table in Markdown.
 
-Usage: python benchmarks/run.py            (everything: about an hour on 2 busy CPU cores)
-       python benchmarks/run.py --quick    (smaller models and inputs: a few minutes)
-       python benchmarks/run.py --only explain fit
-       python benchmarks/run.py --summary  (only print the summary of stored results)
+Usage: python -m perf.run            (everything: about an hour on 2 busy CPU cores)
+       python -m perf.run --quick    (smaller models and inputs: a few minutes)
+       python -m perf.run --only explain fit
+       python -m perf.run --summary  (only print the summary of stored results)
 
-Results are JSON files in ``benchmarks/results/``; ``benchmarks/README.md`` discusses them.
+Results are JSON files in ``perf/results/``; ``perf/README.md`` discusses them.
 Every benchmark runs with ``--threads 1`` by default: on a machine shared with other work,
 two OpenMP threads on two busy cores measured 5-10× slower than one thread, and only ratios
 measured within one run (same process, interleaved) are meaningful there.
@@ -131,8 +131,10 @@ def main() -> None:
             if args.only and group not in args.only:
                 continue
             for command in commands:
-                print("$ python benchmarks/" + " ".join(command), flush=True)
-                subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]], check=True)
+                module = "perf." + command[0].removesuffix(".py")
+                print(f"$ python -m {module} " + " ".join(command[1:]), flush=True)
+                subprocess.run([sys.executable, "-m", module, *command[1:]], check=True,
+                               cwd=HERE.parent)
     print(summary())
 
 

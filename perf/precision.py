@@ -5,19 +5,16 @@ Reports, per layer, the relative error ‖A₃₂ − A₆₄‖ / ‖A₆₄‖
 element-wise error relative to the layer's largest pattern value, and the relative error of a
 PatternAttribution heat map computed with each set of patterns.
 
-Usage: python benchmarks/precision.py --model vgg16 --batches 2 --batch 8
+Usage: python -m perf.precision --model vgg16 --batches 2 --batch 8
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import clock, images, machine, median, parse_args, vision_model, write_result  # noqa: E402
+import patternnet as pn
 
-import patternnet as pn  # noqa: E402
+from .common import clock, images, machine, median, parse_args, vision_model, write_result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

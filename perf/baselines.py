@@ -4,27 +4,24 @@ Each round times the plain autograd gradient right before each method (the floor
 reports the median over rounds of (method time / that gradient time), which cancels most of
 the noise of a shared machine. Nothing is written to disk; results go to stdout.
 
-Usage: python benchmarks/baselines.py --model resnet18 --batch 4 --rounds 5 --threads 1
+Usage: python -m perf.baselines --model resnet18 --batch 4 --rounds 5 --threads 1
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import parse_args, timed, vision_model  # noqa: E402
-from explain import random_patterns  # noqa: E402
+import patternnet as pn
+from patternnet.methods.guided import GuidedBackprop
+from patternnet.methods.lrp import LRP, DeepTaylor
 
-import patternnet as pn  # noqa: E402
-from patternnet.methods.guided import GuidedBackprop  # noqa: E402
-from patternnet.methods.lrp import LRP, DeepTaylor  # noqa: E402
+from .common import parse_args, timed, vision_model
+from .explain import random_patterns
 
 PRESETS = ("epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2beta1", "zplus")
 

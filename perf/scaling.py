@@ -10,8 +10,8 @@
    seconds (the only meaningful clock for a speed-up, and a noisy one on a shared machine),
    and the patterns of the two runs are compared.
 
-Usage: python benchmarks/scaling.py --model resnet18 --size 64 --sizes 32 128 512
-       python benchmarks/scaling.py --worker OUT.json ...   (internal: one fit, under torchrun)
+Usage: python -m perf.scaling --model resnet18 --size 64 --sizes 32 128 512
+       python -m perf.scaling --worker OUT.json ...   (internal: one fit, under torchrun)
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, clock, images, machine, vision_model, write_result  # noqa: E402
+import patternnet as pn
+from patternnet.patterns import distributed
 
-import patternnet as pn  # noqa: E402
-from patternnet.patterns import distributed  # noqa: E402
+from .common import RESULTS, ROOT, clock, images, machine, vision_model, write_result
 
 
 def forward_seconds(model: torch.nn.Module, data: torch.Tensor, batch: int) -> float:
@@ -85,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def processes(args: argparse.Namespace) -> dict[str, Any]:
-    common = [__file__, "--model", args.model, "--size", str(args.size), "--batch",
+    common = ["-m", __spec__.name, "--model", args.model, "--size", str(args.size), "--batch",
               str(args.batch), "--images", str(args.images)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
@@ -97,7 +96,8 @@ def processes(args: argparse.Namespace) -> dict[str, Any]:
     ):
         out = RESULTS / f"scaling_worker_{label.split()[0]}.json"
         start = time.perf_counter()
-        subprocess.run(launcher + common + ["--worker", str(out)], env=env, check=True)
+        subprocess.run(launcher + common + ["--worker", str(out)], env=env, check=True,
+                       cwd=ROOT)
         wall = time.perf_counter() - start
         runs[label] = dict(json.loads(out.read_text()), wall_s=wall, path=str(out))
         print(f"  {label}: fit {runs[label]['fit_s']:.1f} s (wall with start-up {wall:.1f} s)",

@@ -7,25 +7,22 @@ rounds of (method time / gradient time of the same round), which cancels most of
 a shared machine. Patterns are random tensors shaped like the weights: their values do not
 change the cost.
 
-Usage: python benchmarks/explain.py --model vgg16 --batch 8 --rounds 3
+Usage: python -m perf.explain --model vgg16 --batch 8 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, median, parse_args, timed, vision_model, write_result  # noqa: E402
+import patternnet as pn
+from patternnet.patterns.store import Patterns, architecture, fingerprint
 
-import patternnet as pn  # noqa: E402
-from patternnet.patterns.store import Patterns, architecture, fingerprint  # noqa: E402
+from .common import machine, median, parse_args, timed, vision_model, write_result
 
 
 def random_patterns(model: nn.Module) -> Patterns:

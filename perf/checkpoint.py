@@ -15,7 +15,7 @@ cost. Each phase runs in a fresh process, since peak RSS is per process:
 Times are wall seconds (the write is I/O) and CPU seconds of this one-thread process, the
 median of ``--repeat`` runs. The file is read back from the page cache (just written).
 
-Usage: python benchmarks/checkpoint.py [--estimator linear] [--dir /tmp/ckpt]
+Usage: python -m perf.checkpoint [--estimator linear] [--dir /tmp/ckpt]
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, median, parse_args, vision_model, write_result  # noqa: E402
+from patternnet.patterns import checkpoint as checkpoint_mod
+from patternnet.patterns.fit import DEFAULT_FLUSH_EVERY, collect_statistics, linear_layers
+from patternnet.patterns.statistics import LayerStatistics, Statistics, required_sums
+from patternnet.patterns.store import fingerprint
 
-from patternnet.patterns import checkpoint as checkpoint_mod  # noqa: E402
-from patternnet.patterns.fit import DEFAULT_FLUSH_EVERY, collect_statistics, linear_layers  # noqa: E402
-from patternnet.patterns.statistics import LayerStatistics, Statistics, required_sums  # noqa: E402
-from patternnet.patterns.store import fingerprint  # noqa: E402
+from .common import ROOT, machine, median, parse_args, vision_model, write_result
 
 BATCH = 8
 
@@ -156,13 +155,13 @@ def main(argv: list[str] | None = None) -> None:
                               "negative": args.negative,
                               "format_version": checkpoint_mod.CHECKPOINT_VERSION,
                               "machine": machine()}  # fmt: skip
-    base = [sys.executable, __file__, "--model", args.model, "--estimator", args.estimator,
-            "--threads", "1", "--repeat", str(args.repeat), "--path", str(path)]
+    base = [sys.executable, "-m", __spec__.name, "--model", args.model, "--estimator",
+            args.estimator, "--threads", "1", "--repeat", str(args.repeat), "--path", str(path)]
     base += [] if args.negative else ["--no-negative"]
     try:
         for phase in ("save", "load", "resume"):
             out = subprocess.run([*base, "--phase", phase], check=True, capture_output=True,
-                                 text=True).stdout  # fmt: skip
+                                 text=True, cwd=ROOT).stdout  # fmt: skip
             result[phase] = json.loads(out.strip().splitlines()[-1])
             print(phase, json.dumps(result[phase]), flush=True)
     finally:

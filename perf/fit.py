@@ -10,7 +10,7 @@ it is the median over batches and the final flush is shared equally by the batch
 (conservative: in a long fit its fixed part, adding into the float64 sums, is shared by 8).
 Times are CPU seconds of the one-thread process (see ``common.clock``).
 
-Usage: python benchmarks/fit.py --model vgg16 --estimator two_component --no-negative \
+Usage: python -m perf.fit --model vgg16 --estimator two_component --no-negative \
            --precision float32 --batches 3
 """
 
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import (  # noqa: E402
+from patternnet.patterns.fit import collect_statistics
+from patternnet.patterns.statistics import DEFAULT_FLUSH_EVERY
+
+from .common import (
     clock,
     images,
     machine,
@@ -36,9 +36,6 @@ from common import (  # noqa: E402
     vision_model,
     write_result,
 )
-
-from patternnet.patterns.fit import collect_statistics  # noqa: E402
-from patternnet.patterns.statistics import DEFAULT_FLUSH_EVERY  # noqa: E402
 
 
 class TimedBatches:
