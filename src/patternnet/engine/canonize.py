@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.fx
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from ..layers import is_linear_layer
+from .graph import BATCHNORMS, ModelGraph, is_batchnorm, probed_batchnorm_pairs
 
 __all__ = [
+    "BATCHNORMS",
     "BatchNormFolding",
     "Canonical",
     "CanonicalForm",
@@ -156,17 +155,6 @@ class Canonical:
 
 # ---------------------------------------------------------------------- BatchNorm folding
 
-#: BatchNorm types that can be folded (eval mode: a per-channel affine map).
-BATCHNORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
-
-
-def is_batchnorm(module: nn.Module) -> bool:
-    """True for ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` (not the lazy variants)."""
-    return isinstance(module, BATCHNORMS) and not isinstance(
-        module, nn.modules.lazy.LazyModuleMixin
-    )
-
-
 def batchnorm_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
     """The eval-mode BatchNorm as ``y = s ⊙ x + t`` per channel, in float64.
 
@@ -239,53 +227,13 @@ def _state(tensor: Tensor | None) -> tuple[Any, ...] | None:
             tensor.shape)  # fmt: skip
 
 
-class _LeafTracer(torch.fx.Tracer):
-    """``torch.fx`` tracer that keeps Linear/Conv/BatchNorm (and torch.nn's leaves) opaque."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_linear_layer(m) or is_batchnorm(m):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-def _pairs_in_graph(graph: torch.fx.Graph, prefix: str, modules: dict[str, nn.Module]) -> dict:
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = {}
-    for node in graph.nodes:
-        if node.op != "call_module" or not is_batchnorm(modules[_join(prefix, node.target)]):
-            continue
-        if not node.args or not isinstance(node.args[0], torch.fx.Node):
-            continue
-        source = node.args[0]
-        if source.op != "call_module" or not is_linear_layer(
-            modules[_join(prefix, source.target)]
-        ):
-            continue
-        # Fold only what is unambiguous: each module called once, the layer's output read by
-        # nothing but this BatchNorm.
-        if calls[node.target] != 1 or calls[source.target] != 1 or len(source.users) != 1:
-            continue
-        pairs[_join(prefix, source.target)] = _join(prefix, node.target)
-    return pairs
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _contains_batchnorm(module: nn.Module) -> bool:
-    return any(is_batchnorm(m) for m in module.modules())
-
-
 def traced_batchnorm_pairs(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
-    """Which BatchNorm directly follows which Linear/Conv, found by ``torch.fx`` tracing.
+    """Which BatchNorm directly follows which Linear/Conv, read from the model's one graph.
 
-    The model is traced symbolically (no data). Where tracing a module fails (data-dependent
-    control flow ...), each of its children is traced on its own instead, recursively, so
-    only the BatchNorms inside untraceable code are left unfolded.
+    The model is traced symbolically (no data) by :class:`~patternnet.engine.graph.ModelGraph`.
+    Where tracing the model fails (data-dependent control flow ...), each child holding a
+    BatchNorm is traced on its own instead, recursively, so only the BatchNorms inside
+    untraceable code are left unfolded.
 
     Returns
     -------
@@ -293,103 +241,8 @@ def traced_batchnorm_pairs(model: nn.Module) -> tuple[dict[str, str], dict[str, 
         ``{layer name: batchnorm name}``, and ``{module name: why it could not be traced}``
         for the untraceable modules that hold a BatchNorm no traced graph covers.
     """
-    modules = dict(model.named_modules())
-    pairs: dict[str, str] = {}
-    untraced: dict[str, str] = {}
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        if not _contains_batchnorm(module) or is_batchnorm(module):
-            return
-        try:
-            graph = _LeafTracer().trace(module)
-        except Exception as error:  # noqa: BLE001 - any tracing failure means "look inside"
-            children = list(module.named_children())
-            if any(is_batchnorm(child) for _, child in children):
-                untraced[prefix or "<model>"] = f"{type(error).__name__}: {error}"
-            for name, child in children:
-                visit(child, _join(prefix, name))
-            return
-        pairs.update(_pairs_in_graph(graph, prefix, modules))
-
-    visit(model, "")
-    return pairs, untraced
-
-
-def probed_batchnorm_pairs(model: nn.Module, example: Any) -> dict[str, str]:
-    """Which BatchNorm directly follows which Linear/Conv, found by one forward pass.
-
-    Forward hooks record each Linear/Conv output tensor and each BatchNorm input; a pair is a
-    BatchNorm whose input *is* (tensor identity) a layer's output, when both modules run once
-    and no other operation reads the layer's output (seen by a
-    :class:`~torch.overrides.TorchFunctionMode`; shape queries do not count).
-
-    Parameters
-    ----------
-    model:
-        The model (run once in eval mode without gradients; left as it was).
-    example:
-        An input batch (or tuple of positional inputs) the model accepts.
-    """
-    from ..borrow import borrowed
-
-    named = {
-        module: name
-        for name, module in model.named_modules()
-        if is_linear_layer(module) or is_batchnorm(module)
-    }
-    outputs: dict[int, str] = {}
-    keep: list[Tensor] = []
-    calls: dict[str, int] = {}
-    readers: dict[int, int] = {}
-    bn_input: dict[str, int] = {}
-    depth = [0]
-
-    class _Readers(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-            if depth[0] == 0 and getattr(func, "__name__", "") not in _SHAPE_QUERIES:
-                for arg in (*args, *(kwargs or {}).values()):
-                    if isinstance(arg, Tensor) and id(arg) in outputs:
-                        readers[id(arg)] = readers.get(id(arg), 0) + 1
-            return func(*args, **(kwargs or {}))
-
-    def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
-        name = named[module]
-        calls[name] = calls.get(name, 0) + 1
-        if is_batchnorm(module) and args and isinstance(args[0], Tensor):
-            bn_input[name] = id(args[0])
-            if id(args[0]) in outputs:
-                readers[id(args[0])] = readers.get(id(args[0]), 0) + 1
-        depth[0] += 1
-
-    def post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        depth[0] -= 1
-        if is_linear_layer(module) and isinstance(output, Tensor):
-            outputs[id(output)] = named[module]
-            keep.append(output)
-
-    handles = []
-    inputs = example if isinstance(example, tuple) else (example,)
-    with borrowed(model):
-        try:
-            for module in named:
-                handles.append(module.register_forward_pre_hook(pre))
-                handles.append(module.register_forward_hook(post))
-            with torch.no_grad(), _Readers():
-                model(*inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-    pairs = {}
-    for bn_name, tensor_id in bn_input.items():
-        layer = outputs.get(tensor_id)
-        if layer is None or calls.get(layer) != 1 or calls.get(bn_name) != 1:
-            continue
-        if readers.get(tensor_id) == 1:
-            pairs[layer] = bn_name
-    return pairs
-
-
-_SHAPE_QUERIES = frozenset({"size", "dim", "numel", "__get__", "__len__", "ndimension"})
+    graph = ModelGraph.of(model)
+    return graph.batchnorm_pairs(), dict(graph.untraced)
 
 
 class BatchNormFolding:
@@ -430,7 +283,7 @@ class BatchNormFolding:
         address, device and dtype: optimiser steps and other in-place updates,
         ``load_state_dict``, ``.to()`` and ``.data`` assignment all invalidate it. Writes
         *through* ``.data`` (``w.data.mul_(2)``) bypass the version counter: after those,
-        use a new method object (it has its own canonizers).
+        call :meth:`clear` (``method.refresh()`` does) or use a new method object.
         """
         inputs = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         key = (tuple(_state(t) for t in inputs), bn.eps)
@@ -441,21 +294,19 @@ class BatchNormFolding:
         self._folds[bn] = (key, weight, result)
         return result
 
+    def clear(self) -> None:
+        """Forget the folded weights (after writes through ``.data``)."""
+        self._folds = weakref.WeakKeyDictionary()
+
     def __deepcopy__(self, memo: dict) -> BatchNormFolding:
         return BatchNormFolding(copy.deepcopy(self.example, memo))
 
     def pairs(self, model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
         """``({layer: batchnorm}, {untraceable module: reason})`` for ``model``."""
-        key = (_structure_key(model), self.example is not None)
-        cached = _PAIR_CACHE.get(model)
-        if cached is not None and cached[0] == key:
-            return dict(cached[1]), dict(cached[2])
+        graph = ModelGraph.of(model)
         if self.example is not None:
-            pairs, untraced = probed_batchnorm_pairs(model, self.example), {}
-        else:
-            pairs, untraced = traced_batchnorm_pairs(model)
-        _PAIR_CACHE[model] = (key, pairs, untraced)
-        return dict(pairs), dict(untraced)
+            return graph.batchnorm_pairs(self.example), {}
+        return graph.batchnorm_pairs(), dict(graph.untraced)
 
     def __call__(self, model: nn.Module, form: CanonicalForm) -> CanonicalForm:
         modules = dict(model.named_modules())
@@ -470,8 +321,8 @@ class BatchNormFolding:
             weight = form.parameters.get(f"{layer}.weight", modules[layer].weight)
             bias = form.parameters.get(f"{layer}.bias", modules[layer].bias)
             w, b = self._folded(weight, bias, bn)
-            result.parameters[_join(layer, "weight")] = w
-            result.parameters[_join(layer, "bias")] = b
+            result.parameters[f"{layer}.weight" if layer else "weight"] = w
+            result.parameters[f"{layer}.bias" if layer else "bias"] = b
             result.bypass.add(bn_name)
             result.notes.append(f"folded {bn_name} into {layer}")
         for name, reason in untraced.items():
@@ -482,24 +333,6 @@ class BatchNormFolding:
 
     def __repr__(self) -> str:
         return f"BatchNormFolding(example={'given' if self.example is not None else None})"
-
-
-def _state(tensor: Tensor | None) -> tuple[Any, ...] | None:
-    """What identifies a tensor's current values: object, in-place version, storage, type."""
-    if tensor is None:
-        return None
-    return (id(tensor), tensor._version, tensor.data_ptr(), tensor.device, tensor.dtype,
-            tensor.shape)  # fmt: skip
-
-
-def _structure_key(model: nn.Module) -> tuple[tuple[str, type], ...]:
-    return tuple((name, type(module)) for name, module in model.named_modules())
-
-
-#: Traced (or probed) pairs per model object: tracing a ResNet-50 takes a noticeable fraction
-#: of a second, a probe one forward pass, and every method call canonizes again. Keyed weakly:
-#: the cache never keeps a model alive.
-_PAIR_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def default_canonizers() -> list[Canonizer]:

@@ -40,17 +40,16 @@ Every module of a model falls into one of these kinds (:func:`classify`):
 from __future__ import annotations
 
 import warnings
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers import is_linear_layer
-from .canonize import is_batchnorm
+from .canonize import batchnorm_scale_shift
+from .graph import SMOOTH_ACTIVATIONS, ModelGraph, is_batchnorm
+from .rules import ChannelScale
 
 __all__ = [
     "ACTIVATIONS",
@@ -75,20 +74,6 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Threshold, nn.Softmax,
     nn.LogSoftmax, nn.Softmax2d,
 )
-
-#: Activations whose input has no meaningful active/inactive split (no linear piece): layers
-#: feeding them use the linear pattern ``a``.
-SMOOTH_ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Hardswish,
-    nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
-)
-_SMOOTH_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
-    {
-        torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.gelu, F.silu, F.mish, F.softplus,
-        F.hardswish, F.hardsigmoid, F.logsigmoid, F.softsign, F.tanhshrink,
-    }
-)
-_SMOOTH_METHODS = frozenset({"sigmoid", "tanh", "sigmoid_", "tanh_"})
 
 _PASSTHROUGH_TYPES: set[type[nn.Module]] = set()
 
@@ -188,9 +173,7 @@ def classify(model: nn.Module, *, folding: bool = True) -> dict[str, ModuleSuppo
     """
     folded: dict[str, str] = {}
     if folding:
-        from .canonize import BatchNormFolding
-
-        pairs, _ = BatchNormFolding().pairs(model)
+        pairs = ModelGraph.of(model).batchnorm_pairs()
         folded = {bn: layer for layer, bn in pairs.items()}
     result: dict[str, ModuleSupport] = {}
     unsupported: list[str] = []
@@ -241,7 +224,9 @@ def check_supported(model: nn.Module) -> None:
 def smooth_activation_layers(model: nn.Module) -> dict[str, str]:
     """Linear/Conv layers whose output (after a folded BatchNorm) feeds a smooth activation.
 
-    Found by ``torch.fx`` tracing (no data); a model that cannot be traced gives ``{}``.
+    Read from the model's one graph (:meth:`ModelGraph.smooth_activations
+    <patternnet.engine.graph.ModelGraph.smooth_activations>`, no data); a model that cannot be
+    traced gives ``{}``.
 
     Returns
     -------
@@ -250,44 +235,7 @@ def smooth_activation_layers(model: nn.Module) -> dict[str, str]:
         (:data:`SMOOTH_ACTIVATIONS`, ``torch.sigmoid``, ``F.gelu`` ...). Their two-component
         split is meaningless: the fit gives them the linear pattern.
     """
-    from .canonize import BatchNormFolding, _LeafTracer, _structure_key
-
-    key = _structure_key(model)
-    cached = _SMOOTH_CACHE.get(model)
-    if cached is not None and cached[0] == key:
-        return dict(cached[1])
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception:  # noqa: BLE001 - untraceable: no smooth-activation information
-        _SMOOTH_CACHE[model] = (key, {})
-        return {}
-    modules = dict(model.named_modules())
-    folded_bns = set(BatchNormFolding().pairs(model)[0].values())
-    result: dict[str, str] = {}
-
-    def smooth(node: torch.fx.Node) -> str | None:
-        if node.op == "call_module" and isinstance(modules[node.target], SMOOTH_ACTIVATIONS):
-            return type(modules[node.target]).__name__
-        if node.op == "call_function" and node.target in _SMOOTH_FUNCTIONS:
-            return getattr(node.target, "__name__", str(node.target))
-        if node.op == "call_method" and node.target in _SMOOTH_METHODS:
-            return str(node.target)
-        return None
-
-    for node in graph.nodes:
-        if node.op != "call_module" or not is_linear_layer(modules[node.target]):
-            continue
-        users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and users[0].target in folded_bns:
-            users = list(users[0].users)
-        names = [smooth(user) for user in users]
-        if users and all(names):
-            result[node.target] = names[0]
-    _SMOOTH_CACHE[model] = (key, result)
-    return dict(result)
-
-
-_SMOOTH_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    return ModelGraph.of(model).smooth_activations()
 
 
 def linear_pattern_layers(model: nn.Module, negative: bool = True) -> set[str]:
@@ -339,9 +287,6 @@ def standalone_batchnorm_rules(
     dict
         ``{batchnorm module: ChannelScale rule}``, to merge into a method's module rules.
     """
-    from .canonize import batchnorm_scale_shift
-    from .rules import ChannelScale
-
     rules: dict[nn.Module, Any] = {}
     for name, module in model.named_modules():
         if not is_batchnorm(module) or name in canonical.form.bypass:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from ..engine.backward import Rule, rules_applied
 from ..engine.canonize import Canonical, Canonizer, default_canonizers
+from ..engine.graph import ModelGraph
 from ..engine.support import check_supported
 
 __all__ = ["Attribution", "TargetType", "resolve_target", "check_inputs"]
@@ -175,10 +176,10 @@ class Attribution:
         A classifier ``nn.Module`` returning logits ``(N, C)``; borrowed, never changed.
     canonizers:
         Graph rewrites applied for the explanation (default: fold BatchNorm into the preceding
-        Linear/Conv). ``[]`` for none. A method object reuses what it prepared (folded
-        weights, ``W ⊙ A``) across calls while the tensors are unchanged; in-place updates
-        (optimiser steps, ``load_state_dict``) are detected, writes through ``.data`` are not:
-        build a new method object after those.
+        Linear/Conv). ``[]`` for none. A method object reuses what it prepared (the model's
+        graph, folded weights, ``W ⊙ A``) across calls while the tensors are unchanged;
+        in-place updates (optimiser steps, ``load_state_dict``) are detected, writes through
+        ``.data`` are not: call :meth:`refresh` after those.
     output_selector:
         For models returning tuples/dicts/objects: a function from the model's output to the
         ``(N, C)`` logits to explain, e.g. ``lambda out: out["logits"]``.
@@ -201,6 +202,21 @@ class Attribution:
         # method object, so repeated calls reuse them.
         self.canonizers = default_canonizers() if canonizers is None else list(canonizers)
         self.output_selector = output_selector
+
+    def refresh(self) -> Attribution:
+        """Forget everything prepared for the model and prepare it again on the next call.
+
+        Needed only after changes that leave no trace in the tensors' version counters
+        (writes through ``.data``) or in the model's structure (a ``forward`` replaced at
+        run time): the model graph is traced again, folded BatchNorms and swapped weights are
+        recomputed. Returns the method itself.
+        """
+        ModelGraph.of(self.model, refresh=True)
+        for canonizer in self.canonizers:
+            clear = getattr(canonizer, "clear", None)
+            if callable(clear):
+                clear()
+        return self
 
     # ------------------------------------------------------------------ a method's choices
     def rules(

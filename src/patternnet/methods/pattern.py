@@ -92,6 +92,13 @@ class _PatternMethod(Attribution):
         self._swap_cache: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._stacked_cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
 
+    def refresh(self) -> _PatternMethod:
+        """See :meth:`Attribution.refresh`; also forgets the swapped weights (``W ⊙ A``)."""
+        super().refresh()
+        self._swap_cache.clear()
+        self._stacked_cache.clear()
+        return self
+
     def _layer_patterns(self, name: str, weight: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.estimator == "filter":
             a, _ = filter_pattern(weight)
