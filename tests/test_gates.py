@@ -259,7 +259,7 @@ def test_two_component_rule_on_a_linear_layer_with_extra_dimensions() -> None:
 def test_two_component_rule_in_batch_slices_gives_the_same(monkeypatch, groups: int) -> None:
     from torch.nn.grad import conv2d_input
 
-    from patternnet.engine import rules
+    from patternnet.engine.rules import pattern as rules
 
     torch.manual_seed(9)
     conv = nn.Conv2d(4, 6, 3, padding=1, groups=groups).double()

@@ -21,7 +21,8 @@ from torch import nn
 from baseline_models import _randomise, assert_relative, images
 from patternnet.engine.backward import rules_applied
 from patternnet.engine.canonize import Canonical
-from patternnet.engine.rules import AlphaBeta, Gamma, ZPlus, _known_non_negative
+from patternnet.engine.rules import AlphaBeta, Gamma, ZPlus
+from patternnet.engine.rules.lrp import _known_non_negative
 from patternnet.methods.gradient import Gradient, GradientXInput
 from patternnet.methods.lrp import LRP
 

@@ -23,7 +23,13 @@ from torch import Tensor, nn
 from ..engine.backward import Rule, addition_rules
 from ..engine.canonize import Canonical, Canonizer
 from ..engine.gates import RELU, SUM, relu_gates
-from ..engine.rules import ProportionalSum, WeightSwap, as_dtype, elementwise_product
+from ..engine.rules import (
+    ProportionalSum,
+    WeightSwap,
+    as_dtype,
+    elementwise_product,
+    identity_estimator_rules,
+)
 from ..engine.support import standalone_batchnorm_rules
 from ..patterns.estimators import filter_pattern
 from ..patterns.fit import linear_layers
@@ -257,8 +263,6 @@ class PatternAttribution(_PatternMethod):
         self, canonical: Canonical
     ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
         if self.estimator == "identity":
-            from ..engine.rules import identity_estimator_rules
-
             return identity_estimator_rules(self.model, canonical)
         module_rules, function_rules = super().rules(canonical)
         # Relevance is split at residual sums by the summands' absolute shares, so that it is

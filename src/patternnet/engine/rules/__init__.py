@@ -1,0 +1,44 @@
+"""The rules: what each kind of operation passes backward (method.md §3, §4, §7), by family.
+
+A rule says what to remember from the forward pass and how to map the quantity arriving at an
+operation's output to its input; all of them run inside the one engine of
+:mod:`patternnet.engine.backward`.
+
+==========================  ==============================================================
+:mod:`.base`                the declarative base for Linear/Conv rules (:class:`LayerRule`:
+                            input, weight and bias modifiers per term, shares, the reducer)
+:mod:`.pattern`             :class:`WeightSwap` (PatternNet, PatternAttribution, gradient)
+:mod:`.lrp`                 :class:`Epsilon`/:class:`Z`, :class:`AlphaBeta`/:class:`ZPlus`,
+                            :class:`Gamma`, :class:`WSquare`, :class:`Flat`, :class:`ZBox`,
+                            :class:`Norm` for average pools
+:mod:`.relu`                :class:`DeconvNetReLU`, :class:`GuidedReLU`, :class:`Pass`
+:mod:`.sums`                :class:`ProportionalSum` (residual sums), :class:`ChannelScale`
+:mod:`._numerics`           ``stab(z)``, ``R / stab(z)``, one-use buffers
+==========================  ==============================================================
+
+Writing a rule: docs/how-to-custom-rule.md.
+"""
+
+from __future__ import annotations
+
+from ..backward import Rule
+from ._numerics import relevance_ratio, stabilize
+from .base import LayerRule, LayerState, Share, Term, layer_of
+from .lrp import AVERAGE_POOLS, AlphaBeta, Epsilon, Flat, Gamma, Norm, WSquare, Z, ZBox, ZPlus
+from .pattern import (
+    SwapState,
+    WeightSwap,
+    as_dtype,
+    elementwise_product,
+    identity_estimator_rules,
+)
+from .relu import DeconvNetReLU, GuidedReLU, Pass
+from .sums import ChannelScale, ProportionalSum, SumState
+
+__all__ = [
+    "Rule", "LayerRule", "LayerState", "Share", "Term", "layer_of",
+    "WeightSwap", "SwapState", "DeconvNetReLU", "GuidedReLU",
+    "Epsilon", "Z", "AlphaBeta", "ZPlus", "Gamma", "WSquare", "Flat", "ZBox", "Norm", "Pass",
+    "AVERAGE_POOLS", "identity_estimator_rules", "stabilize", "relevance_ratio",
+    "ProportionalSum", "ChannelScale", "SumState", "as_dtype", "elementwise_product",
+]
