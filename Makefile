@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_WITH_VISION ?= torch==2.14.1 torchvision==0.29.1
 TORCH_PLAIN ?= torch==2.13.0
 
-.PHONY: venv test lint demo fashion-mnist bench clean
+.PHONY: venv test lint demo fashion-mnist browser bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +30,18 @@ fashion-mnist:
 	  echo "could not install dataset-fashion-mnist; pass --data DIR with the IDX files"; \
 	fi
 
+# headless Chromium opens report.html in tests/test_report.py (Debian package chromium)
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  echo "installing the Debian package chromium (the report's browser test)"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium) || \
+	  echo "could not install chromium; the browser tests will skip"; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check src tests perf
 
-test: venv
+test: venv browser
 	$(BIN)/ruff check src tests perf
 	$(BIN)/python -m pytest -q
 

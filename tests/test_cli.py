@@ -176,6 +176,8 @@ def test_evaluate_writes_report(workspace, patterns_file, capsys):
     ]  # fmt: skip
     for name in ("degradation.png", "rho.png", "explanations.png"):
         assert (out / name).stat().st_size > 1000, name
+    page = (out / "report.html").read_text()  # opened in a browser by tests/test_report.py
+    assert 'id="quality-table"' in page and 'id="degradation-table"' in page
 
 
 def test_methods_lists_the_registry(capsys):

@@ -611,6 +611,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if patterns.estimator not in ("linear", "two_component"):
         estimators = ["random", "filter"]
     _log(args, f"ρ(S) on {half} + {images.shape[0] - half} samples: {', '.join(estimators)}")
+    started = time.perf_counter()
     table = evaluate.estimator_quality(
         model,
         None,
@@ -624,7 +625,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     steps = min(100, -(-height // args.patch) * -(-width // args.patch))
     _log(args, f"degradation of {images.shape[0] - half} images, {args.patch}×{args.patch} "
                f"regions, {steps} steps: {', '.join(methods)} and a random order")  # fmt: skip
-    evaluate.compare(
+    rho_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    comparison = evaluate.compare(
         model,
         methods,
         images[half:].to(device),
@@ -635,8 +638,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         quality=table,
         output_dir=Path(args.out),
     )
-    _log(args, f"report → {Path(args.out) / 'report.md'}")
+    _write_evaluate_report(args, comparison, rho_seconds, time.perf_counter() - started)
+    _log(args, f"report → {Path(args.out) / 'report.md'} and {Path(args.out) / 'report.html'}")
     return 0
+
+
+def _write_evaluate_report(
+    args: argparse.Namespace, comparison: Any, rho_seconds: float, compare_seconds: float
+) -> Path:
+    """``report.html`` of ``patternnet evaluate`` (:mod:`patternnet.report`)."""
+    from .report import Report
+
+    settings = {name: getattr(args, name) for name in ("model", "weights", "patterns", "data",
+                "limit", "method", "patch", "seed", "device", "batch_size")}  # fmt: skip
+    settings.update(comparison.settings)
+    report = Report.from_comparison(comparison, title=f"patternnet evaluate: {args.model}",
+                                    settings=settings)  # fmt: skip
+    report.timings = {"estimator quality ρ(S)": rho_seconds,
+                      "explain + degradation": compare_seconds, **report.timings}  # fmt: skip
+    return report.write(Path(args.out) / "report.html")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -479,7 +479,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     now = lap("fit patterns", now)
 
     images, labels = _figure_images((test_x, test_y), config.n_images)
-    titles, rows, _ = explanation_rows(model, patterns, images, log=log)
+    titles, rows, explained = explanation_rows(model, patterns, images, log=log)
     with torch.no_grad():
         predicted = model(images).argmax(1)
     row_titles = [
@@ -508,6 +508,9 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     }
     evaluation = _evaluate(model, patterns, fit_x, held_out, test_x, config, files, timings)
     summary.update(evaluation)
+    now = time.perf_counter()
+    files["report"] = _write_report(config, summary, images, explained, row_titles)
+    lap("report", now)
     timings["total"] = time.perf_counter() - started
     table = summary_table(summary)
     (config.out / "summary.md").write_text(table + "\n")
@@ -568,11 +571,45 @@ def _evaluate(
     images = test_x[: config.degradation_images]
     curves = _degradation(model, {"two_component": patterns, "linear": linear}, images, config)
     result["aopc"] = {label: c.aopc() for label, c in curves.items()}
+    result["curves"] = curves
     files["degradation"] = config.out / "degradation.png"
     viz.degradation_plot(curves, path=files["degradation"])
     log(f"image degradation of {images.shape[0]} test images")
     timings["degradation"] = time.perf_counter() - start
     return result
+
+
+def _write_report(
+    config: DemoConfig,
+    summary: dict[str, Any],
+    images: Tensor,
+    explained: dict[str, Tensor],
+    row_titles: list[str],
+) -> Path:
+    """``report.html``: the explanation grid, ρ(S), degradation, settings and timings."""
+    from .report import ExplanationGrid, Report
+
+    grid = ExplanationGrid.from_explanations(
+        images,
+        explained,
+        kinds={name: kind for name, _, kind in FIGURE_METHODS},
+        titles={name: title for name, title, _ in FIGURE_METHODS},
+        mean=(MEAN,),
+        std=(STD,),
+        row_titles=[title.replace("\n", " ") for title in row_titles],
+    )
+    settings = {k: v for k, v in summary["config"].items() if k not in ("progress",)}
+    settings.update(test_accuracy=f"{summary['accuracy']:.2%}", threads=summary["threads"],
+                    fit_images=summary["fit_images"])  # fmt: skip
+    report = Report(
+        title="patternnet demo: Fashion-MNIST",
+        grid=grid,
+        quality=summary.get("quality"),
+        degradation=summary.get("curves"),
+        settings=settings,
+        timings=dict(summary["timings"]),
+    )
+    return report.write(config.out / "report.html")
 
 
 # (label, estimator of PatternAttribution) — the paper's Figure 4, best to worst expected
