@@ -24,6 +24,7 @@ from .methods.registry import get_method
 from .patterns.fit import collect_statistics, compute_patterns, fit_patterns
 from .patterns.statistics import Statistics
 from .patterns.store import Patterns
+from .reproduction import reproduce
 
 __version__ = "0.1.0"
 
@@ -58,4 +59,5 @@ __all__ = [
     "models",
     "region_perturbation",
     "register_passthrough",
+    "reproduce",
 ]
