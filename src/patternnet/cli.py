@@ -402,13 +402,13 @@ def _available_methods() -> dict[str, str]:
 
 
 def _build_method(name: str, model: Any, patterns: Any) -> Any:
-    from .demo import build_method
+    from .methods.registry import build_method, method_info
 
-    if name in ("pattern_net", "pattern_attribution") and patterns is None:
-        raise UsageError(f"method {name} needs --patterns FILE (make one with 'patternnet fit')")
     known = _available_methods()
     if name not in known:
         raise UsageError(f"unknown method {name!r}; choose from {', '.join(sorted(known))}")
+    if method_info(name).needs_patterns and patterns is None:
+        raise UsageError(f"method {name} needs --patterns FILE (make one with 'patternnet fit')")
     try:
         return build_method(name, model, patterns)
     except (KeyError, ValueError, TypeError) as error:
@@ -548,7 +548,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         for name, method in methods.items():
             result = method.attribute(batch, target=target)[0].detach().cpu()
             np.save(out / f"{stem}.{name}.npy", result.numpy())
-            row.append(_picture(name, result))
+            row.append(_picture(method, result))
         viz.grid(
             [row],
             column_titles=["input", *names],
@@ -563,14 +563,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-SIGNAL_METHODS = frozenset({"pattern_net", "gradient", "deconvnet", "guided_backprop",
-                            "smoothgrad", "integrated_gradients"})  # fmt: skip
-
-
-def _picture(name: str, result: Any) -> Any:
+def _picture(method: Any, result: Any) -> Any:
     from . import viz
 
-    return viz.signal_image(result) if name in SIGNAL_METHODS else viz.heatmap(result)
+    return viz.picture(result, method.kind)
 
 
 def _tqdm(total: int, desc: str) -> Any:

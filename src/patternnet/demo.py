@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import viz
 from .data import find_idx, load_idx
+from .methods.registry import build_method
 
 __all__ = [
     "CLASSES",
@@ -53,14 +55,15 @@ MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel mean and standard
 SYSTEM_DATA = Path("/usr/share/datasets/fashion-mnist")
 MODEL_VERSION = 1
 
-# (registry name, column title, how to display) — the paper's Figure 7 columns
+# (registry name, column title) — the paper's Figure 7 columns; each method says how it is
+# drawn (its ``kind``: signal or attribution)
 FIGURE_METHODS = (
-    ("pattern_net", "PatternNet", "signal"),
-    ("pattern_attribution", "PatternAttr.", "attribution"),
-    ("gradient", "Gradient", "signal"),
-    ("deconvnet", "DeConvNet", "signal"),
-    ("guided_backprop", "Guided BP", "signal"),
-    ("lrp_epsilon", "LRP", "attribution"),
+    ("pattern_net", "PatternNet"),
+    ("pattern_attribution", "PatternAttr."),
+    ("gradient", "Gradient"),
+    ("deconvnet", "DeConvNet"),
+    ("guided_backprop", "Guided BP"),
+    ("lrp_epsilon", "LRP"),
 )
 
 HOW_TO_GET_DATA = """\
@@ -335,37 +338,26 @@ def _load_or_train(
 
 
 # ---------------------------------------------------------------------------- methods
-def build_method(name: str, model: nn.Module, patterns: Any) -> Any:
-    """The registry's method ``name`` (:func:`patternnet.methods.registry.get_method`) for
-    ``model``; the pattern methods get ``patterns``."""
-    from .methods.registry import get_method
-
-    options = {"patterns": patterns} if name in ("pattern_net", "pattern_attribution") else {}
-    return get_method(name, model, **options)
-
-
 def explanation_rows(
     model: nn.Module,
     patterns: Any,
     images: Tensor,
-    methods: Sequence[tuple[str, str, str]] = FIGURE_METHODS,
+    methods: Sequence[tuple[str, str]] = FIGURE_METHODS,
     log: Callable[[str], None] = print,
 ) -> tuple[list[str], list[list[Any]], dict[str, Tensor]]:
-    """Explain ``images`` with each available method; (titles, picture rows, raw results)."""
-    from . import viz
+    """Explain ``images`` with each method; (titles, picture rows, raw results).
 
-    titles, results, kinds = ["Input"], {}, []
-    for name, title, kind in methods:
-        method = build_method(name, model, patterns)
-        results[name] = method.attribute(images)
+    Each result is drawn as its method's ``kind`` says (:func:`patternnet.viz.picture`).
+    """
+    titles, results, built = ["Input"], {}, {}
+    for name, title in methods:
+        built[name] = build_method(name, model, patterns)
+        results[name] = built[name].attribute(images)
         titles.append(title)
-        kinds.append((name, kind))
     rows = []
     for i in range(images.shape[0]):
         row = [viz.input_image(images[i], mean=(MEAN,), std=(STD,))]
-        for name, kind in kinds:
-            value = results[name][i]
-            row.append(viz.signal_image(value) if kind == "signal" else viz.heatmap(value))
+        row += [viz.picture(results[name][i], built[name].kind) for name in built]
         rows.append(row)
     return titles, rows, results
 

@@ -33,6 +33,7 @@ __all__ = [
     "heatmap",
     "input_image",
     "overlay",
+    "picture",
     "save",
     "signal_image",
 ]
@@ -144,6 +145,24 @@ def input_image(
         low, high = array.min(), array.max()
         array = (array - low) / (high - low) if high > low else np.zeros_like(array)
     return _hwc(np.clip(array, 0.0, 1.0))
+
+
+def picture(result: ArrayLike, kind: str) -> np.ndarray:
+    """An explanation drawn as its method's ``kind`` says (the one place that decides).
+
+    Parameters
+    ----------
+    result:
+        One explanation ``(C, H, W)`` or ``(H, W)``.
+    kind:
+        ``"signal"`` (:func:`signal_image`, grey = 0) or ``"attribution"`` (:func:`heatmap`,
+        red + / blue −): the ``kind`` attribute of the method that made it.
+    """
+    if kind == "signal":
+        return signal_image(result)
+    if kind == "attribution":
+        return heatmap(result)
+    raise ValueError(f"kind must be 'signal' or 'attribution', not {kind!r}")
 
 
 def overlay(

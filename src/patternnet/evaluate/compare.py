@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..methods.registry import build_method
 from .groundtruth import ground_truth_metrics
 from .perturbation import PerturbationCurves, aopc, region_perturbation
 from .quality import QualityTable
@@ -33,10 +34,6 @@ from .quality import QualityTable
 __all__ = ["ComparisonReport", "compare"]
 
 MethodSpec = Any  # an Attribution, a registry name, or a callable (inputs, target) -> Tensor
-
-#: Registry names whose methods need fitted patterns.
-_PATTERN_METHODS = ("pattern_net", "pattern_attribution")
-
 
 def _label(spec: MethodSpec) -> str:
     if isinstance(spec, str):
@@ -53,19 +50,15 @@ def _build(
     spec: MethodSpec,
     patterns: Any,
     options: Mapping[str, Any],
-) -> Callable[[Tensor, Any], Tensor]:
-    """Turn a method spec into ``explain(inputs, target) -> Tensor``."""
+) -> tuple[Callable[[Tensor, Any], Tensor], str]:
+    """Turn a method spec into ``explain(inputs, target) -> Tensor`` and the method's kind
+    (``"signal"`` or ``"attribution"``; a plain callable counts as an attribution)."""
     if isinstance(spec, str):
-        from ..methods.registry import get_method  # lazily: the registry imports every method
-
-        kwargs = dict(options)
-        if spec in _PATTERN_METHODS and patterns is not None:
-            kwargs.setdefault("patterns", patterns)
-        spec = get_method(spec, model, **kwargs)
+        spec = build_method(spec, model, patterns, **options)
     if hasattr(spec, "attribute"):
-        return spec.attribute
+        return spec.attribute, getattr(spec, "kind", "attribution")
     if callable(spec):
-        return spec
+        return spec, "attribution"
     raise TypeError(
         f"a method must be an Attribution, a registry name or a callable (inputs, target), "
         f"not {type(spec).__name__}"
@@ -103,6 +96,9 @@ class ComparisonReport:
         Perturbation curves by method label (``"random"`` included).
     explanations:
         The explanations by method label.
+    kinds:
+        Each method's ``kind`` by label (``"signal"`` or ``"attribution"``): how its
+        explanations are drawn.
     quality:
         The ρ(S) table passed in, if any.
     settings:
@@ -117,6 +113,7 @@ class ComparisonReport:
     quality: QualityTable | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     inputs: Tensor | None = None
+    kinds: dict[str, str] = field(default_factory=dict)
 
     def columns(self) -> list[str]:
         """Column names in a stable order."""
@@ -155,7 +152,8 @@ class ComparisonReport:
         """Write ``report.md``, ``metrics.csv`` and the figures; return the paths written.
 
         Figures: ``degradation.png`` (image inputs), ``explanations.png`` (the first
-        ``examples`` images and every method's heatmap; 0 for none) and, with a quality table,
+        ``examples`` images and every method's explanation, drawn as its kind says; 0 for
+        none) and, with a quality table,
         ``rho.png``.
         """
         directory = Path(directory)
@@ -200,7 +198,10 @@ class ComparisonReport:
         rows = []
         for i in range(min(examples, self.inputs.shape[0])):
             row = [viz.input_image(self.inputs[i])]
-            row += [viz.heatmap(self.explanations[label][i]) for label in labels]
+            row += [
+                viz.picture(self.explanations[label][i], self.kinds.get(label, "attribution"))
+                for label in labels
+            ]
             rows.append(row)
         viz.grid(rows, column_titles=["input", *labels], path=path)
 
@@ -275,8 +276,9 @@ def compare(
     rows: list[dict[str, Any]] = []
     curves: dict[str, PerturbationCurves] = {}
     explanations: dict[str, Tensor] = {}
+    kinds: dict[str, str] = {}
     for label, spec in _methods(methods):
-        explain = _build(model, spec, patterns, options.get(label, {}))
+        explain, kinds[label] = _build(model, spec, patterns, options.get(label, {}))
         started = time.perf_counter()
         explanation = explain(inputs, target).detach()
         seconds = time.perf_counter() - started
@@ -313,7 +315,9 @@ def compare(
         settings["data"] = truth.name or "ground truth"
     if target is not None:
         settings["target"] = target if isinstance(target, int) else "given"
-    report = ComparisonReport(rows, curves, explanations, quality, settings, inputs.detach())
+    report = ComparisonReport(
+        rows, curves, explanations, quality, settings, inputs.detach(), kinds
+    )
     if output_dir is not None:
         report.save(output_dir)
     return report

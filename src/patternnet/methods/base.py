@@ -17,7 +17,7 @@ one ``torch.autograd.grad`` call, and restoring the model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -185,8 +185,22 @@ class Attribution:
         ``(N, C)`` logits to explain, e.g. ``lambda out: out["logits"]``.
     """
 
-    #: Registry name (set by subclasses).
-    name: str = ""
+    # ---------------------------------------------------------------- self-description
+    #: Registry name (set by :func:`~patternnet.methods.registry.register`).
+    name: ClassVar[str] = ""
+    #: ``"signal"`` (what the network detects in the input, drawn grey-centred:
+    #: :func:`patternnet.viz.signal_image`) or ``"attribution"`` (each input's contribution to
+    #: the logit, drawn as a red/blue heatmap: :func:`patternnet.viz.heatmap`).
+    kind: ClassVar[str] = "attribution"
+    #: Whether the method explains with patterns fitted by :func:`patternnet.fit_patterns`.
+    needs_patterns: ClassVar[bool] = False
+    #: One line saying what the method does (listed by ``patternnet methods``).
+    description: ClassVar[str] = ""
+    #: The papers the method comes from.
+    references: ClassVar[tuple[str, ...]] = ()
+    #: Whether the method wraps another method (SmoothGrad, Integrated Gradients): built
+    #: from a method rather than a model, with option ``inner`` in the registry.
+    wraps: ClassVar[bool] = False
 
     def __init__(
         self,

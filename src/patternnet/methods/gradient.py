@@ -16,10 +16,12 @@ from torch import Tensor, nn
 
 from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from .base import Attribution, TargetType, check_inputs, resolve_target
+from .registry import register
 
 __all__ = ["Gradient", "GradientXInput", "SmoothGrad", "IntegratedGradients", "INTEGRATION_RULES"]
 
 
+@register("gradient")
 class Gradient(Attribution):
     """The gradient of the selected logit with respect to the input (Simonyan et al. 2014).
 
@@ -27,13 +29,19 @@ class Gradient(Attribution):
     signal (method.md §1).
     """
 
-    name = "gradient"
+    kind = "signal"
+    description = "gradient of the logit (saliency, signed)"
+    references = (
+        "Simonyan, Vedaldi, Zisserman, Deep inside convolutional networks, ICLR workshop 2014",
+    )
 
 
+@register("gradient_x_input")
 class GradientXInput(Attribution):
     """Gradient ⊙ input (Shrikumar et al. 2016); equals LRP-z for bias-free ReLU networks."""
 
-    name = "gradient_x_input"
+    description = "gradient × input"
+    references = ("Shrikumar et al., Not just a black box, arXiv:1605.01713, 2016",)
 
     def finish(self, inputs: Tensor, grad: Tensor) -> Tensor:
         return grad * inputs
@@ -63,6 +71,8 @@ def _positive_int(name: str, value: int | None, allow_none: bool = False) -> int
 
 class _Wrapper(Attribution):
     """A method evaluated at many points derived from the inputs, in bounded batches."""
+
+    wraps = True
 
     def __init__(
         self, method: Attribution | nn.Module, internal_batch_size: int | None = None
@@ -97,6 +107,7 @@ class _Wrapper(Attribution):
         return f"{type(self).__name__}({self.method!r})"
 
 
+@register("smoothgrad")
 class SmoothGrad(_Wrapper):
     """SmoothGrad (Smilkov et al. 2017): the method averaged over noisy copies of the input.
 
@@ -125,7 +136,13 @@ class SmoothGrad(_Wrapper):
     >>> SmoothGrad(Gradient(model), n_samples=50, seed=0).attribute(x, target=3)  # doctest: +SKIP
     """
 
-    name = "smoothgrad"
+    #: A smoothed signal is a signal, a smoothed attribution an attribution: an instance has
+    #: its inner method's kind (the class: that of the default, the gradient).
+    kind = "signal"
+    description = (
+        "SmoothGrad: a method (option inner, default gradient) averaged over noisy inputs"
+    )
+    references = ("Smilkov et al., SmoothGrad: removing noise by adding noise, 2017",)
 
     def __init__(
         self,
@@ -136,6 +153,7 @@ class SmoothGrad(_Wrapper):
         seed: int | None = None,
     ) -> None:
         super().__init__(method, internal_batch_size)
+        self.kind = self.method.kind  # type: ignore[misc]
         self.n_samples = _positive_int("n_samples", n_samples)
         noise_level = float(noise_level)
         if not noise_level >= 0:
@@ -206,6 +224,7 @@ INTEGRATION_RULES = (
 )
 
 
+@register("integrated_gradients")
 class IntegratedGradients(_Wrapper):
     """Integrated Gradients (Sundararajan et al. 2017) of any method.
 
@@ -227,7 +246,8 @@ class IntegratedGradients(_Wrapper):
         ``"riemann_left"``, ``"riemann_middle"`` or ``"riemann_right"``.
     """
 
-    name = "integrated_gradients"
+    description = "Integrated Gradients from a baseline (option inner, default gradient)"
+    references = ("Sundararajan, Taly, Yan, Axiomatic attribution for deep networks, ICML 2017",)
 
     def __init__(
         self,

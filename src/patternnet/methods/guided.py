@@ -21,17 +21,22 @@ from ..engine.backward import Rule, relu_rules
 from ..engine.canonize import Canonical
 from ..engine.rules import DeconvNetReLU, GuidedReLU
 from .base import Attribution
+from .registry import register
 
 __all__ = ["DeConvNet", "GuidedBackprop"]
 
 
+@register("deconvnet")
 class DeConvNet(Attribution):
     """DeConvNet (Zeiler & Fergus, ECCV 2014): ReLUs pass positive values, ignoring the gate.
 
     Equal to Captum's ``Deconvolution`` for ``nn.ReLU`` models; also handles ``F.relu``.
     """
 
-    name = "deconvnet"
+    kind = "signal"
+    description = "DeConvNet: ReLUs pass positive gradients, no gate"
+    references = ("Zeiler, Fergus, Visualizing and understanding convolutional networks, "
+                  "ECCV 2014",)
 
     def rules(
         self, canonical: Canonical
@@ -40,13 +45,17 @@ class DeConvNet(Attribution):
         return {}, relu_rules(DeconvNetReLU())
 
 
+@register("guided_backprop")
 class GuidedBackprop(Attribution):
     """Guided BackProp (Springenberg et al., ICLR workshop 2015): gate and positive values.
 
     Equal to Captum's ``GuidedBackprop`` for ``nn.ReLU`` models; also handles ``F.relu``.
     """
 
-    name = "guided_backprop"
+    kind = "signal"
+    description = "Guided BackProp: ReLU gate and positive gradients"
+    references = ("Springenberg et al., Striving for simplicity: the all convolutional net, "
+                  "ICLR workshop 2015",)
 
     def rules(
         self, canonical: Canonical

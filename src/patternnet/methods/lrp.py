@@ -10,27 +10,9 @@ summands (:class:`~patternnet.engine.rules.ProportionalSum`, what Zennit's ResNe
 (:class:`~patternnet.engine.rules.Norm`, as Zennit's composites do). BatchNorm is folded into
 the layer before it by the canonizers.
 
-Presets (the composites of the literature, named as in Zennit where it has them):
-
-========================== ================================================================
-``z``                      z rule on every layer (= gradient × input for bias-free ReLU nets)
-``epsilon``                ε rule on every layer
-``zplus``                  z⁺ on every layer
-``alpha1beta0``            αβ with α=1, β=0 on every layer (the same as ``zplus``)
-``alpha2beta1``            αβ with α=2, β=1 on every layer
-``w2``                     w² on every layer
-``flat``                   flat on every layer
-``epsilon_plus``           z⁺ on convolutions, ε on dense layers
-``epsilon_plus_flat``      ``epsilon_plus`` with the flat rule on the first layer
-``epsilon_alpha2beta1``    α2β1 on convolutions, ε on dense layers
-``epsilon_alpha2beta1_flat`` ``epsilon_alpha2beta1`` with the flat rule on the first layer
-``gamma``                  γ rule on every layer
-``epsilon_gamma``          γ on convolutions, ε on dense layers (with ``low``, ``high``: z^B
-                           on the first layer, Zennit's ``EpsilonGammaBox``)
-========================== ================================================================
-
-Any preset takes ``low`` and ``high`` (the input domain's bounds) to put z^B on the first
-layer.
+Presets (the composites of the literature, named as in Zennit where it has them) are listed
+once, in :data:`PRESETS`; each is registered as the method ``lrp_<preset>``. Any preset takes
+``low`` and ``high`` (the input domain's bounds) to put z^B on the first layer.
 
 References
 ----------
@@ -66,6 +48,7 @@ from ..engine.rules import (
 )
 from ..layers import is_linear_layer
 from .base import Attribution
+from .registry import register
 
 __all__ = ["LRP", "DeepTaylor", "PRESETS", "logit_start"]
 
@@ -73,23 +56,53 @@ CONVOLUTIONS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DENSE: tuple[type[nn.Module], ...] = (nn.Linear,)
 LINEAR_AND_CONV: tuple[type[nn.Module], ...] = CONVOLUTIONS + DENSE
 
-#: Preset name → one-line description.
-PRESETS: dict[str, str] = {
-    "z": "z rule (LRP-0) on every Linear/Conv layer",
-    "epsilon": "ε rule on every Linear/Conv layer",
-    "zplus": "z⁺ rule on every Linear/Conv layer",
-    "alpha1beta0": "αβ rule with α=1, β=0 on every Linear/Conv layer",
-    "alpha2beta1": "αβ rule with α=2, β=1 on every Linear/Conv layer",
-    "w2": "w² rule on every Linear/Conv layer",
-    "flat": "flat rule on every Linear/Conv layer",
-    "epsilon_plus": "z⁺ on convolutions, ε on dense layers",
-    "epsilon_plus_flat": "flat on the first layer, z⁺ on convolutions, ε on dense layers",
-    "epsilon_alpha2beta1": "α2β1 on convolutions, ε on dense layers",
-    "epsilon_alpha2beta1_flat": "flat on the first layer, α2β1 on convolutions, ε on dense layers",
-    "gamma": "γ rule on every Linear/Conv layer",
-    "epsilon_gamma": "γ on convolutions, ε on dense layers (options low, high: z^B on the first "
-    "layer)",
+# name: (one-line description, rule on convolutions, rule on dense layers, first-layer rule)
+_PRESET_TABLE: dict[str, tuple[str, str, str, str | None]] = {
+    "z": ("z rule (LRP-0) on every Linear/Conv layer", "z", "z", None),
+    "epsilon": ("ε rule on every Linear/Conv layer", "epsilon", "epsilon", None),
+    "zplus": ("z⁺ rule on every Linear/Conv layer", "zplus", "zplus", None),
+    "alpha1beta0": ("αβ rule with α=1, β=0 on every Linear/Conv layer", "alpha1beta0",
+                    "alpha1beta0", None),
+    "alpha2beta1": ("αβ rule with α=2, β=1 on every Linear/Conv layer", "alpha2beta1",
+                    "alpha2beta1", None),
+    "w2": ("w² rule on every Linear/Conv layer", "w2", "w2", None),
+    "flat": ("flat rule on every Linear/Conv layer", "flat", "flat", None),
+    "epsilon_plus": ("z⁺ on convolutions, ε on dense layers", "zplus", "epsilon", None),
+    "epsilon_plus_flat": ("flat on the first layer, z⁺ on convolutions, ε on dense layers",
+                          "zplus", "epsilon", "flat"),
+    "epsilon_alpha2beta1": ("α2β1 on convolutions, ε on dense layers", "alpha2beta1",
+                            "epsilon", None),
+    "epsilon_alpha2beta1_flat": ("flat on the first layer, α2β1 on convolutions, ε on dense "
+                                 "layers", "alpha2beta1", "epsilon", "flat"),
+    "gamma": ("γ rule on every Linear/Conv layer", "gamma", "gamma", None),
+    "epsilon_gamma": ("γ on convolutions, ε on dense layers (options low, high: z^B on the "
+                      "first layer)", "gamma", "epsilon", None),
 }
+
+#: Preset name → one-line description (the presets are defined once, in ``_PRESET_TABLE``).
+PRESETS: dict[str, str] = {name: row[0] for name, row in _PRESET_TABLE.items()}
+
+
+def _rule(key: str, epsilon: float, stabilizer: float, gamma: float) -> Rule:
+    """A fresh rule by its short name in ``_PRESET_TABLE``."""
+    if key == "z":
+        return Z()
+    if key == "epsilon":
+        return Epsilon(epsilon)
+    if key == "zplus":
+        return ZPlus(stabilizer=stabilizer)
+    if key == "alpha1beta0":
+        return AlphaBeta(1.0, 0.0, stabilizer=stabilizer)
+    if key == "alpha2beta1":
+        return AlphaBeta(2.0, 1.0, stabilizer=stabilizer)
+    if key == "w2":
+        return WSquare(stabilizer=stabilizer)
+    if key == "flat":
+        return Flat(stabilizer=stabilizer)
+    if key == "gamma":
+        return Gamma(gamma, stabilizer=stabilizer)
+    raise KeyError(key)
+
 
 LayerKey = str | type | tuple[type, ...]
 RuleSpec = str | Rule | Mapping[LayerKey, Rule]
@@ -106,29 +119,17 @@ def _preset(
     name: str, epsilon: float, stabilizer: float, gamma: float
 ) -> tuple[list[tuple[LayerKey, Rule]], Rule | None]:
     """The layer map and first-layer rule of a preset."""
-    every = {
-        "z": Z(),
-        "epsilon": Epsilon(epsilon),
-        "zplus": ZPlus(stabilizer=stabilizer),
-        "alpha1beta0": AlphaBeta(1.0, 0.0, stabilizer=stabilizer),
-        "alpha2beta1": AlphaBeta(2.0, 1.0, stabilizer=stabilizer),
-        "w2": WSquare(stabilizer=stabilizer),
-        "flat": Flat(stabilizer=stabilizer),
-        "gamma": Gamma(gamma, stabilizer=stabilizer),
-    }
-    if name in every:
-        return [(LINEAR_AND_CONV, every[name])], None
-    conv_rule = {
-        "epsilon_gamma": Gamma(gamma, stabilizer=stabilizer),
-        "epsilon_plus": ZPlus(stabilizer=stabilizer),
-        "epsilon_plus_flat": ZPlus(stabilizer=stabilizer),
-        "epsilon_alpha2beta1": AlphaBeta(2.0, 1.0, stabilizer=stabilizer),
-        "epsilon_alpha2beta1_flat": AlphaBeta(2.0, 1.0, stabilizer=stabilizer),
-    }
-    if name not in conv_rule:
+    if name not in _PRESET_TABLE:
         raise ValueError(f"unknown LRP preset {name!r}; choose one of {', '.join(PRESETS)}")
-    first = Flat(stabilizer=stabilizer) if name.endswith("_flat") else None
-    return [(CONVOLUTIONS, conv_rule[name]), (DENSE, Epsilon(epsilon))], first
+    _, conv, dense, first = _PRESET_TABLE[name]
+    first_rule = None if first is None else _rule(first, epsilon, stabilizer, gamma)
+    if conv == dense:
+        return [(LINEAR_AND_CONV, _rule(conv, epsilon, stabilizer, gamma))], first_rule
+    layer_map: list[tuple[LayerKey, Rule]] = [
+        (CONVOLUTIONS, _rule(conv, epsilon, stabilizer, gamma)),
+        (DENSE, _rule(dense, epsilon, stabilizer, gamma)),
+    ]
+    return layer_map, first_rule
 
 
 def _check_rule(rule: Any, where: str) -> Rule:
@@ -192,6 +193,12 @@ class LRP(Attribution):
     """
 
     name = "lrp"
+    description = "LRP with a rule per layer (a preset name or a mapping of rules)"
+    references = (
+        "Bach et al., On pixel-wise explanations for non-linear classifier decisions by "
+        "layer-wise relevance propagation, PLoS ONE 2015",
+        "Montavon et al., Layer-wise relevance propagation: an overview, 2019",
+    )
 
     def __init__(
         self,
@@ -306,6 +313,15 @@ class LRP(Attribution):
         return f"{type(self).__name__}({type(self.model).__name__}, {what})"
 
 
+# Every preset is a registered method (``lrp_epsilon`` ...), in the order of the table.
+for _name, _text in PRESETS.items():
+    register(f"lrp_{_name}", description=f"LRP: {_text}", rules=_name)(LRP)
+
+
+@register(
+    "deep_taylor",
+    description="Deep Taylor: z⁺ above the input, z^B (options low, high) or w² at the input",
+)
 class DeepTaylor(LRP):
     """Deep Taylor decomposition (Montavon et al. 2017) for ReLU networks.
 
@@ -327,7 +343,10 @@ class DeepTaylor(LRP):
         See :class:`LRP`.
     """
 
-    name = "deep_taylor"
+    references = (
+        "Montavon et al., Explaining nonlinear classification decisions with deep Taylor "
+        "decomposition, Pattern Recognition 2017",
+    )
 
     def __init__(
         self,

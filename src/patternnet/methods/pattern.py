@@ -35,6 +35,7 @@ from ..patterns.estimators import filter_pattern
 from ..patterns.fit import linear_layers
 from ..patterns.store import Patterns
 from .base import Attribution
+from .registry import register
 
 __all__ = ["PatternNet", "PatternAttribution"]
 
@@ -189,6 +190,7 @@ class _PatternMethod(Attribution):
         return start
 
 
+@register("pattern_net")
 class PatternNet(_PatternMethod):
     """PatternNet: the signal ``s`` the network detects for a class (method.md §3).
 
@@ -214,7 +216,13 @@ class PatternNet(_PatternMethod):
     PatternAttribution", ICLR 2018, Sec. 4.
     """
 
-    name = "pattern_net"
+    kind = "signal"
+    needs_patterns = True
+    description = "PatternNet: the signal, backward with the patterns (option patterns)"
+    references = (
+        "Kindermans et al., Learning how to explain neural networks: PatternNet and "
+        "PatternAttribution, ICLR 2018",
+    )
 
     def __init__(self, model: nn.Module, patterns: Patterns | None = None, **options: Any):
         super().__init__(model, patterns, **options)
@@ -228,6 +236,7 @@ class PatternNet(_PatternMethod):
         return as_dtype(pattern, weight)
 
 
+@register("pattern_attribution")
 class PatternAttribution(_PatternMethod):
     """PatternAttribution: each input's contribution to the class's logit (method.md §4).
 
@@ -253,7 +262,14 @@ class PatternAttribution(_PatternMethod):
     classification decisions with deep Taylor decomposition", Pattern Recognition 2017.
     """
 
-    name = "pattern_attribution"
+    needs_patterns = True
+    description = (
+        "PatternAttribution: contributions, backward with W ⊙ A (options patterns, estimator)"
+    )
+    references = PatternNet.references + (
+        "Montavon et al., Explaining nonlinear classification decisions with deep Taylor "
+        "decomposition, Pattern Recognition 2017",
+    )
     _attribution = True
 
     def _swap(self, weight: Tensor, pattern: Tensor) -> Tensor:

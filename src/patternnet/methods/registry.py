@@ -1,107 +1,172 @@
-"""Every method by name: :func:`methods` lists them, :func:`get_method` builds one.
+"""Every method by name: :func:`register` adds one, :func:`methods` lists them,
+:func:`get_method` builds one, :func:`method_info` says what a name is.
 
-The command line and the evaluation code choose methods by these names; options are the
+A method registers itself where it is defined::
+
+    @register("gradient")
+    class Gradient(Attribution):
+        kind = "signal"
+        description = "gradient of the logit (saliency, signed)"
+
+and a preset is the same class registered again with fixed options
+(``register("lrp_epsilon", rules="epsilon")(LRP)``). Options of :func:`get_method` are the
 keyword arguments of the method's class (e.g. ``epsilon`` for ``lrp_epsilon``, ``patterns``
 for ``pattern_attribution``, ``n_samples`` for ``smoothgrad``) plus ``canonizers`` and
-``output_selector`` for all.
+``output_selector`` for all. Methods that wrap another method (``wraps = True``: SmoothGrad,
+Integrated Gradients) take ``inner``, the name of the wrapped method (default
+``"gradient"``), and pass the options they do not take to it.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from torch import nn
 
 from .base import Attribution
-from .gradient import Gradient, GradientXInput, IntegratedGradients, SmoothGrad
-from .guided import DeConvNet, GuidedBackprop
-from .lrp import LRP, PRESETS, DeepTaylor
-from .pattern import PatternAttribution, PatternNet
 
-__all__ = ["methods", "get_method"]
+__all__ = ["MethodInfo", "build_method", "get_method", "method_info", "methods", "register"]
+
+M = TypeVar("M", bound=type[Attribution])
+
+#: Options every method takes (those of :class:`Attribution`).
+_COMMON = frozenset({"canonizers", "output_selector"})
 
 
 @dataclass(frozen=True)
-class _Entry:
+class MethodInfo:
+    """A registered name: the class it builds, with which fixed options, and what it is.
+
+    Attributes
+    ----------
+    name:
+        The registry name.
+    cls:
+        The :class:`~patternnet.methods.base.Attribution` subclass.
+    description:
+        One line (the class's ``description`` unless the registration gave one).
+    fixed:
+        Options the name fixes (e.g. ``{"rules": "epsilon"}`` for ``lrp_epsilon``).
+    """
+
+    name: str
+    cls: type[Attribution]
     description: str
-    build: Callable[..., Attribution]
-    signature: Callable[..., Any]
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """``"signal"`` or ``"attribution"`` (a wrapper's instance answers for its inner)."""
+        return self.cls.kind
+
+    @property
+    def needs_patterns(self) -> bool:
+        """Whether the method explains with fitted patterns."""
+        return self.cls.needs_patterns
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """The papers the method comes from."""
+        return tuple(self.cls.references)
+
+    def options(self) -> set[str]:
+        """The options :func:`get_method` accepts for this name (wrappers: their own)."""
+        accepted = set(_COMMON)
+        for klass in self.cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            parameters = inspect.signature(init).parameters.values()
+            variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+            accepted |= {p.name for p in parameters if p.kind not in variadic}
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+                break
+        accepted -= {"self", "model", "method", *self.fixed}
+        if self.cls.wraps:
+            accepted.add("inner")
+        return accepted
+
+    def build(self, model: nn.Module, **options: Any) -> Attribution:
+        """The method for ``model`` (see :func:`get_method`)."""
+        if self.cls.wraps:
+            inner = options.pop("inner", "gradient")
+            if method_info(inner).cls.wraps:
+                raise ValueError(
+                    f"inner must be a method that is not itself a wrapper, not {inner!r}"
+                )
+            own = self.options() - {"inner"} - _COMMON
+            mine = {k: v for k, v in options.items() if k in own}
+            rest = {k: v for k, v in options.items() if k not in own}
+            return self.cls(get_method(inner, model, **rest), **mine)
+        unknown = sorted(set(options) - self.options())
+        if unknown:
+            raise TypeError(
+                f"method {self.name!r} does not take the options {unknown}; it takes "
+                f"{sorted(self.options())}"
+            )
+        return self.cls(model, **self.fixed, **options)
 
 
-_COMMON = ("canonizers", "output_selector")
-_WRAPPED = {"inner": "gradient"}
+_REGISTRY: dict[str, MethodInfo] = {}
 
 
-def _wrapper(cls: type) -> Callable[..., Attribution]:
-    def build(model: nn.Module, inner: str = "gradient", **options: Any) -> Attribution:
-        own = set(inspect.signature(cls).parameters) - {"method"}
-        mine = {k: v for k, v in options.items() if k in own}
-        rest = {k: v for k, v in options.items() if k not in own}
-        if inner in ("smoothgrad", "integrated_gradients"):
-            raise ValueError(f"inner must be a method that is not itself a wrapper, not {inner!r}")
-        return cls(get_method(inner, model, **rest), **mine)
+def register(
+    name: str, *, description: str | None = None, **fixed: Any
+) -> Callable[[M], M]:
+    """Class decorator: make an :class:`Attribution` subclass available by ``name``.
 
-    return build
+    Parameters
+    ----------
+    name:
+        The registry name (used by :func:`get_method`, the command line, :func:`compare`).
+    description:
+        One line; default the class's ``description``.
+    **fixed:
+        Options this name fixes (a preset), e.g. ``rules="epsilon"``.
 
+    Raises
+    ------
+    ValueError
+        The name is taken by another class, or no description is given.
+    """
 
-def _lrp(preset: str) -> Callable[..., Attribution]:
-    def build(model: nn.Module, **options: Any) -> Attribution:
-        return LRP(model, preset, **options)
+    def decorate(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, Attribution)):
+            raise TypeError(f"register decorates Attribution subclasses, not {cls!r}")
+        text = description or cls.description
+        if not text:
+            raise ValueError(f"method {name!r} needs a description (class attribute or option)")
+        known = _REGISTRY.get(name)
+        if known is not None and known.cls is not cls:
+            raise ValueError(f"method name {name!r} is taken by {known.cls.__name__}")
+        if not fixed and "name" not in cls.__dict__:
+            cls.name = name
+        _REGISTRY[name] = MethodInfo(name, cls, text, dict(fixed))
+        return cls
 
-    return build
-
-
-_REGISTRY: dict[str, _Entry] = {
-    "gradient": _Entry("gradient of the logit (saliency, signed)", Gradient, Gradient),
-    "gradient_x_input": _Entry("gradient × input", GradientXInput, GradientXInput),
-    "smoothgrad": _Entry(
-        "SmoothGrad: a method (option inner, default gradient) averaged over noisy inputs",
-        _wrapper(SmoothGrad), SmoothGrad,
-    ),
-    "integrated_gradients": _Entry(
-        "Integrated Gradients from a baseline (option inner, default gradient)",
-        _wrapper(IntegratedGradients), IntegratedGradients,
-    ),
-    "deconvnet": _Entry("DeConvNet: ReLUs pass positive gradients, no gate", DeConvNet, DeConvNet),
-    "guided_backprop": _Entry(
-        "Guided BackProp: ReLU gate and positive gradients", GuidedBackprop, GuidedBackprop
-    ),
-}
-for _preset, _text in PRESETS.items():
-    _REGISTRY[f"lrp_{_preset}"] = _Entry(f"LRP: {_text}", _lrp(_preset), LRP)
-_REGISTRY["deep_taylor"] = _Entry(
-    "Deep Taylor: z⁺ above the input, z^B (options low, high) or w² at the input",
-    DeepTaylor, DeepTaylor,
-)
-_REGISTRY["pattern_net"] = _Entry(
-    "PatternNet: the signal, backward with the patterns (option patterns)", PatternNet,
-    PatternNet,
-)
-_REGISTRY["pattern_attribution"] = _Entry(
-    "PatternAttribution: contributions, backward with W ⊙ A (options patterns, estimator)",
-    PatternAttribution, PatternAttribution,
-)
+    return decorate
 
 
 def methods() -> dict[str, str]:
     """Every method's registry name and a one-line description."""
-    return {name: entry.description for name, entry in _REGISTRY.items()}
+    return {name: info.description for name, info in _REGISTRY.items()}
 
 
-def _accepted(name: str) -> set[str]:
-    entry = _REGISTRY[name]
-    parameters = inspect.signature(entry.signature).parameters.values()
-    accepted = {p.name for p in parameters if p.kind is not p.VAR_KEYWORD}
-    accepted -= {"model", "method", "rules"}
-    accepted |= set(_COMMON)
-    if name in ("smoothgrad", "integrated_gradients"):
-        accepted |= set(_WRAPPED)
-    if entry.signature is PatternNet:
-        accepted |= {"patterns", "estimator"}
-    return accepted
+def method_info(name: str) -> MethodInfo:
+    """What the registry name ``name`` is (class, kind, needs_patterns, options).
+
+    Raises
+    ------
+    ValueError
+        Unknown name (the message lists the known ones).
+    """
+    info = _REGISTRY.get(name)
+    if info is None:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(_REGISTRY)}")
+    return info
 
 
 def get_method(name: str, model: nn.Module, **options: Any) -> Attribution:
@@ -125,13 +190,22 @@ def get_method(name: str, model: nn.Module, **options: Any) -> Attribution:
     TypeError
         An option the method does not take (the message lists those it takes).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(_REGISTRY)}")
-    if name not in ("smoothgrad", "integrated_gradients"):
-        unknown = sorted(set(options) - _accepted(name))
-        if unknown:
-            raise TypeError(
-                f"method {name!r} does not take the options {unknown}; it takes "
-                f"{sorted(_accepted(name))}"
-            )
-    return _REGISTRY[name].build(model, **options)
+    return method_info(name).build(model, **options)
+
+
+def build_method(
+    name: str, model: nn.Module, patterns: Any = None, **options: Any
+) -> Attribution:
+    """:func:`get_method`, giving ``patterns`` to the methods that explain with them.
+
+    The method asks for patterns by its ``needs_patterns`` (for a wrapper: its ``inner``
+    method's); other methods ignore ``patterns``. The command line, the demo and
+    :func:`~patternnet.evaluate.compare` build methods by name through this one function.
+    """
+    info = method_info(name)
+    uses = info
+    if info.cls.wraps:
+        uses = method_info(options.get("inner", "gradient"))
+    if uses.needs_patterns and patterns is not None:
+        options.setdefault("patterns", patterns)
+    return info.build(model, **options)
