@@ -51,8 +51,11 @@ def relu_gates(model: nn.Module, bypass: Collection[str] = ()) -> dict[str, str]
     dict
         ``{layer name: kind}`` with kinds :data:`RELU`, :data:`SUM`, :data:`OTHER`.
     """
-    if has_forward_hooks(model):
+    if has_forward_hooks(model):  # hooks are checked at every call: never cached
         return {}
-    if any(s.kind == "unsupported" for s in classify(model, folding=False).values()):
-        return {}
-    return ModelGraph.of(model).relu_gates(bypass)
+    graph = ModelGraph.of(model)
+    supported = graph.memo(
+        "supported",
+        lambda: all(s.kind != "unsupported" for s in classify(model, folding=False).values()),
+    )
+    return graph.relu_gates(bypass) if supported else {}

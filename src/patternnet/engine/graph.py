@@ -268,6 +268,7 @@ class ModelGraph:
         self._types = {name: type(m) for name, m in model.named_modules()}
         self._has_batchnorm = any(is_batchnorm(m) for m in model.modules())
         self._probed: dict[int, tuple[Any, dict[str, str]]] = {}
+        self._memo: dict[Any, Any] = {}
         self._done = False
 
     def _traced(self) -> ModelGraph:
@@ -353,6 +354,16 @@ class ModelGraph:
             if len([a for a in operands if a.op != "get_attr"]) < 2:
                 return "other"
         return kind
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per trace: for answers that depend on the structure only.
+
+        The explicit cache of everything derived from the graph; :meth:`refresh` and a change
+        of structure clear it.
+        """
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     # --------------------------------------------------------------------- questions
     @property
@@ -463,12 +474,17 @@ class ModelGraph:
             two branches (a residual sum, whose ReLU gates the sum, not the unit).
             :data:`OTHER`: anything else. Layers the graph does not show for certain (inside
             another leaf module) are left out; the dict is empty when the whole model cannot
-            be traced or has forward hooks.
+            be traced. Forward hooks of the user are not the graph's business (they may
+            replace outputs fx does not see): :func:`patternnet.engine.gates.relu_gates`
+            checks them at every call.
         """
-        if self.graph is None or has_forward_hooks(self.model):
+        bypass = frozenset(bypass)
+        return dict(self.memo(("relu_gates", bypass), lambda: self._relu_gates(bypass)))
+
+    def _relu_gates(self, bypass: frozenset[str]) -> dict[str, str]:
+        if self.graph is None:
             return {}
         graph = self.graph
-        bypass = frozenset(bypass)
 
         def first_arg_passes(user: torch.fx.Node, node: torch.fx.Node) -> bool:
             return bool(user.args) and user.args[0] is node
