@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from . import viz
 from .data import find_idx, load_idx
-from .methods.registry import build_method
+from .methods.registry import build_method, method_info
 
 __all__ = [
     "CLASSES",
@@ -584,8 +584,8 @@ def _write_report(
     grid = ExplanationGrid.from_explanations(
         images,
         explained,
-        kinds={name: kind for name, _, kind in FIGURE_METHODS},
-        titles={name: title for name, title, _ in FIGURE_METHODS},
+        kinds={name: method_info(name).kind for name, _ in FIGURE_METHODS},
+        titles=dict(FIGURE_METHODS),
         mean=(MEAN,),
         std=(STD,),
         row_titles=[title.replace("\n", " ") for title in row_titles],

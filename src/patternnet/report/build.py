@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..methods.registry import method_info
 from . import page
 
 __all__ = [
@@ -44,11 +45,6 @@ __all__ = [
     "method_kind",
     "write_report",
 ]
-
-#: Registry names shown as signals (grey-centred images) when a method does not describe
-#: itself (an object or class attribute ``kind``); every other method is an attribution.
-SIGNAL_NAMES = frozenset({"pattern_net", "gradient", "deconvnet", "guided_backprop",
-                          "smoothgrad", "integrated_gradients"})  # fmt: skip
 
 #: Display side, in CSS pixels, of a picture in the explanation grid.
 CELL_PIXELS = 128
@@ -72,24 +68,11 @@ def method_kind(method: Any) -> str:
         return kind
     if isinstance(method, str):
         name = method.split("[", 1)[0].strip()
-        registered = _registered_kind(name)
-        if registered is not None:
-            return registered
-        return "signal" if name in SIGNAL_NAMES else "attribution"
+        try:
+            return method_info(name).kind
+        except ValueError:  # not a registry name (a user's label): an attribution
+            return "attribution"
     return "attribution"
-
-
-def _registered_kind(name: str) -> str | None:
-    """The ``kind`` the registry's entry for ``name`` declares, if it declares one."""
-    from ..methods import registry
-
-    entries = getattr(registry, "_REGISTRY", None) or getattr(registry, "REGISTRY", None)
-    entry = entries.get(name) if isinstance(entries, Mapping) else None
-    for candidate in (entry, getattr(entry, "cls", None), getattr(entry, "factory", None)):
-        kind = getattr(candidate, "kind", None)
-        if kind in ("signal", "attribution"):
-            return kind
-    return None
 
 
 # ---------------------------------------------------------------------------- grid
@@ -189,8 +172,7 @@ class ExplanationGrid:
                 raise ValueError(
                     f"kind of {name!r} must be 'signal' or 'attribution', not {kind!r}"
                 )
-            draw = viz.signal_image if kind == "signal" else viz.heatmap
-            pictures = [draw(values[i]) for i in range(count)]
+            pictures = [viz.picture(values[i], kind) for i in range(count)]
             columns.append(GridColumn(name, (titles or {}).get(name, name), kind, pictures))
         rows = list(row_titles[:count]) if row_titles is not None else None
         return cls(shown, columns, rows)
