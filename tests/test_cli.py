@@ -320,3 +320,28 @@ def test_fit_on_the_cpu_asks_for_gloo_even_where_cuda_exists(workspace, capsys, 
                        tmp_path / "p.safetensors", "--quiet")
     assert code == 0, err
     assert asked == ["gloo"]
+
+
+@pytest.mark.parametrize("bug", [KeyError("layer"), TypeError("unsupported operand"),
+                                 RuntimeError("boom")])
+def test_a_bug_propagates_with_its_traceback_not_exit_2(workspace, capsys, monkeypatch,
+                                                        tmp_path, bug):
+    """Only usage errors exit with 2; anything else is a bug and is raised as it is."""
+    from patternnet.cli import fit as fit_command
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(fit_command, "fit_patterns", broken)
+    with pytest.raises(type(bug), match=str(bug.args[0])):
+        main(["fit", "--model", MODEL, "--data", str(workspace / "inputs.npy"), "--out",
+              str(tmp_path / "p.safetensors"), "--quiet"])
+
+
+def test_a_value_error_from_the_data_is_a_usage_error(workspace, capsys, tmp_path):
+    """The library's verdict on bad data (ValueError) is reported in one line, exit 2."""
+    np.save(tmp_path / "wrong.npy", np.zeros((4, 3, 8, 8), np.float32))  # 3 channels, not 1
+    code, _, err = run(capsys, "fit", "--model", MODEL, "--data", tmp_path / "wrong.npy",
+                       "--out", tmp_path / "p.safetensors", "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("patternnet fit: error: fit on --data")

@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``patternnet`` command line; returns the exit status.
 
-    Exit status: 0 on success, 2 for bad arguments or inputs (one-line message on stderr;
-    set ``PATTERNNET_DEBUG=1`` for the full traceback instead).
+    Exit status: 0 on success, 2 for bad arguments or inputs (:class:`UsageError`: a
+    one-line message on stderr; set ``PATTERNNET_DEBUG=1`` for the full traceback instead).
+    Any other exception is a bug: it propagates with its traceback.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -79,14 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("PATTERNNET_DEBUG"):
             raise
         print(f"patternnet {args.command}: error: {error}", file=sys.stderr)
-    # OSError: --out is a file, ...; OverflowError/MemoryError: --resize 10**30, ...
-    except (OSError, ValueError, KeyError, TypeError, OverflowError, MemoryError) as error:
-        if os.environ.get("PATTERNNET_DEBUG"):
-            raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        print(f"patternnet {args.command}: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
+        return EXIT_USAGE
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -7,6 +7,8 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -14,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from ..data import PRESETS, ImageFiles, load_data, preset_for
+from ..engine.support import UnsupportedModuleError
 from ..methods.registry import build_method, method_info, methods
 from ..models import load
 from ..patterns.store import Patterns
@@ -21,6 +24,7 @@ from ..patterns.store import Patterns
 __all__ = [
     "EXIT_USAGE",
     "UsageError",
+    "user_input",
     "add_data",
     "add_model",
     "add_preset",
@@ -48,7 +52,33 @@ MODEL_HELP = (
 
 
 class UsageError(ValueError):
-    """A problem with what the user asked for: reported in one line, exit status 2."""
+    """A problem with what the user asked for: reported in one line, exit status 2.
+
+    The only exception the command line turns into exit status 2 (argparse exits with 2 on
+    its own); any other exception is a bug and propagates with its traceback.
+    """
+
+
+@contextmanager
+def user_input(what: str) -> Iterator[None]:
+    """Within this block, the library's verdicts on the user's inputs are usage errors.
+
+    The library reports a bad input — data, model, file — as ``ValueError`` (a wrong value),
+    :class:`~patternnet.engine.support.UnsupportedModuleError` (a model it cannot explain)
+    or ``OSError`` (a file that cannot be read or written); these become a
+    :class:`UsageError` naming ``what`` (e.g. ``"--data x.npy"``). Wrap only the steps that
+    consume the user's inputs: a bug elsewhere must not look like a usage error.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, UnsupportedModuleError, OSError) as error:
+        text = str(error).strip()
+        if isinstance(error, OSError) and error.strerror:
+            text = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+        message = text.splitlines()[0] if text else type(error).__name__
+        raise UsageError(f"{what}: {message}") from error
 
 
 class Parser(argparse.ArgumentParser):
@@ -194,14 +224,16 @@ def load_model(spec: str, weights: str | None = None) -> Any:
 def preset(args: argparse.Namespace) -> Any:
     """The input preprocessing of ``--preset`` and its overrides."""
     base = PRESETS[args.preset] if args.preset else preset_for(args.model)
-    return base.with_overrides(
-        resize=args.resize, crop=args.crop, mean=args.mean, std=args.std, mode=args.mode
-    )
+    with user_input("preprocessing"):
+        return base.with_overrides(
+            resize=args.resize, crop=args.crop, mean=args.mean, std=args.std, mode=args.mode
+        )
 
 
 def dataset(args: argparse.Namespace, chosen_preset: Any) -> Any:
     """``--data`` read with the preset (the first ``--limit`` samples)."""
-    data = load_data(args.data, chosen_preset, split=args.split)
+    with user_input(f"--data {args.data}"):
+        data = load_data(args.data, chosen_preset, split=args.split)
     if args.limit is not None and args.limit < len(data):
         data = Subset(data, range(args.limit))
     return data
@@ -227,7 +259,8 @@ def device_model(args: argparse.Namespace) -> tuple[Any, torch.device]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     model = load_model(args.model, args.weights)
-    return model.to(device), device
+    with user_input(f"--device {args.device}"):
+        return model.to(device), device
 
 
 def log(args: argparse.Namespace, message: str) -> None:

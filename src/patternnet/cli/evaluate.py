@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         raise common.UsageError(
             f"--data {args.data}: {len(dataset)} samples; evaluate needs at least 4"
         )
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with common.user_input(f"--data {args.data}"):
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     half = images.shape[0] // 2
     if images.dim() != 4:
         raise common.UsageError(f"--data {args.data}: inputs of shape "
@@ -85,34 +86,36 @@ def run(args: argparse.Namespace) -> int:
     common.log(args, f"ρ(S) on {half} + {images.shape[0] - half} samples: "
                      f"{', '.join(estimators)}")  # fmt: skip
     started = time.perf_counter()
-    table = evaluate.estimator_quality(
-        model,
-        None,
-        images[:half].to(device),
-        images[half:].to(device),
-        estimators=estimators,
-        patterns={patterns.estimator: patterns},
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    with common.user_input(f"ρ(S) on --data {args.data}"):
+        table = evaluate.estimator_quality(
+            model,
+            None,
+            images[:half].to(device),
+            images[half:].to(device),
+            estimators=estimators,
+            patterns={patterns.estimator: patterns},
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
     steps = min(100, -(-height // args.patch) * -(-width // args.patch))
     common.log(args, f"degradation of {images.shape[0] - half} images, {args.patch}×"
                      f"{args.patch} regions, {steps} steps: {', '.join(methods)} and a random "
                      "order")  # fmt: skip
     rho_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    comparison = evaluate.compare(
-        model,
-        methods,
-        images[half:].to(device),
-        k=args.patch,
-        steps=steps,
-        batch_size=max(args.batch_size, 64),
-        seed=args.seed,
-        quality=table,
-        output_dir=Path(args.out),
-    )
-    _write_report(args, comparison, rho_seconds, time.perf_counter() - started)
+    with common.user_input(f"evaluate --data {args.data} into --out {args.out}"):
+        comparison = evaluate.compare(
+            model,
+            methods,
+            images[half:].to(device),
+            k=args.patch,
+            steps=steps,
+            batch_size=max(args.batch_size, 64),
+            seed=args.seed,
+            quality=table,
+            output_dir=Path(args.out),
+        )
+        _write_report(args, comparison, rho_seconds, time.perf_counter() - started)
     out = Path(args.out)
     common.log(args, f"report → {out / 'report.md'} and {out / 'report.html'}")
     return 0

@@ -66,17 +66,20 @@ def run(args: argparse.Namespace) -> int:
         path = Path(item)
         if not path.exists():
             raise common.UsageError(f"image {item}: no such file or folder")
-        dataset = load_data(path, preset)
+        with common.user_input(f"image {item}"):
+            dataset = load_data(path, preset)
+            images = [dataset[i][0] for i in range(len(dataset))]
         stems = getattr(dataset, "paths", None) or [path.with_suffix("")]
         if len(stems) != len(dataset):
             stems = [Path(f"{path.stem}_{i}") for i in range(len(dataset))]
-        inputs += [(Path(s).stem, dataset[i][0]) for i, s in enumerate(stems)]
+        inputs += [(Path(s).stem, x) for s, x in zip(stems, images)]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with common.user_input(f"--out {args.out}"):
+        out.mkdir(parents=True, exist_ok=True)
     bar = None if args.quiet else common.progress_bar(len(inputs), "explaining")
     for stem, x in inputs:
         batch = x[None].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), common.user_input(f"image {stem}"):
             logits = forward_checked(model, batch)  # a shape mismatch: one line, not a traceback
         if args.target is not None and not 0 <= args.target < logits.shape[-1]:
             raise common.UsageError(
@@ -85,15 +88,18 @@ def run(args: argparse.Namespace) -> int:
         target = args.target if args.target is not None else int(logits.argmax(-1)[0])
         row = [viz.input_image(x, preset.mean, preset.std) if preset.mean else viz.input_image(x)]
         for name, method in methods.items():
-            result = method.attribute(batch, target=target)[0].detach().cpu()
-            np.save(out / f"{stem}.{name}.npy", result.numpy())
+            with common.user_input(f"method {name} on image {stem}"):
+                result = method.attribute(batch, target=target)[0].detach().cpu()
+            with common.user_input(f"--out {args.out}"):
+                np.save(out / f"{stem}.{name}.npy", result.numpy())
             row.append(viz.picture(result, method.kind))
-        viz.grid(
-            [row],
-            column_titles=["input", *names],
-            title=f"{stem}: class {target}",
-            path=out / f"{stem}.png",
-        )
+        with common.user_input(f"--out {args.out}"):
+            viz.grid(
+                [row],
+                column_titles=["input", *names],
+                title=f"{stem}: class {target}",
+                path=out / f"{stem}.png",
+            )
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -104,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
             **{name: value for name, value in checkpointing.items() if value is not None},
         }
         start = time.perf_counter()
-        patterns = fit_patterns(model, loader, **options)
+        with common.user_input(f"fit on --data {args.data}"):
+            patterns = fit_patterns(model, loader, **options)
         seconds = time.perf_counter() - start
         if distributed.is_main_process():
             patterns.metadata.setdefault("preset", _preset_dict(preset))
-            patterns.save(args.out)
+            with common.user_input(f"--out {args.out}"):
+                patterns.save(args.out)
             images = patterns.metadata.get("images", "?")
             common.log(args, f"fitted {args.estimator} patterns for {len(patterns)} layers on "
                              f"{images} samples in {seconds:.1f} s → {args.out}")  # fmt: skip
