@@ -159,3 +159,76 @@ def test_bad_folders_and_counts_say_what_to_do(folder, tmp_path):
                   log=lambda m: None)  # fmt: skip
     with pytest.raises(ValueError, match="patch must be a positive integer"):
         reproduce(folder, model="test_reproduce:tiny_net", patch=0, out=tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------- command line
+CLI_ARGS = ("--model", "test_reproduce:tiny_net", "--weights", "none", "--fit-images", "24",
+            "--val-images", "6", "--quality-images", "8", "--grid-images", "2", "--steps", "4",
+            "--batch-size", "8", "--workers", "0", "--preset", "imagenet", "--resize", "36",
+            "--crop", "32", "--quiet")  # fmt: skip
+
+
+def _same_patterns(path, reference):
+    got, want = Patterns.load(path), Patterns.load(reference)
+    assert got.metadata["images"] == want.metadata["images"] == 24
+    for layer in want:
+        for name, tensor in want[layer].items():
+            torch.testing.assert_close(got[layer][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_command_line_runs_the_same_pipeline(folder, run, tmp_path, capsys):
+    from patternnet.cli import main
+
+    _, library_out, _ = run
+    code = main(["reproduce", "--imagenet", str(folder), "--out", str(tmp_path), *CLI_ARGS])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "report.html").stat().st_size > 1000
+    assert json.loads((tmp_path / "summary.json").read_text())["settings"]["val_images"] == 6
+    _same_patterns(tmp_path / "patterns-two_component.safetensors",
+                   library_out / "patterns-two_component.safetensors")  # fmt: skip
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    from patternnet.cli import main
+
+    code = main(["reproduce", "--imagenet", str(tmp_path), "--out", str(tmp_path / "o"),
+                 *CLI_ARGS])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("patternnet reproduce: error:") and "ImageFolder layout" in err
+
+
+def test_torchrun_shares_the_fit_and_rank_0_writes_the_rest(folder, run, tmp_path):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists() or not torch.distributed.is_available():
+        pytest.skip("torchrun / torch.distributed not available")
+    _, library_out, _ = run
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([tests, *sys.path]))  # fmt: skip
+    process = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "patternnet", "reproduce",
+         "--imagenet", str(folder), "--out", str(tmp_path / "out"), *CLI_ARGS],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("torchrun reproduce did not finish within 240 s")
+    assert process.returncode == 0, stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["settings"]["processes"] == 2
+    _same_patterns(tmp_path / "out" / "patterns-two_component.safetensors",
+                   library_out / "patterns-two_component.safetensors")  # fmt: skip
+    _same_patterns(tmp_path / "out" / "patterns-linear.safetensors",
+                   library_out / "patterns-linear.safetensors")  # fmt: skip

@@ -18,6 +18,7 @@
 :mod:`.explain`           the registry's methods, :func:`patternnet.viz.picture`
 :mod:`.evaluate`          :func:`patternnet.evaluate.estimator_quality`,
                           :func:`patternnet.evaluate.compare`, :mod:`patternnet.report`
+:mod:`.reproduce`         :func:`patternnet.reproduce` (the paper on ImageNet)
 :mod:`.demo`              :func:`patternnet.demo.run_demo`
 :mod:`.methods`           :func:`patternnet.methods.registry.methods`
 ========================  ==========================================================
@@ -39,13 +40,13 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import common, demo, evaluate, explain, fit, methods
+from . import common, demo, evaluate, explain, fit, methods, reproduce
 from .common import EXIT_USAGE, UsageError, load_model
 
 __all__ = ["COMMANDS", "EXIT_USAGE", "UsageError", "build_parser", "load_model", "main"]
 
 #: The sub-command modules, in the order ``patternnet --help`` lists them.
-COMMANDS = (fit, explain, evaluate, demo, methods)
+COMMANDS = (fit, explain, evaluate, reproduce, demo, methods)
 
 
 def build_parser() -> argparse.ArgumentParser:
