@@ -9,11 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .perturbation import PerturbationCurves
-    from .quality import QualityTable
+from typing import Any
 
 __all__ = ["plot_degradation", "plot_quality"]
 
@@ -46,7 +42,7 @@ def _save(figure: Any, path: str | Path | None) -> None:
 
 
 def plot_quality(
-    table: QualityTable,
+    table: Any,
     path: str | Path | None = None,
     *,
     estimators: Sequence[str] | None = None,
@@ -91,7 +87,7 @@ def plot_quality(
 
 
 def plot_degradation(
-    curves: Mapping[str, PerturbationCurves] | Sequence[PerturbationCurves],
+    curves: Mapping[str, Any] | Sequence[Any],
     path: str | Path | None = None,
     *,
     title: str = "Image degradation (region perturbation)",

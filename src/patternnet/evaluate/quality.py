@@ -81,6 +81,7 @@ from ..engine.canonize import Canonical, Canonizer
 from ..layers import geometry
 from ..patterns.fit import fit_patterns, iter_batches, linear_layers
 from ..patterns.store import Patterns
+from .plots import plot_quality
 
 __all__ = [
     "QUALITY_ESTIMATORS",
@@ -466,8 +467,6 @@ class QualityTable:
     def plot(self, path: str | Path | None = None, **options: Any) -> Any:
         """The paper's Figure 3: ρ per layer, one line per estimator (see
         :func:`patternnet.evaluate.plots.plot_quality`)."""
-        from .plots import plot_quality
-
         return plot_quality(self, path, **options)
 
 

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .batches import iter_batches
+
 __all__ = [
     "init_from_env",
     "is_initialized",
@@ -186,8 +188,6 @@ class _RoundRobin:
         self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[Tensor]:
-        from .fit import iter_batches
-
         for index, batch in enumerate(iter_batches(self.data, self.batch_size, limit=self.limit)):
             if index % self.world == self.rank:
                 yield batch
