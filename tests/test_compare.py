@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from patternnet import Gradient, GradientXInput, PatternAttribution, fit_patterns
-from patternnet.benchmarks import small_cnn, tetromino_images, train_classifier
 from patternnet.evaluate import (
     compare,
     estimator_quality,
@@ -14,6 +13,7 @@ from patternnet.evaluate import (
     plot_quality,
     region_perturbation,
 )
+from patternnet.groundtruth import small_cnn, tetromino_images, train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_registry_pattern_methods_get_the_patterns(setup):
 
 
 def test_vector_inputs_skip_degradation():
-    from patternnet.benchmarks import toy_data, toy_model
+    from patternnet.groundtruth import toy_data, toy_model
 
     data = toy_data(50, seed=0)
     model = torch.nn.Sequential(toy_model(), torch.nn.Linear(1, 2))

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from patternnet import Gradient, PatternAttribution, PatternNet, fit_patterns
-from patternnet.benchmarks import (
+from patternnet.evaluate import (
+    ground_truth_metrics,
+    region_mass,
+    signal_cosine,
+    topk_precision,
+)
+from patternnet.groundtruth import (
     accuracy,
     linear_classifier,
     linear_discriminant,
@@ -15,12 +21,6 @@ from patternnet.benchmarks import (
     tetromino_images,
     toy_data,
     train_classifier,
-)
-from patternnet.evaluate import (
-    ground_truth_metrics,
-    region_mass,
-    signal_cosine,
-    topk_precision,
 )
 
 
@@ -122,3 +122,17 @@ def test_same_finding_with_a_trained_classifier(suppressor_setup):
     # Adam leaves the distractor imperfectly cancelled, so some of it leaks into the pattern
     assert signal["signal_cosine"] >= 0.95 > gradient["signal_cosine"]
     assert signal["mass_suppressor"] < 0.15 < gradient["mass_suppressor"]
+
+
+def test_benchmarks_alias_is_deprecated_and_the_same_objects():
+    import importlib
+    import sys
+
+    import patternnet.groundtruth as groundtruth
+    import patternnet.groundtruth.noise as noise
+
+    sys.modules.pop("patternnet.benchmarks", None)
+    with pytest.warns(DeprecationWarning, match="patternnet.groundtruth"):
+        alias = importlib.import_module("patternnet.benchmarks")
+    assert alias.tetromino_images is groundtruth.tetromino_images
+    assert importlib.import_module("patternnet.benchmarks.noise") is noise

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from patternnet.benchmarks import linear_classifier, tetromino_images, train_classifier
 from patternnet.evaluate.perturbation import (
     aopc,
     region_grid,
@@ -14,6 +13,7 @@ from patternnet.evaluate.perturbation import (
     region_perturbation,
     replacement_values,
 )
+from patternnet.groundtruth import linear_classifier, tetromino_images, train_classifier
 
 
 class Recorder(nn.Module):

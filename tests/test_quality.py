@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from patternnet import fit_patterns
-from patternnet.benchmarks import toy_data, toy_model
 from patternnet.evaluate import estimator_quality
 from patternnet.evaluate.quality import QUALITY_ESTIMATORS
+from patternnet.groundtruth import toy_data, toy_model
 
 
 @pytest.fixture(scope="module")

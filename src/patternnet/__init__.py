@@ -6,7 +6,7 @@ data → statistics → estimators → patterns → backward rules → explanati
 
 from __future__ import annotations
 
-from . import benchmarks, evaluate, methods, models
+from . import evaluate, groundtruth, methods, models
 from .engine.canonize import BatchNormFolding
 from .engine.support import (
     UnsupportedModuleError,
@@ -45,7 +45,6 @@ __all__ = [
     "Statistics",
     "UnsupportedModuleError",
     "aopc",
-    "benchmarks",
     "check_supported",
     "classify",
     "collect_statistics",
@@ -55,6 +54,7 @@ __all__ = [
     "evaluate",
     "fit_patterns",
     "get_method",
+    "groundtruth",
     "methods",
     "models",
     "region_perturbation",

@@ -1,37 +1,34 @@
-"""Ground-truth benchmarks: data whose true signal is known, generated from a seed.
+"""Deprecated alias of :mod:`patternnet.groundtruth` (renamed; removed in a later release).
 
-- :func:`toy_data` — the paper's 2-D example (signal ``(1, 0)``, distractor ``(1, 1)``);
-- :func:`suppressor_images` — linear images with signal, distractor and a pure suppressor
-  region (Wilming et al. 2022);
-- :func:`tetromino_images` — XAI-TRIS-style tetromino images, ``"lin"``/``"mult"`` over
-  ``"white"``/``"corr"`` backgrounds (Clark et al. 2024);
-- :func:`linear_classifier`, :func:`small_cnn`, :func:`train_classifier` — models trained on
-  them in seconds.
+``import patternnet.benchmarks`` and ``from patternnet.benchmarks.<module> import …`` keep
+working for one release and emit a :class:`DeprecationWarning`; the submodules are the very
+module objects of :mod:`patternnet.groundtruth`, so nothing is duplicated.
 """
 
 from __future__ import annotations
 
-from .base import GroundTruthData
-from .suppressor import suppressor_images
-from .tetromino import tetromino_images
-from .toy import toy_data, toy_model
-from .train import (
-    accuracy,
-    linear_classifier,
-    linear_discriminant,
-    small_cnn,
-    train_classifier,
+import sys
+import warnings
+
+from .. import groundtruth as _groundtruth
+from ..groundtruth import *  # noqa: F403
+from ..groundtruth import (
+    __all__,  # noqa: F401
+    base,
+    noise,
+    suppressor,
+    tetromino,
+    toy,
+    train,
 )
 
-__all__ = [
-    "GroundTruthData",
-    "accuracy",
-    "linear_classifier",
-    "linear_discriminant",
-    "small_cnn",
-    "suppressor_images",
-    "tetromino_images",
-    "toy_data",
-    "toy_model",
-    "train_classifier",
-]
+warnings.warn(
+    "patternnet.benchmarks was renamed patternnet.groundtruth; import that instead "
+    "(the alias will be removed in a later release)",
+    DeprecationWarning,
+    stacklevel=2,
+)
+
+for _module in (base, noise, suppressor, tetromino, toy, train):
+    sys.modules[f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}"] = _module
+del _module, _groundtruth

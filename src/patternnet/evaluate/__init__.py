@@ -6,7 +6,7 @@
   (method.md §6, Samek et al. 2016) and the area over the perturbation curve;
 - :func:`signal_cosine`, :func:`topk_precision`, :func:`region_mass`,
   :func:`ground_truth_metrics` — explanations against a known signal
-  (:mod:`patternnet.benchmarks`);
+  (:mod:`patternnet.groundtruth`);
 - :func:`compare` — all metrics for several methods, as one Markdown/CSV report with figures.
 """
 

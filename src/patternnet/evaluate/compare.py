@@ -4,7 +4,7 @@
 
 - the area over the perturbation curve (:func:`~patternnet.evaluate.perturbation.aopc`) for
   image inputs, next to a random-order baseline;
-- with a :class:`~patternnet.benchmarks.GroundTruthData`, the ground-truth metrics of
+- with a :class:`~patternnet.groundtruth.GroundTruthData`, the ground-truth metrics of
   :mod:`patternnet.evaluate.groundtruth` (cosine to the true signal, top-k precision, mass on
   each region without signal);
 - the time the method took.
@@ -234,7 +234,7 @@ def compare(
         (:func:`patternnet.methods.registry.methods`) or callables ``f(inputs, target)``, or a
         dict ``{label: method}``.
     data:
-        ``(N, ...)`` input tensor, or a :class:`~patternnet.benchmarks.GroundTruthData` (adds
+        ``(N, ...)`` input tensor, or a :class:`~patternnet.groundtruth.GroundTruthData` (adds
         the ground-truth metrics).
     patterns:
         Patterns given to the registry's ``pattern_net``/``pattern_attribution``.

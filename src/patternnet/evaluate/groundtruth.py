@@ -11,7 +11,7 @@ magnitude ``|e|`` (the sign of an explanation is method-specific; where the sign
 - :func:`region_mass` — the fraction of ``Σ|e|`` that falls in a region (e.g. the suppressor
   region, which holds no information about the target and should get none);
 - :func:`ground_truth_metrics` — all of them for one explanation of a
-  :class:`~patternnet.benchmarks.GroundTruthData`.
+  :class:`~patternnet.groundtruth.GroundTruthData`.
 
 References
 ----------
@@ -123,7 +123,7 @@ def ground_truth_metrics(
     explanation:
         ``(N, ...)`` explanations of ``data.inputs`` (or of its first ``N`` samples).
     data:
-        A :class:`~patternnet.benchmarks.GroundTruthData`.
+        A :class:`~patternnet.groundtruth.GroundTruthData`.
     k:
         For :func:`topk_precision` (default: the mask size).
 

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..benchmarks.noise import gaussian_kernel
 from ..borrow import borrowed, model_device, model_dtype
+from ..groundtruth.noise import gaussian_kernel
 from ..methods.base import resolve_target
 
 __all__ = [

@@ -45,7 +45,7 @@ when the layer's input dimension ``D ≤ max_dims`` and uses every neuron when
 output units, and the regression uses ``max_dims`` of the ``D`` coordinates of ``d̂`` (``y`` is
 always the full ``wᵀx``). Sub-sampled dimensions lower the regression's in-sample ``R`` but also
 its over-fitting, so the evaluated ρ can move either way. Measured against the exact value on
-the tetromino CNN of :mod:`patternnet.benchmarks` (``small_cnn``, ``lin``/``corr`` data, seed
+the tetromino CNN of :mod:`patternnet.groundtruth` (``small_cnn``, ``lin``/``corr`` data, seed
 0, regression and evaluation 2000 images each), layers ``3`` (conv, D = 72) and ``7`` (dense,
 D = 256), ρ of filter / linear / two-component / random:
 

@@ -1,6 +1,6 @@
 """``GroundTruthData``: inputs together with the signal they really contain.
 
-Every benchmark dataset of :mod:`patternnet.benchmarks` is generated from a seed and knows,
+Every benchmark dataset of :mod:`patternnet.groundtruth` is generated from a seed and knows,
 for every sample, the component an ideal explanation of the *signal* should show (``signal``),
 where that signal lives (``signal_mask``) and where features without any relation to the target
 live (``regions``, e.g. a pure suppressor region or the support of a distractor). The metrics
