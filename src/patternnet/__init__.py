@@ -24,6 +24,7 @@ from .methods.registry import get_method
 from .patterns.fit import collect_statistics, compute_patterns, fit_patterns
 from .patterns.statistics import Statistics
 from .patterns.store import Patterns
+from .quantus import quantus_explain
 from .reproduction import reproduce
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = [
     "groundtruth",
     "methods",
     "models",
+    "quantus_explain",
     "region_perturbation",
     "register_passthrough",
     "reproduce",
