@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_WITH_VISION ?= torch==2.14.1 torchvision==0.29.1
 TORCH_PLAIN ?= torch==2.13.0
 
-.PHONY: venv test lint demo fashion-mnist browser bench clean
+.PHONY: venv test lint demo fashion-mnist browser opencv-libs bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,18 @@ browser:
 	  echo "could not install chromium; the browser tests will skip"; \
 	fi
 
+# Quantus (a test extra) imports OpenCV, which needs libGL and GLib (Debian libgl1, libglib2.0-0)
+opencv-libs:
+	@if ! ldconfig -p | grep -q 'libGL.so.1' || ! ldconfig -p | grep -q 'libgthread-2.0.so.0'; then \
+	  echo "installing the Debian packages libgl1 libglib2.0-0 (OpenCV, imported by Quantus)"; \
+	  (apt-get update -qq && apt-get install -y -qq libgl1 libglib2.0-0) || \
+	  echo "could not install libgl1/libglib2.0-0; the Quantus tests will fail to import cv2"; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check src tests perf
 
-test: venv browser
+test: venv browser opencv-libs
 	$(BIN)/ruff check src tests perf
 	$(BIN)/python -m pytest -q
 

@@ -113,9 +113,9 @@ def quantus_explain(
     if array.size > 1 and np.all(array == array.reshape(-1)[0]):
         raise ValueError(
             f"{method!r} explains this batch of {x.shape[0]} samples with the same value "
-            f"{float(array.reshape(-1)[0])!r} everywhere, which Quantus rejects; a model whose units "
-            "are all dead for these inputs, or targets whose logits do not depend on the "
-            "input? Check the model and targets, or choose another method"
+            f"{float(array.reshape(-1)[0])!r} everywhere, which Quantus rejects; a model "
+            "whose units are all dead for these inputs, or targets whose logits do not depend "
+            "on the input? Check the model and targets, or choose another method"
         )
     return array
 
