@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 __all__ = ["load", "load_state_dict", "read_state_dict", "from_exported"]
@@ -206,8 +207,6 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             state: Any = load_file(str(path))
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type

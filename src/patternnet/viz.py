@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -296,8 +297,6 @@ def grid(
 
 def save(figure: Any, path: str | os.PathLike[str], *, dpi: int = 150) -> None:
     """Save a matplotlib figure, creating the folder (Agg canvas; no display needed)."""
-    from pathlib import Path
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi, bbox_inches="tight")
 

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
+from tqdm.auto import tqdm
 
 from ..data import PRESETS, ImageFiles, load_data, preset_for
 from ..engine.support import UnsupportedModuleError
@@ -270,8 +271,6 @@ def log(args: argparse.Namespace, message: str) -> None:
 
 
 def progress_bar(total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm  # optional dependency: only for progress bars
-
     return tqdm(total=total, unit="img", desc=desc, leave=False)
 
 

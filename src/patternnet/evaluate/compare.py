@@ -26,9 +26,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .. import viz
 from ..methods.registry import build_method
 from .groundtruth import ground_truth_metrics
 from .perturbation import PerturbationCurves, aopc, region_perturbation
+from .plots import plot_degradation
 from .quality import QualityTable
 
 __all__ = ["ComparisonReport", "compare"]
@@ -171,8 +173,6 @@ class ComparisonReport:
         written["metrics.csv"] = directory / "metrics.csv"
         self.to_csv(written["metrics.csv"])
         if self.curves:
-            from .plots import plot_degradation
-
             written["degradation.png"] = directory / "degradation.png"
             plot_degradation(self.curves, written["degradation.png"])
             parts += ["## Image degradation\n", "![degradation](degradation.png)\n"]
@@ -192,8 +192,6 @@ class ComparisonReport:
         return written
 
     def _example_figure(self, path: Path, examples: int) -> None:
-        from .. import viz
-
         labels = list(self.explanations)
         rows = []
         for i in range(min(examples, self.inputs.shape[0])):

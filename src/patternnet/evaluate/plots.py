@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..viz import degradation_plot
+
 __all__ = ["plot_degradation", "plot_quality"]
 
 #: Display names of the estimators (the paper's notation).
@@ -106,8 +108,6 @@ def plot_degradation(
     title:
         Axes title.
     """
-    from ..viz import degradation_plot
-
     items = dict(curves) if isinstance(curves, Mapping) else {c.label: c for c in curves}
     if not items:
         raise ValueError("no curves to plot")

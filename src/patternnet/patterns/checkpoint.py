@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import Tensor
 
@@ -65,9 +66,7 @@ MUST_MATCH = ("fingerprint", "estimator", "negative", "precision", "rank", "worl
 
 def _write_file(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], path: str) -> None:
     """Write ``tensors`` and ``metadata`` to ``path`` (the temporary file of ``atomic_write``)."""
-    from safetensors.torch import save_file
-
-    save_file(dict(tensors), path, metadata=dict(metadata))
+    safetensors.torch.save_file(dict(tensors), path, metadata=dict(metadata))
 
 
 def checksum(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:

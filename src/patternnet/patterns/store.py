@@ -23,7 +23,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..layers import geometry, is_linear_layer
@@ -314,8 +316,6 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write a safetensors file atomically (temp file + rename); return its path."""
-        from safetensors.torch import save_file
-
         tensors = {
             f"{name}/{key}": t.detach().to("cpu").contiguous()
             for name, layer in self._layers.items()
@@ -328,7 +328,7 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
         header["sha256"] = _digest(tensors, header)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+        atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
         return Path(path)
 
     @classmethod
@@ -357,8 +357,6 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
             If the file is not a patternnet safetensors file, is truncated or corrupted, or
             does not fit ``model``.
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no patterns file at {str(path)!r}")

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import __version__, viz
 from ..methods.registry import method_info
+from ..patterns.store import atomic_write
 from . import page
 
 __all__ = [
@@ -159,8 +161,6 @@ class ExplanationGrid:
         max_rows:
             Show at most this many inputs.
         """
-        from .. import viz
-
         count = inputs.shape[0] if max_rows is None else min(max_rows, inputs.shape[0])
         shown = [viz.input_image(inputs[i], mean, std) for i in range(count)]
         columns = []
@@ -335,8 +335,6 @@ def _records(result: Any) -> list[dict[str, Any]]:
 
 
 def _versions() -> dict[str, str]:
-    from .. import __version__
-
     return {
         "patternnet": __version__,
         "torch": torch.__version__,
@@ -549,8 +547,6 @@ class Report:
 
     def write(self, path: str | Path) -> Path:
         """Write the page to ``path`` atomically (a complete file or the old one); returns it."""
-        from ..patterns.store import atomic_write
-
         text = self.to_html()
         path = Path(path)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
