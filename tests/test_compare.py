@@ -42,7 +42,9 @@ def test_compare_instances_names_and_callables(setup, tmp_path):
     for row in report.rows[:-1]:
         assert {"aopc", "signal_cosine", "topk_precision", "mass_background", "seconds"} <= set(row)
         assert 0.0 <= row["signal_cosine"] <= 1.0
-    assert set(report.rows[-1]) == {"method", "aopc"}
+    assert set(report.rows[-1]) == {"method", "aopc", "aopc_low", "aopc_high"}
+    for row in report.rows:
+        assert row["aopc_low"] <= row["aopc"] <= row["aopc_high"]
     # the AOPC in the table is the one of the stored curve, recomputed independently
     again = region_perturbation(model, test.inputs, report.explanations["gradient"], k=4, steps=8)
     assert report.rows[1]["aopc"] == pytest.approx(again.aopc())
@@ -59,7 +61,7 @@ def test_compare_instances_names_and_callables(setup, tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "| PatternAttribution |" in text and "ρ(S)" in text
     csv = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert csv[0].startswith("method,aopc,signal_cosine") and len(csv) == 6
+    assert csv[0].startswith("method,aopc,aopc_low,aopc_high,signal_cosine") and len(csv) == 6
 
 
 def test_registry_pattern_methods_get_the_patterns(setup):
@@ -102,4 +104,24 @@ def test_plots_write_files(setup, tmp_path):
                               max_neurons=2, max_dims=16)  # fmt: skip
     figure = plot_quality(table, tmp_path / "sub" / "rho.svg")
     assert (tmp_path / "sub" / "rho.svg").exists()
-    assert len(figure.axes[0].lines) == 4  # identity is left out by default
+    # identity is left out by default; the sampled layers carry error bars
+    assert len(figure.axes[0].get_legend().get_texts()) == 4
+    assert any(info["dims"] == 16 and not info["exact"] for info in table.info.values())
+
+
+def test_compare_lerf_and_paired_difference(setup, tmp_path):
+    model, _, _, test = setup
+    report = compare(model, ["gradient", "gradient_x_input"], test.inputs[:30], k=4, steps=8,
+                     lerf=True, pairs=[("gradient", "gradient_x_input")], resamples=300,
+                     output_dir=tmp_path)  # fmt: skip
+    row = report.rows[0]
+    assert row["lerf_low"] <= row["lerf_aopc"] <= row["lerf_high"]
+    assert set(report.lerf_curves) == {"gradient", "gradient_x_input", "random"}
+    (difference,) = report.differences
+    expected = report.curves["gradient"].aopc() - report.curves["gradient_x_input"].aopc()
+    assert difference.difference == pytest.approx(expected)
+    text = (tmp_path / "report.md").read_text()
+    assert "paired bootstrap" in text and (tmp_path / "degradation_lerf.png").exists()
+    assert report.to_records()[-1]["kind"] == "difference"
+    with pytest.raises(KeyError, match="pairs"):
+        compare(model, ["gradient"], test.inputs[:4], k=4, steps=2, pairs=[("gradient", "x")])

@@ -94,26 +94,29 @@ def _residual(patches, y, mask, estimator, tensors, weight, j):
     return patches - y[:, j, None] * a
 
 
-def _small_cnn(seed: int = 0) -> nn.Module:
+def _small_cnn(seed: int = 0, channels: int = 1) -> nn.Module:
     # float64 so that y = wᵀx carries no float32 rounding that a regression could fit
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 5),
+        nn.Conv2d(channels, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 5),
         nn.ReLU(), nn.Linear(5, 2),
     ).double()  # fmt: skip
 
 
-def _smooth_images(n: int, seed: int) -> torch.Tensor:
+def _smooth_images(n: int, seed: int, channels: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(n, channels, 6, 6, generator=g, dtype=torch.float64)
     return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1) + 0.3
 
 
 @pytest.mark.parametrize("layer_name", ["0", "3"])
 @pytest.mark.parametrize("estimator", ["filter", "linear", "two_component"])
 def test_matches_explicit_regression(layer_name, estimator):
-    model = _small_cnn()
-    fit, regression, evaluation = (_smooth_images(2000, s) for s in (1, 2, 3))
+    # three input channels: the 108 inputs of layer "3" have a well-conditioned covariance (one
+    # channel gives 108 features of 36 pixels, nearly singular: then ρ is decided by rounding
+    # and by the regulariser, see test_singular_inputs_are_stable)
+    model = _small_cnn(channels=3)
+    fit, regression, evaluation = (_smooth_images(2000, s, channels=3) for s in (1, 2, 3))
     patterns = fit_patterns(model, fit, estimator=estimator, progress=False)
     table = estimator_quality(
         model, fit, regression, evaluation, estimators=[estimator], layers=[layer_name],
@@ -281,3 +284,94 @@ def test_conv3d_network_gets_a_full_table():
                               positions=8)  # fmt: skip
     assert table.layers == ["0", "2", "5"]
     assert torch.isfinite(table.rho).all()
+
+
+# ---------------------------------------------------------------------------- exact path
+def _moments(model, layer_name, data, dims, active=True):
+    from patternnet.evaluate.quality import LayerMoments, collect_moments
+
+    layer = dict(model.named_modules())[layer_name]
+    neurons = torch.arange(layer.weight.shape[0])
+    moments = LayerMoments(neurons, dims, active)
+    collect_moments(model, data, {layer_name: moments})
+    return moments
+
+
+@pytest.mark.parametrize("estimator", ["filter", "linear", "two_component", "random"])
+def test_reduced_form_equals_general_form_and_a_full_sampling_draw(estimator):
+    # The exact path (y = wᵀx, one side dropped) and the bordered form used for sampled
+    # coordinates must agree when the "sample" is every coordinate, in any order.
+    from patternnet.evaluate.quality import _neuron_patterns, layer_quality
+
+    model = _small_cnn(3, channels=3)
+    fit, regression, evaluation = (_smooth_images(1500, s, channels=3) for s in (11, 12, 13))
+    kind = estimator if estimator in ("linear", "two_component") else "two_component"
+    fitted = {kind: fit_patterns(model, fit, estimator=kind, progress=False)}
+    layer = model[3]
+    weight = layer.weight.detach().double()
+    order = torch.randperm(108, generator=torch.Generator().manual_seed(0))
+    reg, ev = (_moments(model, "3", d, torch.arange(108)) for d in (regression, evaluation))
+    reg_p, ev_p = (_moments(model, "3", d, order) for d in (regression, evaluation))
+    patterns = _neuron_patterns(estimator, "3", weight, torch.arange(5), fitted,
+                                torch.Generator().manual_seed(1))  # fmt: skip
+    exact = layer_quality(reg, ev, estimator, patterns, weight=weight)
+    general = layer_quality(reg, ev, estimator, patterns)
+    permuted = layer_quality(reg_p, ev_p, estimator, patterns)
+    np.testing.assert_allclose(general.numpy(), exact.numpy(), atol=1e-7)
+    np.testing.assert_allclose(permuted.numpy(), exact.numpy(), atol=1e-7)
+    table = estimator_quality(model, None, regression, evaluation, estimators=[estimator],
+                              layers=["3"], patterns=fitted if estimator == kind else None,
+                              max_dims=108, seed=0)  # fmt: skip
+    assert table.info["3"]["exact"] and table.info["3"]["dim_seeds"] == 1
+    assert float(table.stderr[0, 0]) == 0.0
+
+
+def test_constant_input_coordinate_is_handled_exactly():
+    # A coordinate that never varies makes Σ_xx singular. If the filter w uses it, the filter
+    # residual there is −w_i y / wᵀw: exactly proportional to y, so ρ(S_w) = 0; the linear
+    # pattern has a_i = 0 there and is unaffected (its ρ equals that without the coordinate).
+    g = torch.Generator().manual_seed(0)
+    n, D = 3000, 6
+    mixing = torch.randn(D - 1, D - 1, generator=g, dtype=torch.float64)
+    data = [torch.cat([torch.randn(n, D - 1, generator=g, dtype=torch.float64) @ mixing,
+                       torch.zeros(n, 1, dtype=torch.float64)], 1) for _ in range(3)]  # fmt: skip
+    model = nn.Sequential(nn.Linear(D, 2)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(2, D, generator=g, dtype=torch.float64))
+    table = estimator_quality(model, data[0], data[1], data[2],
+                              estimators=["filter", "linear"])  # fmt: skip
+    assert np.allclose(table.per_neuron[("0", "filter")].numpy(), 0.0, atol=1e-6)
+    reduced = nn.Sequential(nn.Linear(D - 1, 2)).double()
+    with torch.no_grad():
+        reduced[0].weight.copy_(model[0].weight[:, : D - 1])
+        reduced[0].bias.copy_(model[0].bias)
+    small = estimator_quality(reduced, *(d[:, : D - 1] for d in data), estimators=["linear"])
+    np.testing.assert_allclose(table.per_neuron[("0", "linear")].numpy(),
+                               small.per_neuron[("0", "linear")].numpy(), atol=1e-6)  # fmt: skip
+
+
+def test_sampled_layer_reports_spread_and_convergence():
+    model = _small_cnn(1, channels=3)
+    fit, regression, evaluation = (_smooth_images(400, s, channels=3) for s in (4, 5, 6))
+    table = estimator_quality(model, fit, regression, evaluation, estimators=["linear", "filter"],
+                              layers=["0", "3"], max_dims=40, dim_seeds=3)  # fmt: skip
+    assert table.info["0"]["exact"] and not table.info["3"]["exact"]
+    assert table.info["3"]["dim_seeds"] == 3 and table.info["3"]["dims"] == 40
+    assert (table.stderr[0] == 0).all() and (table.stderr[1] > 0).all()
+    points = table.convergence[("3", "linear")]
+    assert [p[0] for p in points] == [10, 20, 40]
+    assert points[-1][1] == pytest.approx(table["3", "linear"])
+    markdown = table.to_markdown()
+    assert "±" in markdown and "40/108 ×3 draws" in markdown and "Convergence" in markdown
+    records = table.to_records()
+    assert len(records) == 4 and {"rho", "stderr", "exact", "layer"} <= set(records[0])
+    assert "convergence" in records[-1]
+
+
+def test_singular_inputs_give_finite_values_in_range():
+    # one input channel: layer "3" sees 108 features of 36 pixels (nearly singular Σ_xx)
+    model = _small_cnn()
+    fit, regression, evaluation = (_smooth_images(1000, s) for s in (1, 2, 3))
+    table = estimator_quality(model, fit, regression, evaluation)
+    values = torch.cat([v for v in table.per_neuron.values()])
+    assert torch.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()

@@ -105,7 +105,8 @@ class DemoConfig:
         images and test images).
     quality_neurons, quality_positions:
         ρ(S) samples this many neurons per layer and output positions per image and conv
-        layer (see :func:`patternnet.evaluate.estimator_quality`).
+        layer; ``None`` (the default) uses all: ρ(S) is exact (see
+        :func:`patternnet.evaluate.estimator_quality`).
     linear_fit_limit:
         Images (from the start of the fitting half) for the linear estimator's patterns, which
         only the evaluation uses.
@@ -130,8 +131,8 @@ class DemoConfig:
     test_limit: int | None = None
     n_images: int = 8
     eval_samples: int = 2000
-    quality_neurons: int = 32
-    quality_positions: int = 4
+    quality_neurons: int | None = None
+    quality_positions: int | None = None
     linear_fit_limit: int = 10000
     degradation_images: int = 100
     degradation_patch: int = 4

@@ -311,8 +311,12 @@ def degradation_plot(
     *,
     title: str = "Image degradation (steeper = better)",
     path: str | os.PathLike[str] | None = None,
+    confidence: float | None = 0.95,
+    resamples: int = 1000,
 ) -> Any:
-    """Mean perturbation curves of several explanations in one plot (the paper's Figure 4).
+    """Mean perturbation curves of several explanations in one plot (the paper's Figure 4),
+    each with its shaded pointwise bootstrap band over images and its AOPC interval in the
+    legend (curves with a ``band`` method, i.e. :class:`PerturbationCurves`).
 
     Parameters
     ----------
@@ -324,6 +328,10 @@ def degradation_plot(
         Plot title.
     path:
         If given, save the figure there.
+    confidence:
+        Coverage of the shaded bands and legend intervals (``None``: no bands).
+    resamples:
+        Bootstrap resamples.
 
     Returns
     -------
@@ -339,15 +347,25 @@ def degradation_plot(
     for i, (label, curve) in enumerate(curves.items()):
         mean = curve.mean().detach().cpu().numpy()
         k, replacement = curve.k, getattr(curve, "replacement", "mean")
+        colour = "#777777" if "random" in label else LINE_COLOURS[i % len(LINE_COLOURS)]
+        text = f"{label}  (AOPC {curve.aopc():.3f})"
+        banded = confidence is not None and hasattr(curve, "band") and curve.scores.shape[0] > 1
+        if banded:
+            low, high = curve.band(confidence=confidence, resamples=resamples)
+            ax.fill_between(range(len(mean)), low.numpy(), high.numpy(), color=colour,
+                            alpha=0.15, linewidth=0)  # fmt: skip
+            interval = curve.aopc_interval(confidence=confidence, resamples=resamples)
+            text = f"{label}  (AOPC {interval})"
         ax.plot(
             range(len(mean)),
             mean,
             linestyle=LINE_STYLES[i % len(LINE_STYLES)],
             linewidth=1.6,
-            color="#777777" if "random" in label else LINE_COLOURS[i % len(LINE_COLOURS)],
-            label=f"{label}  (AOPC {curve.aopc():.3f})",
+            color=colour,
+            label=text,
         )
-    ax.set_xlabel(f"regions replaced ({replacement}; {k}×{k} px)")
+    band_note = f"; bands: {confidence:.0%} bootstrap over images" if confidence else ""
+    ax.set_xlabel(f"regions replaced ({replacement}; {k}×{k} px{band_note})")
     ax.set_ylabel("probability of the predicted class")
     ax.set_title(title, fontsize=10)
     ax.set_ylim(0, 1.02)

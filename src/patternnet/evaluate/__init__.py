@@ -3,7 +3,10 @@
 - :func:`estimator_quality` — ρ(S) per layer and signal estimator (method.md §5, the paper's
   Figure 3), returned as a :class:`QualityTable`;
 - :func:`region_perturbation`, :func:`aopc` — image degradation by region perturbation
-  (method.md §6, Samek et al. 2016) and the area over the perturbation curve;
+  (method.md §6, Samek et al. 2016; MoRF and LeRF orders) and the area over the perturbation
+  curve; :meth:`PerturbationCurves.aopc_interval` (bootstrap over images),
+  :func:`paired_difference` (paired bootstrap of an AOPC difference) and
+  :func:`degradation_table` (:class:`DegradationTable`, ``to_records()``/``to_markdown()``);
 - :func:`signal_cosine`, :func:`topk_precision`, :func:`region_mass`,
   :func:`ground_truth_metrics` — explanations against a known signal
   (:mod:`patternnet.groundtruth`);
@@ -14,17 +17,36 @@ from __future__ import annotations
 
 from .compare import ComparisonReport, compare
 from .groundtruth import ground_truth_metrics, region_mass, signal_cosine, topk_precision
-from .perturbation import REPLACEMENTS, PerturbationCurves, aopc, region_perturbation
+from .perturbation import (
+    EDGES,
+    REPLACEMENTS,
+    DegradationTable,
+    Interval,
+    PairedDifference,
+    PerturbationCurves,
+    aopc,
+    bootstrap_interval,
+    degradation_table,
+    paired_difference,
+    region_perturbation,
+)
 from .plots import plot_degradation, plot_quality
 from .quality import QUALITY_ESTIMATORS, QualityTable, estimator_quality
 
 __all__ = [
+    "EDGES",
     "QUALITY_ESTIMATORS",
     "REPLACEMENTS",
     "ComparisonReport",
+    "DegradationTable",
+    "Interval",
+    "PairedDifference",
     "PerturbationCurves",
     "QualityTable",
     "aopc",
+    "bootstrap_interval",
+    "degradation_table",
+    "paired_difference",
     "compare",
     "estimator_quality",
     "ground_truth_metrics",

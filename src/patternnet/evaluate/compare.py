@@ -29,7 +29,14 @@ from torch import Tensor, nn
 from .. import viz
 from ..methods.registry import build_method
 from .groundtruth import ground_truth_metrics
-from .perturbation import PerturbationCurves, aopc, region_perturbation
+from .perturbation import (
+    RESAMPLES,
+    PairedDifference,
+    PerturbationCurves,
+    aopc,
+    paired_difference,
+    region_perturbation,
+)
 from .plots import plot_degradation
 from .quality import QualityTable
 
@@ -107,6 +114,10 @@ class ComparisonReport:
         The settings used (k, steps, replacement, samples, ...).
     inputs:
         The explained inputs (for the example figure).
+    lerf_curves:
+        Least-relevant-first curves by method label (with ``lerf=True``).
+    differences:
+        Paired-bootstrap AOPC differences (``pairs=``), MoRF.
     """
 
     rows: list[dict[str, Any]]
@@ -116,6 +127,18 @@ class ComparisonReport:
     settings: dict[str, Any] = field(default_factory=dict)
     inputs: Tensor | None = None
     kinds: dict[str, str] = field(default_factory=dict)
+    lerf_curves: dict[str, PerturbationCurves] = field(default_factory=dict)
+    differences: list[PairedDifference] = field(default_factory=list)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """The metric rows (plain numbers), then one record per paired difference
+        (``method`` = ``"A − B"``, ``kind = "difference"``)."""
+        records = [{"kind": "method", **row} for row in self.rows]
+        for difference in self.differences:
+            for record in difference.to_records():
+                label = f"{difference.a} − {difference.b}"
+                records.append({"kind": "difference", "method": label, **record})
+        return records
 
     def columns(self) -> list[str]:
         """Column names in a stable order."""
@@ -164,8 +187,13 @@ class ComparisonReport:
         parts = ["# Comparison of explanation methods\n"]
         parts.append("Settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()) + "\n")
         parts += ["## Metrics\n", self.to_markdown()]
+        if self.differences:
+            parts += ["Paired differences:\n"]
+            parts += [f"- {d.to_markdown()}" for d in self.differences] + [""]
         parts.append(
-            "aopc: area over the perturbation curve (larger = steeper degradation = better); "
+            "aopc: area over the most-relevant-first perturbation curve (larger = steeper "
+            "degradation = better), aopc_low/aopc_high: its bootstrap interval over images; "
+            "lerf_aopc: least relevant first (smaller = better); "
             "signal_cosine / topk_precision: agreement with the true signal (larger = better); "
             "mass_<region>: share of |explanation| on a region without signal (smaller = better)."
             "\n"
@@ -176,6 +204,12 @@ class ComparisonReport:
             written["degradation.png"] = directory / "degradation.png"
             plot_degradation(self.curves, written["degradation.png"])
             parts += ["## Image degradation\n", "![degradation](degradation.png)\n"]
+            if self.lerf_curves:
+                written["degradation_lerf.png"] = directory / "degradation_lerf.png"
+                plot_degradation(self.lerf_curves, written["degradation_lerf.png"],
+                                 title="Image degradation, least relevant first "
+                                 "(flatter = better)")  # fmt: skip
+                parts += ["![degradation, LeRF](degradation_lerf.png)\n"]
         if examples > 0 and self.inputs is not None and self.inputs.dim() == 4:
             written["explanations.png"] = directory / "explanations.png"
             self._example_figure(written["explanations.png"], examples)
@@ -220,6 +254,12 @@ def compare(
     seed: int = 0,
     quality: QualityTable | None = None,
     output_dir: str | Path | None = None,
+    lerf: bool = False,
+    pairs: Sequence[tuple[str, str]] = (),
+    confidence: float = 0.95,
+    resamples: int = RESAMPLES,
+    edge: str = "reflect",
+    uniform_range: tuple[Any, Any] | None = None,
 ) -> ComparisonReport:
     """Explain ``data`` with every method and tabulate every metric.
 
@@ -254,6 +294,15 @@ def compare(
         A ρ(S) table to include in the saved report.
     output_dir:
         If given, :meth:`ComparisonReport.save` is called on it.
+    lerf:
+        Also measure least-relevant-first curves (``lerf_aopc`` with its interval).
+    pairs:
+        ``(label_a, label_b)`` methods whose AOPC difference gets a paired bootstrap
+        interval (:func:`~patternnet.evaluate.perturbation.paired_difference`).
+    confidence, resamples:
+        Of the bootstrap intervals over images (``aopc_low``/``aopc_high`` in every row).
+    edge, uniform_range:
+        As for :func:`region_perturbation`.
 
     Returns
     -------
@@ -273,6 +322,7 @@ def compare(
     options = method_options or {}
     rows: list[dict[str, Any]] = []
     curves: dict[str, PerturbationCurves] = {}
+    lerf_curves: dict[str, PerturbationCurves] = {}
     explanations: dict[str, Tensor] = {}
     kinds: dict[str, str] = {}
     for label, spec in _methods(methods):
@@ -288,12 +338,20 @@ def compare(
         explanations[label] = explanation
         row: dict[str, Any] = {"method": label}
         if images:
-            curve = region_perturbation(
-                model, inputs, explanation, k=k, steps=steps, replacement=replacement,
-                target=target, batch_size=batch_size, seed=seed, label=label,
-            )  # fmt: skip
+            common = {"k": k, "steps": steps, "replacement": replacement, "target": target,
+                      "batch_size": batch_size, "seed": seed, "label": label, "edge": edge,
+                      "uniform_range": uniform_range}  # fmt: skip
+            curve = region_perturbation(model, inputs, explanation, **common)
             curves[label] = curve
-            row["aopc"] = aopc(curve)
+            interval = curve.aopc_interval(confidence=confidence, resamples=resamples, seed=seed)
+            row.update(aopc=aopc(curve), aopc_low=interval.low, aopc_high=interval.high)
+            if lerf:
+                back = region_perturbation(model, inputs, explanation, order="lerf", **common)
+                lerf_curves[label] = back
+                interval = back.aopc_interval(confidence=confidence, resamples=resamples,
+                                              seed=seed)  # fmt: skip
+                row.update(lerf_aopc=interval.estimate, lerf_low=interval.low,
+                           lerf_high=interval.high)  # fmt: skip
         if truth is not None:
             row.update(ground_truth_metrics(explanation, truth))
         row["seconds"] = seconds
@@ -301,21 +359,33 @@ def compare(
     if images and random_baseline:
         curve = region_perturbation(
             model, inputs, "random", k=k, steps=steps, replacement=replacement, target=target,
-            batch_size=batch_size, seed=seed, label="random",
+            batch_size=batch_size, seed=seed, label="random", edge=edge,
+            uniform_range=uniform_range,
         )  # fmt: skip
         curves["random"] = curve
-        rows.append({"method": "random", "aopc": aopc(curve)})
+        interval = curve.aopc_interval(confidence=confidence, resamples=resamples, seed=seed)
+        rows.append({"method": "random", "aopc": aopc(curve), "aopc_low": interval.low,
+                     "aopc_high": interval.high})  # fmt: skip
+        if lerf:
+            lerf_curves["random"] = curve
+    differences = []
+    for a, b in pairs:
+        missing = [x for x in (a, b) if x not in curves]
+        if missing:
+            raise KeyError(f"pairs: {missing} are not among the measured methods {list(curves)}")
+        differences.append(paired_difference(curves[a], curves[b], confidence=confidence,
+                                             resamples=resamples, seed=seed))  # fmt: skip
     settings: dict[str, Any] = {"samples": int(inputs.shape[0])}
     if images:
         settings.update(k=k, steps=min(steps, next(iter(curves.values())).steps),
-                        replacement=replacement)  # fmt: skip
+                        replacement=replacement, edge=edge,
+                        interval=f"{confidence:.0%} bootstrap, {resamples} resamples")  # fmt: skip
     if truth is not None:
         settings["data"] = truth.name or "ground truth"
     if target is not None:
         settings["target"] = target if isinstance(target, int) else "given"
-    report = ComparisonReport(
-        rows, curves, explanations, quality, settings, inputs.detach(), kinds
-    )
+    report = ComparisonReport(rows, curves, explanations, quality, settings, inputs.detach(),
+                              kinds, lerf_curves, differences)  # fmt: skip
     if output_dir is not None:
         report.save(output_dir)
     return report

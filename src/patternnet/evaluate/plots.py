@@ -50,7 +50,8 @@ def plot_quality(
     estimators: Sequence[str] | None = None,
     title: str = "Signal estimator quality ρ(S) per layer",
 ) -> Any:
-    """The paper's Figure 3: ρ(S) per layer, one line per estimator.
+    """The paper's Figure 3: ρ(S) per layer, one line per estimator, with error bars (the
+    table's ``stderr``) on layers whose coordinates were sampled.
 
     Parameters
     ----------
@@ -70,12 +71,20 @@ def plot_quality(
     ax = figure.add_subplot(1, 1, 1)
     positions = list(range(len(table.layers)))
     markers = "osD^vx"
+    stderr = getattr(table, "stderr", None)
     for i, estimator in enumerate(chosen):
         j = table.estimators.index(estimator)
-        ax.plot(
-            positions, table.rho[:, j].tolist(), marker=markers[i % len(markers)],
+        errors = None if stderr is None else stderr[:, j].nan_to_num(0.0).tolist()
+        ax.errorbar(
+            positions, table.rho[:, j].tolist(), yerr=errors if errors and any(errors) else None,
+            marker=markers[i % len(markers)], capsize=3,
             label=ESTIMATOR_LABELS.get(estimator, estimator),
         )  # fmt: skip
+    sampled = [name for name in table.layers if not table.info.get(name, {}).get("exact", True)]
+    if sampled:
+        ax.text(0.0, -0.32, "error bars: spread over coordinate draws (sampled layers: "
+                + ", ".join(n or "(model)" for n in sampled) + "); other layers exact",
+                transform=ax.transAxes, fontsize="x-small", va="top")  # fmt: skip
     ax.set_xticks(positions)
     ax.set_xticklabels([name or "(model)" for name in table.layers], rotation=45, ha="right")
     ax.set_xlabel("layer")

@@ -35,34 +35,35 @@ residual and so scores ρ = 1 by definition. ρ only asks whether the residual i
 not whether the signal estimate is free of distractor; the paper leaves ``S_x`` out of its
 Figure 3 for this reason, and so should a reader of the table.
 
-Cost and sampling. Per layer we keep ``Σx``, ``Σxxᵀ`` over the input dimensions used, ``Σxy``
-and ``Σy²`` per sampled neuron, and (for the two-component estimator) the same sums over each
-neuron's active samples: ``max_neurons × max_dims² × 8`` bytes per split (67 MB per split for
-32 neurons and 512 dims). The regression is exact (``v`` solved in float64 by a Cholesky solve
-with a ``rcond``-relative ridge, which converges to the minimum-norm least-squares solution)
-when the layer's input dimension ``D ≤ max_dims`` and uses every neuron when
-``O ≤ max_neurons``. Larger layers are sub-sampled with a seeded generator: ``max_neurons``
-output units, and the regression uses ``max_dims`` of the ``D`` coordinates of ``d̂`` (``y`` is
-always the full ``wᵀx``). Sub-sampled dimensions lower the regression's in-sample ``R`` but also
-its over-fitting, so the evaluated ρ can move either way. Measured against the exact value on
-the tetromino CNN of :mod:`patternnet.groundtruth` (``small_cnn``, ``lin``/``corr`` data, seed
-0, regression and evaluation 2000 images each), layers ``3`` (conv, D = 72) and ``7`` (dense,
-D = 256), ρ of filter / linear / two-component / random:
+Exact computation (the default). Every residual is a rank-one correction of the layer input,
+``d̂ = x − a y`` (per side for the two-component estimator), so its covariance is the input
+covariance plus a low-rank term: with ``Σ_xx`` shared by all neurons,
 
-=============== ==================================== ====================================
-dims used       layer 3 (exact 0.050/0.989/0.989/0)  layer 7 (exact 0.002/0.961/0.960/0)
-=============== ==================================== ====================================
-128 of 256      exact                                +0.001 / −0.031 / −0.028 / 0
-64              +0.008 / +0.001 / +0.001 / 0         +0.020 / +0.003 / +0.003 / 0
-32              +0.076 / +0.005 / +0.004 / +0.001    +0.063 / +0.004 / +0.004 / 0
-=============== ==================================== ====================================
+``Cov(d̂) = Σ_xx − Σ_s (a_s g_sᵀ + g_s a_sᵀ − q_s a_s a_sᵀ) + (mean terms)``, ``g_s = E[x y; s]``,
+``q_s = E[y²; s]``,
 
-Sampling 16 (4) of the 64 output positions per image changed ρ by at most 0.002 (0.006), and
-averaging over 8 sampled neurons instead of all 16/32 by at most 0.002. Convolutions
-contribute ``positions`` output positions per image (the same seeded sample for a chunk of
-images; all positions with ``positions=None``); patches are unfolded for a chunk of images at a
-time (:meth:`patternnet.layers.LayerGeometry.patches`, for Conv1d, Conv2d and Conv3d alike) and
-only the sampled positions are kept.
+a rank ≤ 5 update spanned by ``m = E[x]``, the patterns ``a_s`` and ``g_s`` (the sides' sums of
+``x xᵀ`` add up to the shared ``Σ x xᵀ``, so no per-neuron ``D × D`` sum is ever needed), and
+``cov(d̂, y) = cov(x, y) − Σ_s a_s q_s + δ E[y]`` with ``δ = Σ_s a_s E[y; s]``. Per layer and split
+we keep ``Σx``, ``Σxxᵀ`` (``D²`` float64) and per neuron ``Σy``, ``Σy²``, ``Σxy`` (and the same
+over its active samples): ``8 (D² + 2 K D)`` bytes, 79 MB for a dense layer with ``D = 3136``.
+The regression ``(Σ_xx + U B Uᵀ) v = c`` is solved by one Cholesky factorisation of the shared
+``Σ_xx`` (plus a ridge of ``rcond`` times its mean eigenvalue) and the Woodbury identity per
+neuron, refined by two steps of iterative refinement; every neuron and every coordinate is used.
+Convolutions use every output position of every image by default (``positions=None``; a
+positive ``positions`` samples that many per image, which only thins the data).
+
+Sampling where memory requires it. A layer whose input dimension ``D`` exceeds ``max_dims``
+(default 6144: ``Σ_xx`` is then 302 MB per split) uses ``max_dims`` coordinates of ``d̂``,
+sampled ``dim_seeds`` times (default 3) with independent seeds. Sampling coordinates is not
+harmless: the regression then sees only part of the residual, which biases ρ upward. Measured
+on the demo's fc1 (D = 3136; exact ρ(S_a) 0.906): 512 coordinates give 0.916, 128 give 0.967.
+For a sampled layer the table reports the mean over seeds ± their standard deviation
+(:attr:`QualityTable.spread`) and a convergence check: ρ on nested random subsets of
+``max_dims / 4``, ``max_dims / 2`` and ``max_dims`` coordinates
+(:attr:`QualityTable.convergence`); a curve still moving at ``max_dims`` means the value is an
+upper bound of the exact one. ``max_neurons`` (default ``None``: all) samples output units; the
+standard error of the mean over the sampled units is reported too (:attr:`QualityTable.stderr`).
 """
 
 from __future__ import annotations
@@ -105,14 +106,18 @@ CHUNK_ELEMENTS = 1 << 22
 # ---------------------------------------------------------------------------- moments
 @dataclass
 class LayerMoments:
-    """Float64 sums of one layer's inputs and sampled outputs over one data split.
+    """Float64 sums of one layer's inputs and outputs over one data split.
+
+    The input sums (``Σx``, ``Σxxᵀ``) are shared by all neurons; per neuron only vectors are
+    kept (``Σy``, ``Σy²``, ``Σxy`` and, with ``active``, the same over its active samples).
 
     Attributes
     ----------
     neurons:
-        ``(K,)`` indices of the sampled output units.
+        ``(K,)`` indices of the output units used (all ``O`` by default).
     dims:
-        ``(D_S,)`` indices of the input coordinates used (all ``D`` when exact).
+        ``(D_S,)`` indices of the input coordinates used (all ``D`` when exact), in the order in
+        which they were drawn: every prefix is itself a random subset (the convergence check).
     active:
         Whether the ``*_plus`` sums (over each neuron's samples with ``wᵀx + b > 0``) are kept.
     """
@@ -130,10 +135,7 @@ class LayerMoments:
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
         self.sums = {"x": z(D), "xx": z(D, D), "y": z(K), "xy": z(K, D), "yy": z(K)}
         if self.active:
-            self.sums.update(
-                n_plus=z(K), x_plus=z(K, D), xx_plus=z(K, D, D), y_plus=z(K),
-                xy_plus=z(K, D), yy_plus=z(K),
-            )  # fmt: skip
+            self.sums.update(n_plus=z(K), y_plus=z(K), xy_plus=z(K, D), yy_plus=z(K))
 
     @torch.no_grad()
     def update(self, x: Tensor, y: Tensor, mask: Tensor) -> None:
@@ -144,22 +146,17 @@ class LayerMoments:
             self.to(x.device)
         self.count += x.shape[0]
         s["x"] += x.sum(0)
-        s["xx"] += x.T @ x
+        s["xx"].addmm_(x.T, x)
         s["y"] += y.sum(0)
-        s["xy"] += y.T @ x
+        s["xy"].addmm_(y.T, x)
         s["yy"] += (y * y).sum(0)
         if not self.active:
             return
-        m = mask.to(torch.float64)
-        s["n_plus"] += m.sum(0)
-        s["x_plus"] += m.T @ x
-        s["y_plus"] += (m * y).sum(0)
-        s["xy_plus"] += (m * y).T @ x
-        s["yy_plus"] += (m * y * y).sum(0)
-        for k in range(y.shape[1]):
-            rows = x[mask[:, k]]
-            if rows.shape[0]:
-                s["xx_plus"][k] += rows.T @ rows
+        my = mask.to(torch.float64) * y
+        s["n_plus"] += mask.sum(0).to(torch.float64)
+        s["y_plus"] += my.sum(0)
+        s["xy_plus"].addmm_(my.T, x)
+        s["yy_plus"] += (my * y).sum(0)
 
     def to(self, device: torch.device | str) -> LayerMoments:
         """Move the sums to ``device`` (in place); returns ``self``."""
@@ -167,20 +164,17 @@ class LayerMoments:
         return self
 
     def side(self, which: str) -> dict[str, Tensor]:
-        """Sums over all (``"all"``), active (``"plus"``) or inactive (``"minus"``) samples.
-
-        Returns ``{"n": (K,), "x": (K, D), "xx": (D, D) or (K, D, D), "y": (K,), "xy": (K, D),
-        "yy": (K,)}`` (the ``"all"`` side shares ``x`` and ``xx`` between neurons).
-        """
+        """Per-neuron sums over all (``"all"``), active (``"plus"``) or inactive (``"minus"``)
+        samples: ``{"n": (K,), "y": (K,), "xy": (K, D_S), "yy": (K,)}``."""
         s = self.sums
         K = len(self.neurons)
         whole = {
             "n": torch.full((K,), self.count, dtype=torch.float64),
-            "x": s["x"].expand(K, -1), "xx": s["xx"], "y": s["y"], "xy": s["xy"], "yy": s["yy"],
+            "y": s["y"], "xy": s["xy"], "yy": s["yy"],
         }  # fmt: skip
         if which == "all":
             return whole
-        plus = {key: s[f"{key}_plus"] for key in ("n", "x", "xx", "y", "xy", "yy")}
+        plus = {key: s[f"{key}_plus"] for key in ("n", "y", "xy", "yy")}
         if which == "plus":
             return plus
         return {key: whole[key] - plus[key] for key in plus}
@@ -240,9 +234,9 @@ class _LayerCollector:
 def collect_moments(
     model: nn.Module,
     data: Any,
-    plan: dict[str, LayerMoments],
+    plan: dict[str, LayerMoments | list[LayerMoments]],
     *,
-    positions: int | None = 16,
+    positions: int | None = None,
     seed: int = 0,
     batch_size: int | None = None,
     limit: int | None = None,
@@ -257,7 +251,8 @@ def collect_moments(
     data:
         Tensor, DataLoader or iterable of batches (as for :func:`patternnet.fit_patterns`).
     plan:
-        Layer name → empty :class:`LayerMoments` (which neurons and dims to keep).
+        Layer name → empty :class:`LayerMoments` (which neurons and dims to keep), or a list
+        of them (several coordinate draws of one layer).
     positions:
         Output positions sampled per image for conv layers (``None``: all).
     seed:
@@ -273,79 +268,143 @@ def collect_moments(
     handles = []
     with borrowed(model):
         try:
-            for name, moments in plan.items():
-                collector = _LayerCollector(modules[name], moments, positions, generator)
-                handles.append(modules[name].register_forward_hook(collector))
+            for name, entry in plan.items():
+                for moments in entry if isinstance(entry, list) else [entry]:
+                    collector = _LayerCollector(modules[name], moments, positions, generator)
+                    handles.append(modules[name].register_forward_hook(collector))
             with torch.no_grad(), canonical.active():
                 for batch in iter_batches(data, batch_size, limit=limit):
                     canonical(batch.to(device=device, dtype=dtype))
         finally:
             for handle in handles:
                 handle.remove()
-    for moments in plan.values():
-        moments.to("cpu")  # the regressions run on the CPU in float64
+    for entry in plan.values():
+        for moments in entry if isinstance(entry, list) else [entry]:
+            moments.to("cpu")  # the regressions run on the CPU in float64
     return plan
 
 
 # ---------------------------------------------------------------------------- regression
-def _residual_statistics(
-    moments: LayerMoments, patterns: dict[str, Tensor] | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Covariances of the residuals ``d̂ = x_S − a_S y`` of all sampled neurons.
+# The regressors vᵀd̂ = vᵀx − Σ_s (a_sᵀv) z_s, with z_s = y·[sample on side s], are exactly the
+# combinations θᵀu of u = (x, z_1, …) whose coefficients satisfy the linear constraints
+# Aᵀθ = 0 (A's columns: (a_s, −e_s)ᵀ negated, i.e. θ_z,s = −a_sᵀθ_x). The regression of y on d̂
+# is therefore the constrained regression of y on u:
+#     θ₀ = Σ_u⁻¹ cov(u, y),   θ = θ₀ − Σ_u⁻¹A (AᵀΣ_u⁻¹A)⁻¹ Aᵀθ₀,
+# and Σ_u is the shared Σ_xx bordered by one row/column per side: one Cholesky factorisation
+# of Σ_xx per layer and split serves every neuron and estimator. When every coordinate is used
+# and the patterns are normalised (wᵀa_s = 1), y = wᵀx lies in the span of x, so the last side
+# is redundant (z_last = wᵀx − Σ z_others) and θ₀ = (w, 0) exactly; dropping that side keeps
+# Σ_u non-singular. Neither form ever builds the rank-deficient Cov(d̂) (w is its null
+# direction), whose inversion by low-rank updates loses all accuracy.
+@dataclass
+class _Split:
+    """Moments of one split for a block of neurons, in the bordered form ``u = (x, z_s…)``."""
 
-    ``patterns`` maps a side (``"all"``, or ``"plus"`` and ``"minus"``) to the ``(K, D_S)``
-    patterns used on it; ``None`` is the identity estimator (zero residual). With
-    ``E = [I, −a]``: ``Σd̂ = Σx − a Σy``, ``Σd̂d̂ᵀ = Σxxᵀ − a Σxyᵀ − Σxy aᵀ + a aᵀ Σy²`` and
-    ``Σd̂y = Σxy − a Σy²``, summed over the sides.
+    C: Tensor  # (p, p) covariance of x (shared)
+    G: Tensor  # (K, p, b) cov(x, z_s)
+    H: Tensor  # (K, b, b) cov(z_s, z_t)
+    cov_xy: Tensor  # (K, p)
+    cov_zy: Tensor  # (K, b)
+    var_y: Tensor  # (K,)
 
-    Returns
-    -------
-    cov_dd, cov_dy, var_y:
-        ``(K, D, D)``, ``(K, D)`` and ``(K,)`` float64 (population covariances).
-    """
+    def quadratic(self, tx: Tensor, tz: Tensor) -> Tensor:
+        """``θᵀ Σ_u θ`` per neuron for ``θ = (tx, tz)``."""
+        out = ((tx @ self.C) * tx).sum(1)
+        if tz.shape[1]:
+            out = out + 2 * (torch.einsum("kpb,kp->kb", self.G, tx) * tz).sum(1)
+            out = out + torch.einsum("kb,kbc,kc->k", tz, self.H, tz)
+        return out
+
+
+def _split(moments: LayerMoments, sides: Sequence[str], p: int, block: slice) -> _Split:
     n = moments.count
-    K, D = len(moments.neurons), len(moments.dims)
-    sum_d = torch.zeros(K, D, dtype=torch.float64)
-    sum_dd = torch.zeros(K, D, D, dtype=torch.float64)
-    sum_dy = torch.zeros(K, D, dtype=torch.float64)
-    for side, a in (patterns or {}).items():
-        t = moments.side(side)
-        y, yy = t["y"][:, None], t["yy"][:, None]
-        sum_d += t["x"] - a * y
-        outer = a[:, :, None] * t["xy"][:, None, :]
-        sum_dd += (
-            t["xx"] - outer - outer.transpose(1, 2) + a[:, :, None] * a[:, None, :] * yy[:, :, None]
-        )
-        sum_dy += t["xy"] - a * yy
-    mean_d = sum_d / n
-    mean_y = moments.sums["y"] / n
-    cov_dd = sum_dd / n - mean_d[:, :, None] * mean_d[:, None, :]
-    cov_dy = sum_dy / n - mean_d * mean_y[:, None]
-    var_y = moments.sums["yy"] / n - mean_y**2
-    return (cov_dd + cov_dd.transpose(1, 2)) / 2, cov_dy, var_y
+    s = moments.sums
+    m = s["x"][:p] / n
+    C = s["xx"][:p, :p] / n - torch.outer(m, m)
+    mean_y = s["y"][block] / n
+    var_y = s["yy"][block] / n - mean_y**2
+    cov_xy = s["xy"][block, :p] / n - mean_y[:, None] * m
+    K, b = cov_xy.shape[0], len(sides)
+    G = torch.zeros(K, p, b, dtype=torch.float64)
+    H = torch.zeros(K, b, b, dtype=torch.float64)
+    cov_zy = torch.zeros(K, b, dtype=torch.float64)
+    means = []
+    for i, name in enumerate(sides):
+        side = moments.side(name)
+        mean_z = side["y"][block] / n
+        G[:, :, i] = side["xy"][block, :p] / n - mean_z[:, None] * m
+        H[:, i, i] = side["yy"][block] / n  # the sides are disjoint: E[z_s z_t] = 0 for s ≠ t
+        cov_zy[:, i] = side["yy"][block] / n - mean_z * mean_y  # z_s y = z_s² on side s
+        means.append(mean_z)
+    for i in range(b):
+        for k in range(b):
+            H[:, i, k] -= means[i] * means[k]
+    return _Split((C + C.T) / 2, G, H, cov_xy, cov_zy, var_y)
 
 
-def _solve(cov: Tensor, rhs: Tensor, rcond: float) -> Tensor:
-    """Least-squares ``v`` with ``cov v = rhs`` for a batch of symmetric PSD ``cov``.
+def _factor(C: Tensor, rcond: float) -> tuple[Tensor, float]:
+    """Cholesky factor of ``C + ridge I`` with ``ridge = rcond · tr C / D`` (raised tenfold
+    until the factorisation succeeds)."""
+    D = C.shape[0]
+    scale = float(torch.diagonal(C).sum()) / max(D, 1)
+    ridge = max(rcond * scale, 1e-300)
+    eye = torch.eye(D, dtype=C.dtype)
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(C + ridge * eye)
+        if int(info) == 0:
+            return factor, ridge
+        ridge *= 10.0
+    raise RuntimeError("the input covariance could not be factorised (non-finite statistics?)")
 
-    A Cholesky solve with a ridge of ``rcond`` times the mean eigenvalue (the minimum-norm
-    solution as the ridge vanishes; directions of rounding-level variance, such as the
-    direction ``w`` that every normalised residual lacks, are suppressed). Matrices whose
-    factorisation still fails fall back to an eigenvalue pseudo-inverse.
-    """
-    K, D = rhs.shape
-    scale = torch.diagonal(cov, dim1=1, dim2=2).sum(1) / max(D, 1)
-    ridge = (rcond * scale).clamp(min=1e-300)
-    eye = torch.eye(D, dtype=cov.dtype)
-    factor, info = torch.linalg.cholesky_ex(cov + ridge[:, None, None] * eye)
-    v = torch.cholesky_solve(rhs[:, :, None], factor)[:, :, 0]
-    for k in torch.nonzero(info).flatten().tolist():
-        values, vectors = torch.linalg.eigh(cov[k])
-        keep = values > rcond * values.max().clamp(min=0)
-        inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), 0)
-        v[k] = vectors @ (inverse * (vectors.T @ rhs[k]))
-    v[scale <= 0] = 0.0
-    return v
+
+class _Bordered:
+    """Solves with ``Σ_u = [[C, G], [Gᵀ, H]]`` per neuron, from the shared factor of ``C``."""
+
+    def __init__(self, factor: Tensor, split: _Split, rcond: float) -> None:
+        self.factor = factor
+        self.G = split.G
+        b = split.G.shape[2]
+        self.Y = self._c_solve(split.G)  # (K, p, b)
+        schur = split.H - torch.einsum("kpb,kpc->kbc", split.G, self.Y)
+        schur = (schur + schur.transpose(1, 2)) / 2
+        scale = torch.diagonal(split.H, dim1=1, dim2=2).sum(1).clamp(min=1e-300) / max(b, 1)
+        eye = torch.eye(b, dtype=torch.float64)
+        self.schur_pinv = torch.linalg.pinv(schur + (rcond * scale)[:, None, None] * eye,
+                                            hermitian=True)  # fmt: skip
+
+    def _c_solve(self, rhs: Tensor) -> Tensor:
+        """``C⁻¹ rhs`` for ``rhs`` ``(K, p, c)``."""
+        K, p, c = rhs.shape
+        if K * c == 0:
+            return torch.zeros_like(rhs)
+        flat = rhs.permute(1, 0, 2).reshape(p, K * c)
+        return torch.cholesky_solve(flat, self.factor).reshape(p, K, c).permute(1, 0, 2)
+
+    def solve(self, rx: Tensor, rz: Tensor) -> tuple[Tensor, Tensor]:
+        """``Σ_u⁻¹ (rx, rz)`` with ``rx`` ``(K, p, c)``, ``rz`` ``(K, b, c)``."""
+        t = self._c_solve(rx)
+        if rz.shape[1] == 0:
+            return t, rz
+        sz = self.schur_pinv @ (rz - torch.einsum("kpb,kpc->kbc", self.G, t))
+        return t - self.Y @ sz, sz
+
+
+def _constrained(
+    solver: _Bordered, ax: Tensor, az: Tensor, tx: Tensor, tz: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``θ = θ₀ − Σ⁻¹A (AᵀΣ⁻¹A)⁻¹ Aᵀθ₀`` with ``A = (ax, az)`` and ``θ₀ = (tx, tz)``."""
+    sx, sz = solver.solve(ax, az)
+    gram = ax.transpose(1, 2) @ sx + az.transpose(1, 2) @ sz
+    rhs = (ax.transpose(1, 2) @ tx[:, :, None] + az.transpose(1, 2) @ tz[:, :, None])
+    lam = torch.linalg.pinv((gram + gram.transpose(1, 2)) / 2, hermitian=True) @ rhs
+    return tx - (sx @ lam)[:, :, 0], tz - (sz @ lam)[:, :, 0]
+
+
+#: Neurons solved at once (bounds the ``(K, D, ·)`` work arrays).
+NEURON_BLOCK = 256
+
+#: ``|wᵀa − 1|`` up to which a pattern counts as normalised (the exact reduced form applies).
+NORMALISED = 1e-6
 
 
 def layer_quality(
@@ -354,9 +413,11 @@ def layer_quality(
     estimator: str,
     patterns: dict[str, Tensor],
     *,
+    weight: Tensor | None = None,
     rcond: float = RCOND,
+    dims: int | None = None,
 ) -> Tensor:
-    """ρ of one estimator for every sampled neuron of one layer.
+    """ρ of one estimator for every neuron of one layer (method.md §5), from the moments.
 
     Parameters
     ----------
@@ -365,8 +426,17 @@ def layer_quality(
     estimator:
         One of :data:`QUALITY_ESTIMATORS`.
     patterns:
-        The sampled neurons' float64 patterns over the full input dimension, ``(K, D)`` each:
+        The neurons' float64 patterns over the full input dimension, ``(K, D)`` each:
         ``{"a"}`` or ``{"a_plus", "a_minus"}`` (ignored for ``"identity"``).
+    weight:
+        The neurons' ``(K, D)`` weights; enables the reduced form when every coordinate is
+        used (without it the general bordered form is used, which is equivalent but less well
+        conditioned when ``y = wᵀx`` lies in the span of the inputs).
+    rcond:
+        Ridge of the regression, relative to the mean eigenvalue of the input covariance.
+    dims:
+        Use only the first ``dims`` of the moments' coordinates (the convergence check;
+        default all).
 
     Returns
     -------
@@ -375,26 +445,75 @@ def layer_quality(
         either split.
     """
     K = len(regression.neurons)
-    dims = regression.dims
-    if estimator == "identity":
-        sides = None
-    elif estimator == "two_component":
-        sides = {"plus": patterns["a_plus"][:, dims], "minus": patterns["a_minus"][:, dims]}
-    else:
-        sides = {"all": patterns["a"][:, dims]}
-    cov_r, c_r, var_r = _residual_statistics(regression, sides)
-    cov_e, c_e, var_e = _residual_statistics(evaluation, sides)
+    p = len(regression.dims) if dims is None else min(dims, len(regression.dims))
+    chosen = regression.dims[:p]
     out = torch.ones(K, dtype=torch.float64)
-    if sides is not None:
-        v = _solve(cov_r, c_r, rcond)
-        var_z = torch.einsum("ki,kij,kj->k", v, cov_e, v)
-        cov_zy = (v * c_e).sum(1)
-        trace = torch.diagonal(cov_e, dim1=1, dim2=2).sum(1)
-        live = var_z > 1e-12 * trace * (v * v).sum(1)
-        corr = cov_zy / (var_z * var_e).clamp(min=1e-300).sqrt()
-        out = torch.where(live, 1.0 - corr.clamp(0.0, 1.0), out)
-    out[(var_r <= 0) | (var_e <= 0)] = math.nan
+    if estimator == "identity":
+        names: list[str] = []
+        columns: list[Tensor] = []
+    elif estimator == "two_component":
+        names = ["plus", "minus"]
+        columns = [patterns["a_plus"][:, chosen], patterns["a_minus"][:, chosen]]
+    else:
+        names, columns = ["all"], [patterns["a"][:, chosen]]
+    full = weight is not None and p == weight.shape[1]
+    factor = None
+    if names:
+        factor, _ = _factor(_split(regression, [], p, slice(0, 0)).C, rcond)
+    for start in range(0, K, NEURON_BLOCK):
+        block = slice(start, min(K, start + NEURON_BLOCK))
+        k = block.stop - block.start
+        values = torch.ones(k, dtype=torch.float64)
+        ev_all = _split(evaluation, names, p, block)
+        if names:
+            A = torch.stack([c[block] for c in columns], 2)  # (k, p, S)
+            tx = torch.zeros(k, p, dtype=torch.float64)
+            tz = torch.zeros(k, len(names), dtype=torch.float64)
+            reduced = torch.zeros(k, dtype=torch.bool)
+            if full:
+                w = weight[block][:, chosen].to(torch.float64)
+                norms = torch.einsum("kp,kps->ks", w, A)
+                reduced = ((norms - 1).abs() <= NORMALISED).all(1)
+            general = ~reduced
+            if reduced.any():  # u = (x, z_1..z_{S−1}), θ₀ = (w, 0), constraints of all sides
+                idx = torch.nonzero(reduced).flatten()
+                sub = slice(block.start, block.stop)
+                keep = names[:-1]
+                split_r = _split(regression, keep, p, sub)
+                solver = _Bordered(factor, _index(split_r, idx), rcond)
+                S = len(names)
+                az = torch.zeros(len(idx), len(keep), S, dtype=torch.float64)
+                for s_i in range(len(keep)):
+                    az[:, s_i, s_i] = 1.0  # θ_z,s = −a_sᵀθ_x ⇔ a_sᵀθ_x + θ_z,s = 0
+                rx, rz = _constrained(solver, A[idx], az, w[idx],
+                                      torch.zeros(len(idx), len(keep), dtype=torch.float64))
+                tx[idx] = rx
+                tz[idx, : len(keep)] = rz
+                # the dropped side's z is wᵀx − Σ others: θ in the full u = (x, z_1..z_S) basis
+                # is the same predictor with zero weight on z_S
+            if general.any():  # u = (x, z_1..z_S), θ₀ = Σ_u⁻¹ cov(u, y)
+                idx = torch.nonzero(general).flatten()
+                split_r = _index(_split(regression, names, p, block), idx)
+                solver = _Bordered(factor, split_r, rcond)
+                t0x, t0z = solver.solve(split_r.cov_xy[:, :, None], split_r.cov_zy[:, :, None])
+                az = torch.eye(len(names), dtype=torch.float64).expand(len(idx), -1, -1)
+                rx, rz = _constrained(solver, A[idx], az, t0x[:, :, 0], t0z[:, :, 0])
+                tx[idx], tz[idx] = rx, rz
+            var_z = ev_all.quadratic(tx, tz)
+            cov_zy = (tx * ev_all.cov_xy).sum(1) + (tz * ev_all.cov_zy).sum(1)
+            scale = torch.diagonal(ev_all.C).sum() + torch.diagonal(ev_all.H, dim1=1, dim2=2).sum(1)
+            live = var_z > 1e-12 * scale.clamp(min=0) * ((tx * tx).sum(1) + (tz * tz).sum(1))
+            corr = cov_zy / (var_z * ev_all.var_y).clamp(min=1e-300).sqrt()
+            values = torch.where(live, 1.0 - corr.clamp(0.0, 1.0), values)
+        var_r = _split(regression, [], p, block).var_y
+        values[(var_r <= 0) | (ev_all.var_y <= 0)] = math.nan
+        out[block] = values
     return out
+
+
+def _index(split: _Split, idx: Tensor) -> _Split:
+    return _Split(split.C, split.G[idx], split.H[idx], split.cov_xy[idx], split.cov_zy[idx],
+                  split.var_y[idx])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- the table
@@ -409,13 +528,25 @@ class QualityTable:
     estimators:
         Estimator names.
     rho:
-        ``(len(layers), len(estimators))`` float64: the mean of ρ over the layer's sampled
-        neurons (NaN-neurons, i.e. constant outputs, left out).
+        ``(len(layers), len(estimators))`` float64: the mean of ρ over the layer's neurons
+        (NaN-neurons, i.e. constant outputs, left out); for a layer with sampled coordinates,
+        the mean over the ``dim_seeds`` draws.
     per_neuron:
-        ``{(layer, estimator): (K,) tensor}``.
+        ``{(layer, estimator): (K,) tensor}`` (the first coordinate draw of a sampled layer).
     info:
-        Per layer: ``neurons``/``out_features``, ``dims``/``in_dims``, ``exact`` (no
-        sub-sampling), samples on the regression and evaluation splits.
+        Per layer: ``neurons``/``out_features``, ``dims``/``in_dims``, ``exact`` (every neuron
+        and coordinate used), ``dim_seeds``, samples on the regression and evaluation splits.
+    spread:
+        Same shape as ``rho``: standard deviation of the layer's ρ over the coordinate draws
+        (0 for an exact layer).
+    stderr:
+        Same shape: the error of the reported value, ``sqrt(spread² + se²)`` where ``se`` is
+        the finite-population standard error of the mean over sampled neurons (0 when every
+        neuron is used). 0 everywhere for an exact table.
+    convergence:
+        ``{(layer, estimator): [(dims, mean ρ, std over draws), ...]}`` for sampled layers:
+        ρ on nested random subsets of ``max_dims/4``, ``max_dims/2`` and ``max_dims``
+        coordinates.
     """
 
     layers: list[str]
@@ -423,10 +554,26 @@ class QualityTable:
     rho: Tensor
     per_neuron: dict[tuple[str, str], Tensor] = field(default_factory=dict)
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    spread: Tensor | None = None
+    stderr: Tensor | None = None
+    convergence: dict[tuple[str, str], list[tuple[int, float, float]]] = field(
+        default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        if self.spread is None:
+            self.spread = torch.zeros_like(self.rho)
+        if self.stderr is None:
+            self.stderr = self.spread.clone()
 
     def __getitem__(self, key: tuple[str, str]) -> float:
         layer, estimator = key
         return float(self.rho[self.layers.index(layer), self.estimators.index(estimator)])
+
+    @property
+    def exact(self) -> bool:
+        """Whether every layer used every neuron and every input coordinate."""
+        return all(self.info.get(layer, {}).get("exact", False) for layer in self.layers)
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per layer: ``layer``, one value per estimator, and the sampling info."""
@@ -438,36 +585,84 @@ class QualityTable:
             out.append(row)
         return out
 
+    def to_records(self) -> list[dict[str, Any]]:
+        """One flat record per (layer, estimator): ``layer``, ``estimator``, ``rho``,
+        ``stderr``, ``spread_over_dim_draws``, ``neurons``, ``out_features``, ``dims``,
+        ``in_dims``, ``exact``, ``dim_seeds``, ``regression_samples``, ``eval_samples`` and,
+        for sampled layers, ``convergence`` (list of ``[dims, mean, std]``)."""
+        records = []
+        for i, layer in enumerate(self.layers):
+            info = self.info.get(layer, {})
+            for j, estimator in enumerate(self.estimators):
+                record: dict[str, Any] = {
+                    "layer": layer, "estimator": estimator, "rho": float(self.rho[i, j]),
+                    "stderr": float(self.stderr[i, j]),
+                    "spread_over_dim_draws": float(self.spread[i, j]),
+                }  # fmt: skip
+                record.update({k: info[k] for k in sorted(info)})
+                if (layer, estimator) in self.convergence:
+                    record["convergence"] = [list(c) for c in self.convergence[(layer, estimator)]]
+                records.append(record)
+        return records
+
+    def _cell(self, i: int, j: int, digits: int) -> str:
+        value = f"{float(self.rho[i, j]):.{digits}f}"
+        err = float(self.stderr[i, j])
+        return value if err == 0 or math.isnan(err) else f"{value} ± {err:.{digits}f}"
+
     def to_markdown(self, digits: int = 3) -> str:
-        """A Markdown table: layers × estimators (ρ), plus neurons/dims used per layer."""
+        """A Markdown table: layers × estimators (ρ, ``± error`` where sampled), plus the
+        neurons/dims used per layer; then the convergence check of sampled layers."""
         header = ["layer", *self.estimators, "neurons", "dims", "exact"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for row in self.rows():
+        for i, row in enumerate(self.rows()):
             cells = [row["layer"] or "(model)"]
-            cells += [f"{row[e]:.{digits}f}" for e in self.estimators]
+            cells += [self._cell(i, j, digits) for j in range(len(self.estimators))]
+            seeds = row.get("dim_seeds", 1)
+            dims = f"{row.get('dims', '')}/{row.get('in_dims', '')}"
             cells += [
                 f"{row.get('neurons', '')}/{row.get('out_features', '')}",
-                f"{row.get('dims', '')}/{row.get('in_dims', '')}",
+                dims if row.get("dims") == row.get("in_dims") else f"{dims} ×{seeds} draws",
                 "yes" if row.get("exact") else "no",
             ]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        if self.convergence:
+            lines += ["", "Convergence over sampled coordinates (mean ± std over draws):", "",
+                      "| layer | estimator | " + " | ".join(
+                          f"{d} dims" for d, _, _ in next(iter(self.convergence.values()))
+                      ) + " |"]  # fmt: skip
+            lines.append("|---|---|" + "---|" * len(next(iter(self.convergence.values()))))
+            for (layer, estimator), points in self.convergence.items():
+                cells = [f"{mean:.{digits}f} ± {std:.{digits}f}" for _, mean, std in points]
+                lines.append(f"| {layer} | {estimator} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
     def to_csv(self, path: str | Path | None = None) -> str:
-        """CSV text (written to ``path`` if given)."""
-        keys = ["layer", *self.estimators, "neurons", "out_features", "dims", "in_dims", "exact"]
+        """CSV text (written to ``path`` if given): ρ per estimator, then its error per
+        estimator (``<estimator>_stderr``), then the sampling info."""
+        keys = ["layer", *self.estimators, *(f"{e}_stderr" for e in self.estimators),
+                "neurons", "out_features", "dims", "in_dims", "exact"]  # fmt: skip
         lines = [",".join(keys)]
-        for row in self.rows():
+        for i, row in enumerate(self.rows()):
+            row.update({f"{e}_stderr": float(self.stderr[i, j])
+                        for j, e in enumerate(self.estimators)})  # fmt: skip
             lines.append(",".join(str(row.get(k, "")) for k in keys))
         text = "\n".join(lines) + "\n"
         if path is not None:
-            Path(path).write_text(text)
+            _atomic_write(Path(path), text)
         return text
 
     def plot(self, path: str | Path | None = None, **options: Any) -> Any:
-        """The paper's Figure 3: ρ per layer, one line per estimator (see
-        :func:`patternnet.evaluate.plots.plot_quality`)."""
+        """The paper's Figure 3: ρ per layer, one line per estimator, error bars where
+        sampled (see :func:`patternnet.evaluate.plots.plot_quality`)."""
         return plot_quality(self, path, **options)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _patterns_for(
@@ -523,6 +718,10 @@ def _neuron_patterns(
     return {"a_plus": flat["a_plus"], "a_minus": flat.get("a_minus", flat["a_plus"])}
 
 
+#: Layers with more input coordinates than this are sampled by default (``Σ_xx`` of 302 MB).
+MAX_DIMS = 6144
+
+
 def estimator_quality(
     model: nn.Module,
     fit_data: Any,
@@ -532,16 +731,21 @@ def estimator_quality(
     estimators: Sequence[str] = QUALITY_ESTIMATORS,
     layers: Sequence[str] | None = None,
     patterns: dict[str, Patterns] | None = None,
-    max_neurons: int | None = 32,
-    max_dims: int | None = 512,
+    max_neurons: int | None = None,
+    max_dims: int | None = MAX_DIMS,
+    dim_seeds: int = 3,
     random_draws: int = 1,
-    positions: int | None = 16,
+    positions: int | None = None,
     batch_size: int | None = None,
     seed: int = 0,
     rcond: float = RCOND,
     canonizers: Sequence[Canonizer] | None = None,
 ) -> QualityTable:
     """ρ(S) of each signal estimator in each Linear/Conv layer (method.md §5, Figure 3).
+
+    Exact by default: every neuron, every input coordinate and every output position (see the
+    module docstring for how; layers with more than ``max_dims`` inputs are sampled and carry
+    their error).
 
     Parameters
     ----------
@@ -559,27 +763,32 @@ def estimator_quality(
         Already fitted patterns by estimator name (``{"two_component": ..., "linear": ...}``);
         missing ones are fitted on ``fit_data``.
     max_neurons:
-        Output units per layer, sampled with the seed when a layer has more (``None``: all).
+        Output units per layer, sampled with the seed when a layer has more (default ``None``:
+        all; the cost per neuron is ``O(D)`` memory).
     max_dims:
-        Input coordinates of the residual used in the regression, sampled when ``D`` is larger
-        (``None``: all, exact).
+        Layers with ``D ≤ max_dims`` input coordinates are exact; larger ones use ``max_dims``
+        sampled coordinates, drawn ``dim_seeds`` times (``None``: always exact; memory
+        ``8 D²`` bytes per split).
+    dim_seeds:
+        Independent coordinate draws for a sampled layer (their spread is reported).
     random_draws:
         Random directions drawn per neuron for ``"random"`` (their ρ is averaged).
     positions:
-        Output positions sampled per image in conv layers (``None``: all).
+        Output positions sampled per image in conv layers (default ``None``: all).
     batch_size:
         Batch size for tensor data.
     seed:
         Seeds neuron, dimension and position sampling and the random estimator.
     rcond:
-        Relative eigenvalue cut-off of the regression's pseudo-inverse.
+        Ridge of the regression relative to the mean eigenvalue of the input covariance.
     canonizers:
         As for :func:`patternnet.fit_patterns`.
 
     Returns
     -------
     QualityTable
-        ``.rho`` (layers × estimators), ``.to_markdown()``, ``.to_csv()``, ``.plot(path)``.
+        ``.rho`` (layers × estimators), ``.stderr``, ``.to_markdown()``, ``.to_records()``,
+        ``.to_csv()``, ``.plot(path)``.
 
     Examples
     --------
@@ -589,6 +798,10 @@ def estimator_quality(
     unknown = [e for e in estimators if e not in QUALITY_ESTIMATORS]
     if random_draws < 1:
         raise ValueError(f"random_draws must be at least 1, not {random_draws}")
+    if dim_seeds < 1:
+        raise ValueError(f"dim_seeds must be at least 1, not {dim_seeds}")
+    if max_dims is not None and max_dims < 4:
+        raise ValueError(f"max_dims must be at least 4 (or None for exact), not {max_dims}")
     if unknown or not estimators:
         raise ValueError(f"unknown estimators {unknown}; choose from {QUALITY_ESTIMATORS}")
     modules = linear_layers(model)
@@ -599,7 +812,7 @@ def estimator_quality(
     fitted = _patterns_for(model, estimators, fit_data, patterns, batch_size, canonizers)
     canonical = Canonical(model, canonizers)
     generator = torch.Generator().manual_seed(seed)
-    plans: dict[str, tuple[LayerMoments, LayerMoments]] = {}
+    plans: dict[str, list[tuple[LayerMoments, LayerMoments]]] = {}
     info: dict[str, dict[str, Any]] = {}
     active = "two_component" in estimators
     for name in names:
@@ -613,35 +826,85 @@ def estimator_quality(
             neurons = group * per + _sample(per, max_neurons, generator)
         else:
             neurons = _sample(O, max_neurons, generator)
-        dims = _sample(D, max_dims, generator)
-        plans[name] = (LayerMoments(neurons, dims, active), LayerMoments(neurons, dims, active))
+        sampled = max_dims is not None and D > max_dims
+        draws = []
+        for _ in range(dim_seeds if sampled else 1):
+            dims = torch.randperm(D, generator=generator)[:max_dims] if sampled else torch.arange(D)
+            draws.append((LayerMoments(neurons, dims, active), LayerMoments(neurons, dims, active)))
+        plans[name] = draws
         info[name] = {
-            "neurons": len(neurons), "out_features": O, "dims": len(dims), "in_dims": D,
-            "exact": len(neurons) == O and len(dims) == D,
+            "neurons": len(neurons), "out_features": O, "dims": len(draws[0][0].dims),
+            "in_dims": D, "exact": len(neurons) == O and not sampled,
+            "dim_seeds": len(draws), "positions": "all" if positions is None else positions,
         }  # fmt: skip
     common = {"positions": positions, "batch_size": batch_size, "canonizers": canonizers}
-    collect_moments(model, regression_data, {n: p[0] for n, p in plans.items()},
+    collect_moments(model, regression_data, {n: [d[0] for d in p] for n, p in plans.items()},
                     seed=seed + 1, **common)  # fmt: skip
-    collect_moments(model, eval_data, {n: p[1] for n, p in plans.items()},
+    collect_moments(model, eval_data, {n: [d[1] for d in p] for n, p in plans.items()},
                     seed=seed + 2, **common)  # fmt: skip
-    rho = torch.full((len(names), len(estimators)), math.nan, dtype=torch.float64)
+    shape = (len(names), len(estimators))
+    rho = torch.full(shape, math.nan, dtype=torch.float64)
+    spread = torch.zeros(shape, dtype=torch.float64)
+    stderr = torch.zeros(shape, dtype=torch.float64)
     per_neuron: dict[tuple[str, str], Tensor] = {}
+    convergence: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
     for i, name in enumerate(names):
-        regression, evaluation = plans[name]
+        draws = plans[name]
+        regression, evaluation = draws[0]
         info[name]["regression_samples"] = int(regression.count)
         info[name]["eval_samples"] = int(evaluation.count)
         weight = canonical.weight(name)
+        O = weight.shape[0]
+        sampled = len(draws) > 1 or len(regression.dims) < weight[0].numel()
+        sizes = [max(1, len(regression.dims) // 4), max(1, len(regression.dims) // 2),
+                 len(regression.dims)] if sampled else [len(regression.dims)]  # fmt: skip
         for j, estimator in enumerate(estimators):
-            draws = []
-            for _ in range(random_draws if estimator == "random" else 1):
-                neuron_patterns = _neuron_patterns(
-                    estimator, name, weight, regression.neurons, fitted, generator
-                )
-                draws.append(
-                    layer_quality(regression, evaluation, estimator, neuron_patterns, rcond=rcond)
-                )
-            values = torch.stack(draws).nanmean(0) if len(draws) > 1 else draws[0]
-            per_neuron[(name, estimator)] = values
+            # by_size[s][t]: the layer means of coordinate draw t on the first sizes[s] dims
+            by_size: list[list[float]] = [[] for _ in sizes]
+            for t, (reg, ev) in enumerate(draws):
+                for s_index, size in enumerate(sizes):
+                    values = _draw_quality(estimator, name, weight, reg, ev, fitted, generator,
+                                           random_draws, rcond, size)  # fmt: skip
+                    finite = values[torch.isfinite(values)]
+                    by_size[s_index].append(float(finite.mean()) if finite.numel() else math.nan)
+                    if t == 0 and size == sizes[-1]:
+                        per_neuron[(name, estimator)] = values
+            final = torch.tensor(by_size[-1], dtype=torch.float64)
+            rho[i, j] = final.mean()
+            spread[i, j] = final.std() if len(final) > 1 else 0.0
+            values = per_neuron[(name, estimator)]
             finite = values[torch.isfinite(values)]
-            rho[i, j] = finite.mean() if finite.numel() else math.nan
-    return QualityTable(names, list(estimators), rho, per_neuron, info)
+            K = finite.numel()
+            se = 0.0
+            if K > 1 and K < O:  # finite-population standard error of the mean over neurons
+                se = float(finite.std() / math.sqrt(K) * math.sqrt(1 - K / O))
+            stderr[i, j] = math.sqrt(float(spread[i, j]) ** 2 + se**2)
+            if sampled:
+                convergence[(name, estimator)] = [
+                    (size, float(torch.tensor(v).mean()),
+                     float(torch.tensor(v).std()) if len(v) > 1 else 0.0)
+                    for size, v in zip(sizes, by_size)
+                ]  # fmt: skip
+    return QualityTable(names, list(estimators), rho, per_neuron, info, spread, stderr, convergence)
+
+
+def _draw_quality(
+    estimator: str,
+    name: str,
+    weight: Tensor,
+    regression: LayerMoments,
+    evaluation: LayerMoments,
+    fitted: dict[str, Patterns],
+    generator: torch.Generator,
+    random_draws: int,
+    rcond: float,
+    dims: int,
+) -> Tensor:
+    """Per-neuron ρ of one estimator on one coordinate draw (averaged over random draws)."""
+    draws = []
+    for _ in range(random_draws if estimator == "random" else 1):
+        patterns = _neuron_patterns(estimator, name, weight, regression.neurons, fitted, generator)
+        w = weight.detach().to(torch.float64).reshape(weight.shape[0], -1).cpu()
+        draws.append(layer_quality(regression, evaluation, estimator, patterns,
+                                   weight=w[regression.neurons], rcond=rcond, dims=dims))
+    return torch.stack(draws).nanmean(0) if len(draws) > 1 else draws[0]
