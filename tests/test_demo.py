@@ -72,6 +72,10 @@ def test_demo_pipeline_writes_figures_and_summary(fake_data, tmp_path):
     assert len(summary["aopc"]) == 5 and "random order" in summary["aopc"]
     assert all(-1.0 <= value <= 1.0 for value in summary["aopc"].values())
     assert "AOPC" in text
+    difference = summary["aopc_difference"]
+    assert difference.a.startswith("PatternAttribution") and difference.b.startswith("LRP-z")
+    assert difference.interval.low <= difference.difference <= difference.interval.high
+    assert "paired bootstrap" in text and "95% CI" in text
     # a second run takes the model and the patterns from the cache
     again = run_demo(small_config(fake_data, out))
     assert again["model_cached"] and again["patterns_cached"]

@@ -524,6 +524,7 @@ def _evaluate(
 ) -> dict[str, Any]:
     """ρ(S) per layer (method.md §5) and degradation curves (§6); figures into ``files``."""
     from . import evaluate, viz
+    from .evaluate.perturbation import paired_difference
     from .patterns.fit import fit_patterns
 
     log = config.log
@@ -565,6 +566,12 @@ def _evaluate(
     curves = _degradation(model, {"two_component": patterns, "linear": linear}, images, config)
     result["aopc"] = {label: c.aopc() for label, c in curves.items()}
     result["curves"] = curves
+    result["aopc_interval"] = {
+        label: c.aopc_interval(seed=config.seed) for label, c in curves.items()
+    }
+    result["aopc_difference"] = paired_difference(
+        curves[DEGRADATION_METHODS[0][0]], curves[DEGRADATION_METHODS[1][0]], seed=config.seed
+    )
     files["degradation"] = config.out / "degradation.png"
     viz.degradation_plot(curves, path=files["degradation"])
     log(f"image degradation of {images.shape[0]} test images")
@@ -656,7 +663,13 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines.append(summary["quality"].to_markdown().rstrip())
     if "aopc" in summary:
         lines += ["", "Image degradation, area over the perturbation curve (higher = steeper "
-                  "decay = better):", "", "| method | AOPC |", "|---|---|"]  # fmt: skip
+                  "decay = better; 95% bootstrap interval over images):", "",
+                  "| method | AOPC | 95% CI |", "|---|---|---|"]  # fmt: skip
+        intervals = summary.get("aopc_interval", {})
         for name, value in summary["aopc"].items():
-            lines.append(f"| {name} | {value:.4f} |")
+            ci = intervals.get(name)
+            cell = f"[{ci.low:.4f}, {ci.high:.4f}]" if ci is not None else "–"
+            lines.append(f"| {name} | {value:.4f} | {cell} |")
+        if "aopc_difference" in summary:
+            lines += ["", summary["aopc_difference"].to_markdown(4)]
     return "\n".join(lines)
