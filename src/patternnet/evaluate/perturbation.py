@@ -128,6 +128,8 @@ def _check_edge(edge: str) -> None:
 
 def _padding(height: int, width: int, k: int) -> tuple[int, int, int, int]:
     """Reflect padding ``(left, right, top, bottom)`` that makes both sides multiples of k."""
+    if k < 1:
+        raise ValueError(f"region size k must be at least 1, not {k}")
     ph, pw = (-height) % k, (-width) % k
     return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
 
@@ -352,6 +354,10 @@ class Interval:
     def __str__(self) -> str:
         return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
+    def __getitem__(self, index: int) -> float:
+        """``interval[0]`` is ``low``, ``interval[1]`` is ``high`` (reads as a pair)."""
+        return (self.low, self.high)[index]
+
     def to_record(self, prefix: str = "") -> dict[str, Any]:
         """``{prefix+"estimate", prefix+"low", prefix+"high", …}`` as plain numbers."""
         return {f"{prefix}estimate": self.estimate, f"{prefix}low": self.low,
@@ -442,6 +448,16 @@ class PerturbationCurves:
         """The AOPC with its percentile-bootstrap interval over images."""
         return bootstrap_interval(self.per_image_aopc(), confidence=confidence,
                                   resamples=resamples, seed=seed)  # fmt: skip
+
+    @property
+    def interval_method(self) -> str:
+        """How :meth:`aopc_interval` and :meth:`mean_interval` are made (for reports)."""
+        return (f"95 % percentile bootstrap over the {self.scores.shape[0]} images "
+                f"({RESAMPLES} resamples)")  # fmt: skip
+
+    def mean_interval(self) -> tuple[Tensor, Tensor]:
+        """The default :meth:`band` (95 %, :data:`RESAMPLES` resamples, seed 0)."""
+        return self.band()
 
     def band(
         self, *, confidence: float = 0.95, resamples: int = RESAMPLES, seed: int = 0
@@ -718,6 +734,8 @@ def region_perturbation(
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive (got {steps}, {batch_size})")
     _check_edge(edge)
+    if k < 1:
+        raise ValueError(f"region size k must be at least 1, not {k}")
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose from {ORDERS}")
     if replacement == "uniform" and uniform_range is None:
