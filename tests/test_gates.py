@@ -111,7 +111,7 @@ def _two_component_patterns(model: nn.Module, seed: int) -> pn.Patterns:
         for name, m in model.named_modules()
         if isinstance(m, (nn.Linear, nn.Conv2d))
     }
-    return pn.Patterns(layers, estimator="two_component")
+    return pn.Patterns(layers, estimator="two_component", nodes="weights")
 
 
 class RunTimePatternNet(pn.PatternNet):

@@ -29,7 +29,7 @@ def gradient_times_logit(model: nn.Module, x: torch.Tensor, target: int) -> torc
 def weight_patterns(model: nn.Module) -> pn.Patterns:
     canonical = Canonical(model, default_canonizers())
     layers = {n: {"a": canonical.weight(n).detach().clone()} for n in linear_layers(model)}
-    return pn.Patterns(layers, estimator="linear")
+    return pn.Patterns(layers, estimator="linear", nodes="weights")
 
 
 # ------------------------------------------------------------------ factories and weights

@@ -35,7 +35,7 @@ def vgg_style(seed: int = 0) -> nn.Module:
 def weight_patterns(model: nn.Module) -> pn.Patterns:
     """Patterns whose 'a' is each layer's own weight: PatternNet must equal the gradient."""
     layers = {name: {"a": m.weight.detach().clone()} for name, m in linear_layers(model).items()}
-    return pn.Patterns(layers, estimator="linear")
+    return pn.Patterns(layers, estimator="linear", nodes="weights")
 
 
 def _hooks(model: nn.Module) -> list[int]:

@@ -39,7 +39,7 @@ def saved(tmp_path: Path) -> tuple[Patterns, Path]:
 
 
 def header(**fields: str) -> dict[str, str]:
-    base = {"format": "patternnet", "format_version": "1", "estimator": "linear", "metadata": "{}"}
+    base = {"format": "patternnet", "format_version": "2", "estimator": "linear", "metadata": "{}"}
     base.update(fields)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -160,6 +160,7 @@ def test_corrupted_header_is_refused(saved: tuple[Patterns, Path], tmp_path: Pat
         ({"metadata": None}, None, "damaged"),
         ({"format_version": "one"}, None, "damaged"),
         ({"format_version": "99"}, None, "newer patternnet"),
+        ({"format_version": "1"}, None, r"earlier patternnet \(format 1\).*refit"),
         ({"estimator": "zzz"}, None, "unknown estimator 'zzz'"),
         ({"format": None}, None, "not a patternnet patterns file"),
         ({"metadata": '{"architecture": null}'}, None, "architecture record"),
@@ -176,6 +177,7 @@ def test_corrupted_header_is_refused(saved: tuple[Patterns, Path], tmp_path: Pat
         "no metadata",
         "bad version",
         "newer version",
+        "format 1: refit",
         "unknown estimator",
         "architecture null",
         "architecture without name",
@@ -394,3 +396,17 @@ def test_patterns_fitted_on_other_weights_warn_on_check() -> None:
         pn.PatternNet(model, patterns)  # the same weights: no warning
     with pytest.warns(UserWarning, match="differ from those the patterns were fitted on"):
         pn.PatternNet(other, patterns)
+
+
+def test_node_patterns_round_trip(tmp_path: Path) -> None:
+    """Sums, pools and means (``"sum#0"`` ...) are saved beside the layers and read back."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(2, 3))  # fmt: skip
+    patterns = fit_patterns(net, X, progress=False)
+    assert list(patterns.nodes) == ["mean#0"]
+    assert patterns.nodes["mean#0"]["a_plus"].shape == (2, 64)
+    loaded = Patterns.load(patterns.save(tmp_path / "p.safetensors"), model=net)
+    assert set(loaded) == set(patterns) and set(loaded.nodes) == {"mean#0"}
+    for key, tensor in patterns.nodes["mean#0"].items():
+        assert torch.equal(loaded.nodes["mean#0"][key], tensor)
+    assert loaded.metadata["nodes"] == {"mean#0": {"kind": "mean", "units": 2, "inputs": 64}}

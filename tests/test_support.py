@@ -189,7 +189,7 @@ def weight_patterns(model: nn.Module) -> pn.Patterns:
 
     canonical = Canonical(model, default_canonizers())
     layers = {n: {"a": canonical.weight(n).detach().clone()} for n in linear_layers(model)}
-    return pn.Patterns(layers, estimator="linear")
+    return pn.Patterns(layers, estimator="linear", nodes="weights")
 
 
 def gradient_times_logit(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:

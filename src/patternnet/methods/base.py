@@ -17,6 +17,7 @@ one ``torch.autograd.grad`` call, and restoring the model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
 
 import torch
@@ -245,6 +246,14 @@ class Attribution:
         start.scatter_(1, target[:, None], 1.0)
         return start
 
+    def graph_context(self, canonical: Canonical) -> AbstractContextManager[Any]:
+        """A context around the forward pass for rules on graph operations (default: none).
+
+        The pattern methods return the tracker of sums, pools and means
+        (:class:`~patternnet.engine.node_rules.NodePatterns`).
+        """
+        return nullcontext()
+
     def finish(self, inputs: Tensor, grad: Tensor) -> Tensor:
         """Turn what arrived at the input into the explanation (default: unchanged)."""
         return grad
@@ -286,7 +295,7 @@ class Attribution:
             x = inputs.detach().to(device=device, dtype=dtype).requires_grad_(True)
             with torch.enable_grad(), canonical.active(), rules_applied(
                 module_rules, function_rules
-            ):
+            ), self.graph_context(canonical):
                 output = forward_checked(canonical, x)
                 logits = self._logits(output)
                 _check_logits(logits, x)

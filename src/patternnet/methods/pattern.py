@@ -8,7 +8,10 @@ back, starting from the logit's value ``y_c``:
 - PatternAttribution (the contribution): ``W → W ⊙ A₊``; for a linear model exactly
   ``w ⊙ a · y``, and relevance is conserved per neuron since ``wᵀa = 1``.
 
-ReLU gates and max-pool switches are the gradient's (no rule needed).
+ReLU gates and max-pool switches are the gradient's (no rule needed). Residual sums, average
+pools and means are neurons with fixed weights and fitted patterns
+(:mod:`patternnet.engine.node_rules`, method.md §10): PatternNet passes ``p·s``,
+PatternAttribution ``(w ⊙ p)·r``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..engine.backward import Rule, addition_rules
+from ..engine.backward import Rule
 from ..engine.canonize import Canonical, Canonizer
 from ..engine.gates import RELU, SUM, relu_gates
+from ..engine.node_rules import NodePatterns
 from ..engine.rules import (
-    ProportionalSum,
     WeightSwap,
     as_dtype,
     elementwise_product,
@@ -183,6 +186,12 @@ class _PatternMethod(Attribution):
         )
         return module_rules, {}
 
+    def graph_context(self, canonical: Canonical) -> Any:
+        """Sums, average pools and means pass their patterns back (method.md §10)."""
+        return NodePatterns(
+            self.patterns, self.estimator, attribution=self._attribution
+        ).tracker()
+
     def start(self, logits: Tensor, target: Tensor) -> Tensor:
         """Start from the selected logit's value ``y_c`` (zeros elsewhere)."""
         start = logits.new_zeros(logits.shape)
@@ -280,8 +289,11 @@ class PatternAttribution(_PatternMethod):
     ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
         if self.estimator == "identity":
             return identity_estimator_rules(self.model, canonical)
-        module_rules, function_rules = super().rules(canonical)
-        # Relevance is split at residual sums by the summands' absolute shares, so that it is
-        # conserved through a residual block and bounded where the summands cancel.
-        function_rules.update(addition_rules(ProportionalSum(absolute=True)))
-        return module_rules, function_rules
+        # Residual sums, average pools and means pass (w ⊙ p)·r (graph_context): for a sum
+        # p_i·r, conserving since Σᵢ p_i = 1.
+        return super().rules(canonical)
+
+    def graph_context(self, canonical: Canonical) -> Any:
+        if self.estimator == "identity":  # LRP-z: its own sum and pool rules
+            return super(_PatternMethod, self).graph_context(canonical)
+        return super().graph_context(canonical)

@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from ..engine.canonize import Canonical, Canonizer
+from ..engine.nodes import is_node_name
 from ..engine.support import check_supported, linear_pattern_layers
 from ..layers import geometry, is_linear_layer
 from . import distributed as distributed_mod
-from . import estimators
+from . import estimators, graph_statistics
 from .batches import DEFAULT_BATCH_SIZE, iter_batches
 from .checkpoint import (
     Checkpointer,
@@ -189,12 +190,16 @@ def collect_statistics(
         try:
             for name, module in modules.items():
                 handles.append(module.register_forward_hook(make_hook(name, module)))
-            with torch.no_grad(), canonical.active(), full_float32():
+            # Sums, pools and means are found and recorded in the same pass (graph_statistics)
+            with canonical.active(), full_float32(), graph_statistics.recording(
+                stats, precision
+            ) as nodes:
                 for batch in _remaining_batches(data, batch_size, limit, *skip):
                     batch = batch.to(
                         device=target_device, dtype=dtype,
                         non_blocking=target_device.type == "cuda" and batch.is_pinned(),
-                    )
+                    ).requires_grad_(True)
+                    nodes.new_pass()
                     forward_checked(canonical, batch)
                     stats.images += batch.shape[0]
                     stats.batches += 1
@@ -327,8 +332,8 @@ def compute_patterns(
     smooth = set()
     if estimator == "two_component":
         smooth = linear_pattern_layers(model, statistics.negative)
+    nodes: dict[str, dict[str, Tensor]] = {}
     for name, layer_stats in statistics.items():
-        weight = canonical.weight(name).detach()
         broken = sorted(k for k, t in layer_stats.tensors.items() if not torch.isfinite(t).all())
         if broken:
             raise ValueError(
@@ -336,11 +341,18 @@ def compute_patterns(
                 "model produced non-finite values there (NaN/Inf weights, or overflow in low "
                 "precision: fit a float32 copy of the model)"
             )
-        shape = weight.shape
-        if estimator == "identity":
+        if is_node_name(name):  # a sum, pool or mean (graph_statistics)
+            tensors, rep = graph_statistics.node_patterns(
+                name, layer_stats, estimator, statistics.negative
+            )
+            nodes[name] = {key: t.to(dtype=dtype) for key, t in tensors.items()}
+        weight = None if is_node_name(name) else canonical.weight(name).detach()
+        if weight is None:
+            pass
+        elif estimator == "identity":
             layers[name] = {}
             continue
-        if estimator == "filter":
+        elif estimator == "filter":
             a, rep = estimators.filter_pattern(weight)
             tensors = {"a": a}
         elif estimator == "linear":
@@ -355,10 +367,11 @@ def compute_patterns(
             )
         else:  # pragma: no cover - validated by required_sums
             raise ValueError(f"unknown estimator {estimator!r}")
-        layers[name] = {
-            key: t.reshape(shape).to(device=weight.device, dtype=dtype)
-            for key, t in tensors.items()
-        }
+        if weight is not None:
+            layers[name] = {
+                key: t.reshape(weight.shape).to(device=weight.device, dtype=dtype)
+                for key, t in tensors.items()
+            }
         report[name] = {
             "samples": rep.samples,
             "units": rep.units,
@@ -382,8 +395,9 @@ def compute_patterns(
         "canonical": list(canonical.form.notes),
         "report": report,
         "fallback": fallback,
+        "nodes": graph_statistics.describe(statistics),
     }
-    return Patterns(layers, estimator=estimator, metadata=metadata)
+    return Patterns(layers, estimator=estimator, metadata=metadata, nodes=nodes)
 
 
 def fit_patterns(

@@ -33,7 +33,10 @@ from .estimators import ESTIMATORS
 
 __all__ = ["Patterns", "architecture", "atomic_write", "fingerprint", "weight_summary"]
 
-FORMAT_VERSION = 1
+#: 2: patterns of sums, pools and means (``"sum#0/a_plus"`` ...) and the safe two-component
+#: normaliser (method.md §10-11). Files of format 1 are refused with a request to refit: their
+#: a₊/a₋ may hold the ill-conditioned values format 2 replaces, and they lack node patterns.
+FORMAT_VERSION = 2
 PATTERN_NAMES = ("a", "a_plus", "a_minus")
 
 
@@ -165,6 +168,12 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
     metadata:
         JSON-able details: ``fingerprint``, ``architecture``, ``report`` (per-layer sample
         counts, dead and degenerate units), ``images``, ``precision``.
+    nodes:
+        ``{node name: {"a_plus": tensor, ...}}``: the ``(U, D)`` patterns of the model's sums,
+        average pools and means (:mod:`patternnet.engine.nodes`), named by kind and order of
+        the call in the forward pass (``"sum#0"``, ``"pool#0"``, ``"mean#0"``). ``"weights"``
+        (for patterns made by hand, e.g. ``W`` itself to reproduce the gradient): every node
+        passes its fixed weight (ones for a sum, ``1/k`` for a pool or mean) as its pattern.
 
     Examples
     --------
@@ -180,10 +189,19 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
         *,
         estimator: str,
         metadata: Mapping[str, Any] | None = None,
+        nodes: Mapping[str, Mapping[str, Tensor]] | str | None = None,
     ) -> None:
         self._layers = {name: dict(tensors) for name, tensors in layers.items()}
-        self.estimator = estimator
         self.metadata: dict[str, Any] = dict(metadata or {})
+        if isinstance(nodes, str):
+            if nodes != "weights":
+                raise ValueError(f"nodes must be a mapping or 'weights', not {nodes!r}")
+            self.metadata["node_patterns"] = "weights"
+            nodes = None
+        self.nodes: dict[str, dict[str, Tensor]] = {
+            name: dict(tensors) for name, tensors in (nodes or {}).items()
+        }
+        self.estimator = estimator
 
     # ------------------------------------------------------------------ mapping
     def __getitem__(self, name: str) -> dict[str, Tensor]:
@@ -204,9 +222,14 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
     def __repr__(self) -> str:
         names = sorted({key for tensors in self._layers.values() for key in tensors})
         return (
-            f"Patterns(estimator={self.estimator!r}, layers={len(self)}, tensors={names}, "
-            f"images={self.metadata.get('images')})"
+            f"Patterns(estimator={self.estimator!r}, layers={len(self)}, nodes={len(self.nodes)}, "
+            f"tensors={names}, images={self.metadata.get('images')})"
         )
+
+    @property
+    def node_weights(self) -> bool:
+        """True when nodes without fitted patterns use their fixed weights (``nodes="weights"``)."""
+        return self.metadata.get("node_patterns") == "weights"
 
     @property
     def fallback(self) -> dict[str, dict[str, list[int]]]:
@@ -228,11 +251,12 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Patterns:
         """A copy with every tensor moved/cast."""
-        layers = {
-            name: {key: t.to(device=device, dtype=dtype) for key, t in tensors.items()}
-            for name, tensors in self._layers.items()
-        }
-        return Patterns(layers, estimator=self.estimator, metadata=self.metadata)
+        layers, nodes = (
+            {name: {key: t.to(device=device, dtype=dtype) for key, t in tensors.items()}
+             for name, tensors in mapping.items()}
+            for mapping in (self._layers, self.nodes)
+        )  # fmt: skip
+        return Patterns(layers, estimator=self.estimator, metadata=self.metadata, nodes=nodes)
 
     # ------------------------------------------------------------------ checks
     def check(self, model: nn.Module) -> None:
@@ -318,7 +342,8 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
         """Write a safetensors file atomically (temp file + rename); return its path."""
         tensors = {
             f"{name}/{key}": t.detach().to("cpu").contiguous()
-            for name, layer in self._layers.items()
+            for mapping in (self._layers, self.nodes)
+            for name, layer in mapping.items()
             for key, t in layer.items()
         }
         header = {
@@ -389,6 +414,14 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
                     f"{str(path)!r} was written by a newer patternnet (format "
                     f"{header['format_version']}); upgrade patternnet to read it"
                 )
+            if version < FORMAT_VERSION:
+                raise ValueError(
+                    f"{str(path)!r} was written by an earlier patternnet (format {version}): "
+                    "before sums, average pools and means had patterns and before the "
+                    "two-component normaliser was made safe, so its layer patterns may differ "
+                    "from what this version fits; refit them (patternnet.fit_patterns or "
+                    "`patternnet fit`) and save again"
+                )
             if "sha256" in header and _digest(tensors, header) != header["sha256"]:
                 raise ValueError(
                     f"{str(path)!r} is corrupted: its tensors do not match the checksum "
@@ -421,6 +454,7 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
                 f"(truncated or corrupted?): {error}.{hint}"
             ) from None
         layers: dict[str, dict[str, Tensor]] = {}
+        nodes: dict[str, dict[str, Tensor]] = {}
         for key, tensor in tensors.items():
             name, _, kind = key.rpartition("/")
             if kind not in PATTERN_NAMES or not name:
@@ -429,8 +463,9 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
                 raise ValueError(f"{str(path)!r}: pattern {key!r} has dtype {tensor.dtype}")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{str(path)!r}: pattern {key!r} holds NaN or Inf values")
-            layers.setdefault(name, {})[kind] = tensor.to(device)
-        patterns = cls(layers, estimator=estimator, metadata=metadata)
+            target = nodes if "#" in name else layers
+            target.setdefault(name, {})[kind] = tensor.to(device)
+        patterns = cls(layers, estimator=estimator, metadata=metadata, nodes=nodes)
         if model is not None:
             patterns.check(model)
         return patterns

@@ -1,0 +1,442 @@
+"""Fixed-weight linear nodes: residual sums, average pools and means as neurons (method.md §10).
+
+The paper derives patterns for a linear neuron ``y = wᵀx``. Linear/Conv layers are such
+neurons with learned weights; a graph has more of them with **fixed** weights:
+
+- a sum ``z = u₀ + … + u_{m−1}`` (``a + b``, ``torch.add``, ``out += identity``, chains
+  ``a + b + c`` merged into one node) is, per channel, a neuron with one input per summand
+  and weights 1;
+- an average pool (``count_include_pad``, or no padding) is, per channel, a neuron over its
+  window with weights ``1/k``; an adaptive average pool whose windows tile the input is one;
+- a mean over some dimensions (``x.mean((2, 3))``, global average pooling) is, per kept index
+  (channel), a neuron over the reduced values with weights ``1/k``.
+
+Every node is written as a **grouped convolution with a fixed weight** over a *node input*
+arranged from the operation's inputs (:class:`NodeCall`): the node's patterns are exactly the
+patterns that convolution would get (the rewrite-invariance tests check it), so everything the
+library does for a Conv layer — statistics (method.md §2), estimators, the two-component mask
+``y > 0`` — applies unchanged. Two layouts:
+
+``channelwise`` (sums, means)
+    Node input ``(N, U, D, P)``: ``U`` units (channels), ``D`` inputs per unit (summands,
+    reduced values), ``P`` positions sharing the unit's pattern (a sum's spatial positions; 1
+    for a mean); node output ``(N, U, P)``. Statistics and backward are element-wise.
+``window`` (average pools)
+    Node input = the pool's input, a :class:`~patternnet.layers.LayerGeometry` of a depthwise
+    convolution (kernel, stride, padding of the pool), weight ``(C, 1, *kernel)``.
+
+The fixed weight is ``(U, D)`` (flattened), ones for sums and ``1/D`` for pools and means;
+patterns are stored ``(U, D)`` under the node's name (``"sum#0"``, ``"pool#1"``, ``"mean#0"``:
+the kind and the order of the call in the forward pass).
+
+**Which operations are nodes**: those whose inputs carry the autograd graph from the model's
+input (``requires_grad``): the explanation's forward pass has it, and the fit's forward pass
+records it too (with saved tensors discarded, :func:`graph_recording`), so that the fit and the
+explanation see the same nodes in the same order. A bias or a constant added to an activation
+is therefore not a node.
+
+**Extending** (attention's weighted sum over tokens, a norm's per-channel scale ...): a new
+kind is a function that recognises the call and returns a :class:`NodeCall` with its layout,
+fixed weight and the map back from the node input's gradient to the operation's inputs; the
+fit (:mod:`patternnet.patterns.graph_statistics`) and the pattern rules
+(:mod:`patternnet.engine.node_rules`) need nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..layers import LayerGeometry
+
+__all__ = [
+    "NODE_KINDS",
+    "NodeCall",
+    "NodeTracker",
+    "fixed_weight",
+    "graph_recording",
+    "is_node_name",
+]
+
+#: The node kinds and the constant of their fixed weights (``None``: ``1/D``).
+NODE_KINDS = {"sum": 1.0, "pool": None, "mean": None}
+
+_aten = torch.ops.aten
+# Python spellings, and the ATen operators of exported programs (torch.export).
+_ADDITIONS = frozenset(
+    {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
+     _aten.add.Tensor, _aten.add_.Tensor}
+)  # fmt: skip
+_IN_PLACE = frozenset({Tensor.add_, Tensor.__iadd__, _aten.add_.Tensor})
+_AVG_POOLS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, _aten.avg_pool1d.default: 1,
+              _aten.avg_pool2d.default: 2, _aten.avg_pool3d.default: 3}  # fmt: skip
+_ADAPTIVE_POOLS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
+                   _aten.adaptive_avg_pool1d.default: 1, _aten.adaptive_avg_pool2d.default: 2,
+                   _aten.adaptive_avg_pool3d.default: 3}  # fmt: skip
+_MEANS = frozenset({torch.mean, Tensor.mean, _aten.mean.dim})
+
+
+def is_node_name(name: str) -> bool:
+    """Whether a patterns key names a node (``"sum#0"``) rather than a module."""
+    return "#" in name
+
+
+def node_kind(name: str) -> str:
+    """The kind of a node name (``"sum#3"`` → ``"sum"``)."""
+    return name.partition("#")[0]
+
+
+def fixed_weight(kind: str, units: int, inputs: int) -> Tensor:
+    """The ``(U, D)`` float64 fixed weight of a node: ones for sums, ``1/D`` otherwise."""
+    value = NODE_KINDS[kind]
+    return torch.full((units, inputs), 1.0 / inputs if value is None else value,
+                      dtype=torch.float64)  # fmt: skip
+
+
+@dataclass
+class NodeCall:
+    """One call of a fixed-weight linear node in a forward pass.
+
+    Attributes
+    ----------
+    kind:
+        ``"sum"``, ``"pool"`` or ``"mean"``.
+    inputs:
+        The operation's inputs that carry the graph (summands, or the pooled tensor).
+    layout:
+        ``"channelwise"`` or ``"window"`` (see the module docstring).
+    units, width:
+        ``U`` units and ``D`` inputs per unit (the fixed weight is ``(U, D)``).
+    geometry, kernel:
+        For ``"window"`` nodes: the depthwise convolution's geometry and kernel size.
+    arrange:
+        ``() -> (node input, node output)``, detached: ``(N, U, D, P)`` and ``(N, U, P)`` for
+        channelwise nodes, the pool's input and output for window nodes.
+    result:
+        The operation's own output values (detached), as the model expects them.
+    to_output:
+        Maps a gradient shaped like ``result`` to the node output's layout.
+    to_inputs:
+        Maps a gradient shaped like the node input to one gradient per entry of ``inputs``.
+    """
+
+    kind: str
+    inputs: tuple[Tensor, ...]
+    layout: str
+    units: int
+    width: int
+    arrange: Callable[[], tuple[Tensor, Tensor]]
+    result: Tensor
+    to_output: Callable[[Tensor], Tensor]
+    to_inputs: Callable[[Tensor], tuple[Tensor, ...]]
+    geometry: LayerGeometry | None = None
+    kernel: tuple[int, ...] = ()
+
+    def weight_shape(self) -> torch.Size:
+        """Shape of the fixed weight as the geometry's convolution weight (window nodes)."""
+        return torch.Size((self.units, 1, *self.kernel))
+
+
+def _graph_tensor(value: Any) -> bool:
+    return (
+        isinstance(value, Tensor)
+        and value.requires_grad
+        and value.is_floating_point()
+        and not isinstance(value, nn.Parameter)
+    )
+
+
+# ------------------------------------------------------------------------------ sums
+
+
+def _channelwise(stacked: Tensor) -> Tensor:
+    """``(N, C, m, *spatial)`` → ``(N, C, m, P)``; a 2-D ``(N, C, m)`` gets ``P = 1``."""
+    return stacked.reshape(stacked.shape[0], stacked.shape[1], stacked.shape[2], -1)
+
+
+def sum_call(
+    summands: tuple[Tensor, ...], result: Tensor, values: tuple[Tensor, ...]
+) -> NodeCall:
+    """A sum of same-shaped summands ``(N, C, ...)`` (channel = dimension 1).
+
+    ``values`` are the summands' values (detached; a copy where the sum runs in place) and
+    ``result`` their sum.
+    """
+    shape = summands[0].shape
+
+    def arrange() -> tuple[Tensor, Tensor]:
+        x = _channelwise(torch.stack(values, 2))
+        return x, x.sum(2)
+
+    def to_output(grad: Tensor) -> Tensor:
+        return grad.reshape(shape[0], shape[1], -1)
+
+    def to_inputs(grad: Tensor) -> tuple[Tensor, ...]:  # (N, C, m, P)
+        return tuple(g.reshape(shape) for g in grad.unbind(2))
+
+    return NodeCall("sum", tuple(summands), "channelwise", shape[1], len(summands), arrange,
+                    result, to_output, to_inputs)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ means
+
+
+def mean_call(x: Tensor, dims: tuple[int, ...], keepdim: bool, result: Tensor) -> NodeCall | None:
+    """A mean of ``x`` over ``dims`` (not the batch dimension): a neuron per kept index."""
+    rank = x.dim()
+    dims = tuple(sorted({d % rank for d in dims}))
+    if not dims or 0 in dims or rank < 2:
+        return None
+    kept = [d for d in range(1, rank) if d not in dims]
+    order = [0, *kept, *dims]
+    inverse = [order.index(d) for d in range(rank)]
+    units = math.prod(x.shape[d] for d in kept)
+    width = math.prod(x.shape[d] for d in dims)
+    permuted_shape = [x.shape[d] for d in order]
+    n = x.shape[0]
+    value = x.detach()
+
+    def arrange() -> tuple[Tensor, Tensor]:
+        node_input = value.permute(order).reshape(n, units, width, 1)
+        return node_input, result.detach().reshape(n, units, 1)
+
+    def to_output(grad: Tensor) -> Tensor:
+        return grad.reshape(n, units, 1)
+
+    def to_inputs(grad: Tensor) -> tuple[Tensor, ...]:
+        return (grad.reshape(permuted_shape).permute(inverse),)
+
+    return NodeCall("mean", (x,), "channelwise", units, width, arrange, result, to_output,
+                    to_inputs)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ pools
+
+
+def _tuple(value: Any, n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    return tuple(int(v) for v in value)
+
+
+def pool_call(x: Tensor, spatial: int, kernel: Any, stride: Any, padding: Any,
+              result: Tensor) -> NodeCall:
+    """An average pool that is a depthwise convolution with weight ``1/k``."""
+    kernel_t = _tuple(kernel, spatial)
+    stride_t = _tuple(stride if stride not in (None, [], ()) else kernel, spatial)
+    padding_t = _tuple(padding, spatial)
+    geometry = LayerGeometry(
+        kind="conv", spatial_dims=spatial, stride=stride_t, padding=padding_t,
+        dilation=(1,) * spatial, groups=x.shape[1],
+    )  # fmt: skip
+    value = x.detach()
+
+    def arrange() -> tuple[Tensor, Tensor]:
+        return value, result.detach()
+
+    return NodeCall("pool", (x,), "window", x.shape[1], math.prod(kernel_t), arrange, result,
+                    lambda grad: grad, lambda grad: (grad,), geometry, kernel_t)  # fmt: skip
+
+
+def _pool_arguments(func: Any, args: tuple, kwargs: dict) -> tuple[Any, ...]:
+    names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+             "divisor_override"]  # fmt: skip
+    defaults = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                "divisor_override": None}  # fmt: skip
+    values = dict(defaults)
+    values.update(zip(names, args))
+    values.update(kwargs)
+    return tuple(values[name] for name in names)
+
+
+def _conv_length(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+# ------------------------------------------------------------------------------ recognition
+
+
+def recognise(func: Any, args: tuple, kwargs: dict, compute: Callable[[], Any]) -> Any:
+    """``(NodeCall | None, result)`` for a call of ``func``; ``compute()`` runs the call.
+
+    Returns ``(None, None)`` without running anything when ``func`` is not a node kind; the
+    caller then calls the function itself. Sums are handled by :class:`NodeTracker` (they
+    merge chains and run in place).
+    """
+    if func in _AVG_POOLS:
+        x = args[0] if args else kwargs.get("input")
+        if not _graph_tensor(x):
+            return None, None
+        _, kernel, stride, padding, _, include_pad, divisor = _pool_arguments(func, args, kwargs)
+        result = compute()
+        spatial = _AVG_POOLS[func]
+        padding_t = _tuple(padding, spatial)
+        kernel_t = _tuple(kernel, spatial)
+        stride_t = _tuple(stride if stride not in (None, [], ()) else kernel, spatial)
+        expected = tuple(
+            _conv_length(x.shape[2 + i], kernel_t[i], stride_t[i], padding_t[i])
+            for i in range(spatial)
+        )
+        if (divisor is None and (include_pad or not any(padding_t))
+                and tuple(result.shape[2:]) == expected):  # fmt: skip
+            return pool_call(x, spatial, kernel_t, stride_t, padding_t, result), result
+        _not_a_node(func, "count_include_pad=False with padding, ceil_mode overhang or a "
+                          "divisor_override make the window weights differ")  # fmt: skip
+        return None, result
+    if func in _ADAPTIVE_POOLS:
+        x = args[0] if args else kwargs.get("input")
+        if not _graph_tensor(x):
+            return None, None
+        result = compute()
+        spatial = _ADAPTIVE_POOLS[func]
+        sizes, out = tuple(x.shape[2:]), tuple(result.shape[2:])
+        if all(o == 1 for o in out):  # global average pooling = a mean over positions
+            call = mean_call(x, tuple(range(2, 2 + spatial)), True, result)
+            return call, result
+        if all(s % o == 0 for s, o in zip(sizes, out)):
+            kernel = tuple(s // o for s, o in zip(sizes, out))
+            return pool_call(x, spatial, kernel, kernel, 0, result), result
+        _not_a_node(func, f"its windows over {sizes} → {out} overlap unevenly")
+        return None, result
+    if func in _MEANS:
+        x = args[0] if args else kwargs.get("input")
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        if not _graph_tensor(x) or dims is None or kwargs.get("dtype") is not None:
+            return None, None
+        keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        dims_t = (dims,) if isinstance(dims, int) else tuple(dims)
+        result = compute()
+        return mean_call(x, dims_t, bool(keepdim), result), result
+    return None, None
+
+
+_WARNED: set[Any] = set()
+
+
+def _not_a_node(func: Any, reason: str) -> None:
+    name = getattr(func, "__name__", str(func))
+    if name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(
+            f"{name}: {reason}, so it is not one fixed-weight neuron; the pattern methods pass "
+            "the gradient through it (no pattern)",
+            stacklevel=4,
+        )
+
+
+class NodeTracker(TorchFunctionMode):
+    """Sees every node call of one forward pass, names it and hands it to ``handle``.
+
+    Parameters
+    ----------
+    handle:
+        ``handle(name, call) -> Tensor | None``: a tensor holding the call's value that
+        carries what the backward pass should do (the explanation), or None to run the
+        operation itself (the fit, which only records statistics).
+    """
+
+    def __init__(self, handle: Callable[[str, NodeCall], Tensor | None]) -> None:
+        super().__init__()
+        self.handle = handle
+        self.counts: dict[str, int] = {}
+        # Sums of this pass still alive: id → (weak result, version, summands, versions), so
+        # that ``(a + b) + c`` is one node with three summands.
+        self._sums: dict[int, tuple[Any, int, tuple[Tensor, ...], tuple[int, ...]]] = {}
+
+    def new_pass(self) -> None:
+        """Start naming nodes afresh (call before each forward pass)."""
+        self.counts.clear()
+        self._sums.clear()
+
+    def _name(self, kind: str) -> str:
+        index = self.counts.get(kind, 0)
+        self.counts[kind] = index + 1
+        return f"{kind}#{index}"
+
+    def _summands(self, value: Tensor) -> tuple[Tensor, ...]:
+        """The summands of ``value`` if it is an unchanged sum of this pass, else itself."""
+        entry = self._sums.get(id(value))
+        if entry is None:
+            return (value,)
+        ref, version, summands, versions = entry
+        if ref() is not value or value._version != version:
+            self._sums.pop(id(value), None)
+            return (value,)
+        if any(u._version != v for u, v in zip(summands, versions)):
+            return (value,)
+        return summands
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in _ADDITIONS:
+            return self._sum(func, args, kwargs)
+        call, result = recognise(func, args, kwargs, lambda: func(*args, **kwargs))
+        if call is None:
+            return result if result is not None else func(*args, **kwargs)
+        out = self.handle(self._name(call.kind), call)
+        return result if out is None else out
+
+    def _sum(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        a = args[0] if args else kwargs.get("input")
+        b = args[1] if len(args) > 1 else kwargs.get("other")
+        if not (
+            _graph_tensor(a)
+            and _graph_tensor(b)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.dim() >= 2
+            and len(args) <= 2
+            and set(kwargs) <= {"other", "input", "alpha"}
+            and kwargs.get("alpha", 1) == 1
+        ):
+            return func(*args, **kwargs)
+        summands = self._summands(a) + self._summands(b)
+        in_place = func in _IN_PLACE
+        # An in-place sum overwrites ``a``: the node needs its value from before.
+        before = a.detach().clone() if in_place and any(u is a for u in summands) else None
+        values = tuple(
+            before if before is not None and u is a else u.detach() for u in summands
+        )
+        total = values[0] + values[1]
+        for value in values[2:]:
+            total = total + value
+        out = self.handle(self._name("sum"), sum_call(summands, total, values))
+        if out is None:
+            out = func(*args, **kwargs)
+        elif in_place:
+            a.copy_(out)
+            out = a
+        if before is not None:  # ``a`` now holds the sum: it cannot stand for its summand
+            return out
+        key = id(out)
+        self._sums[key] = (
+            weakref.ref(out, lambda _, key=key, sums=self._sums: sums.pop(key, None)),
+            out._version,
+            summands,
+            tuple(u._version for u in summands),
+        )
+        return out
+
+
+@contextmanager
+def graph_recording() -> Iterator[None]:
+    """Autograd records the graph (so that :class:`NodeTracker` sees node inputs) but keeps
+    no tensor for a backward pass: the fit's forward pass costs no activation memory."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _drop):
+        yield
+
+
+def _drop(_: Any) -> None:
+    return None
