@@ -112,7 +112,7 @@ def test_patternnet_with_weight_patterns_is_gradient_times_logit(
         name: {"a": module.weight.detach().clone()}
         for name, module in linear_layers(model).items()
     }
-    patterns = Patterns(weights, estimator="linear")
+    patterns = Patterns(weights, estimator="linear", nodes="weights")
     logits = model(x)
     target = torch.tensor(
         data.draw(st.lists(st.integers(0, logits.shape[1] - 1), min_size=len(x), max_size=len(x)))

@@ -39,7 +39,7 @@ is therefore not a node.
 kind is a function that recognises the call and returns a :class:`NodeCall` with its layout,
 fixed weight and the map back from the node input's gradient to the operation's inputs; the
 fit (:mod:`patternnet.patterns.graph_statistics`) and the pattern rules
-(:mod:`patternnet.engine.node_rules`) need nothing else.
+(:class:`patternnet.engine.rules.NodePatterns`) need nothing else.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ class Attribution:
         """A context around the forward pass for rules on graph operations (default: none).
 
         The pattern methods return the tracker of sums, pools and means
-        (:class:`~patternnet.engine.node_rules.NodePatterns`).
+        (:class:`~patternnet.engine.rules.NodePatterns`).
         """
         return nullcontext()
 

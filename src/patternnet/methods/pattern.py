@@ -10,7 +10,7 @@ back, starting from the logit's value ``y_c``:
 
 ReLU gates and max-pool switches are the gradient's (no rule needed). Residual sums, average
 pools and means are neurons with fixed weights and fitted patterns
-(:mod:`patternnet.engine.node_rules`, method.md §10): PatternNet passes ``p·s``,
+(:class:`patternnet.engine.rules.NodePatterns`, method.md §10): PatternNet passes ``p·s``,
 PatternAttribution ``(w ⊙ p)·r``.
 """
 
@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from ..engine.backward import Rule
 from ..engine.canonize import Canonical, Canonizer
 from ..engine.gates import RELU, SUM, relu_gates
-from ..engine.node_rules import NodePatterns
 from ..engine.rules import (
+    NodePatterns,
     WeightSwap,
     as_dtype,
     elementwise_product,

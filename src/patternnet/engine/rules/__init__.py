@@ -33,12 +33,13 @@ from .pattern import (
     identity_estimator_rules,
 )
 from .relu import DeconvNetReLU, GuidedReLU, Pass
-from .sums import ChannelScale, ProportionalSum, SumState
+from .sums import ChannelScale, NodePatterns, ProportionalSum, SumState
 
 __all__ = [
     "Rule", "LayerRule", "LayerState", "Share", "Term", "layer_of",
     "WeightSwap", "SwapState", "DeconvNetReLU", "GuidedReLU",
     "Epsilon", "Z", "AlphaBeta", "ZPlus", "Gamma", "WSquare", "Flat", "ZBox", "Norm", "Pass",
     "AVERAGE_POOLS", "identity_estimator_rules", "stabilize", "relevance_ratio",
-    "ProportionalSum", "ChannelScale", "SumState", "as_dtype", "elementwise_product",
+    "ProportionalSum", "ChannelScale", "SumState", "NodePatterns", "as_dtype",
+    "elementwise_product",
 ]
