@@ -12,12 +12,11 @@ import torch
 from patternnet.demo import (
     DemoConfig,
     DemoDataError,
-    accuracy,
     demo_model,
     find_fashion_mnist,
     run_demo,
-    train_classifier,
 )
+from patternnet.training import accuracy, train_classifier
 
 
 def _write_idx(path, array):

@@ -20,7 +20,6 @@ Everything is seeded; the model and patterns are cached, so a second run only re
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import OrderedDict
@@ -30,12 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import viz
+from . import evaluate, viz
 from .data import find_idx, load_idx
+from .evaluate.perturbation import paired_difference
+from .methods.pattern import PatternAttribution
 from .methods.registry import build_method, method_info
+from .patterns.fit import fit_patterns
+from .patterns.store import Patterns
+from .report import ExplanationGrid, Report
+from .training import accuracy, cached_model, train_classifier
 
 __all__ = [
     "CLASSES",
@@ -44,7 +48,6 @@ __all__ = [
     "demo_model",
     "find_fashion_mnist",
     "run_demo",
-    "train_classifier",
 ]
 
 CLASSES = (
@@ -220,122 +223,23 @@ def demo_model() -> nn.Sequential:
     )
 
 
-def _bar(enabled: bool, total: int, desc: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def _train(config: DemoConfig, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]
+           ) -> tuple[nn.Module, float, bool]:
+    """The demo's model, trained (Adam, one-cycle schedule) or taken from the cache."""
+    key = {"version": MODEL_VERSION, "epochs": config.epochs, "train_limit": config.train_limit,
+           "batch_size": config.batch_size, "seed": config.seed}  # fmt: skip
 
-    return tqdm(total=total, unit="img", desc=desc, leave=False)
+    def build() -> nn.Module:
+        torch.manual_seed(config.seed)
+        return demo_model()
 
+    def fit(model: nn.Module) -> float:
+        train_classifier(model, *train, epochs=config.epochs, batch_size=config.batch_size,
+                         lr=1e-3, weight_decay=0.0, max_lr=3e-3, seed=config.seed,
+                         progress=config.progress)  # fmt: skip
+        return accuracy(model, *test)
 
-def train_classifier(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    *,
-    epochs: int = 3,
-    batch_size: int = 128,
-    seed: int = 0,
-    progress: bool = False,
-) -> nn.Module:
-    """Train ``model`` with Adam and a one-cycle learning rate (cross-entropy), in place.
-
-    Parameters
-    ----------
-    model:
-        A classifier returning logits.
-    images, labels:
-        The training set ``(N, ...)`` and ``(N,)`` class indices.
-    epochs, batch_size, seed:
-        Training length, batch size and the seed of the shuffling.
-    progress:
-        Show a progress bar per epoch.
-
-    Returns
-    -------
-    nn.Module
-        ``model`` itself, in eval mode.
-    """
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    generator = torch.Generator().manual_seed(seed)
-    steps = epochs * -(-images.shape[0] // batch_size)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=3e-3, total_steps=steps, pct_start=0.2
-    )
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(images.shape[0], generator=generator)
-        bar = _bar(progress, images.shape[0], f"training epoch {epoch + 1}/{epochs}")
-        for start in range(0, images.shape[0], batch_size):
-            index = order[start : start + batch_size]
-            loss = F.cross_entropy(model(images[index]), labels[index])
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            if bar is not None:
-                bar.update(index.shape[0])
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if bar is not None:
-            bar.close()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
-    """Fraction of ``images`` whose arg-max logit is the label."""
-    model.eval()
-    correct = 0
-    for start in range(0, images.shape[0], batch_size):
-        predicted = model(images[start : start + batch_size]).argmax(1)
-        correct += int((predicted == labels[start : start + batch_size]).sum())
-    return correct / images.shape[0]
-
-
-def _load_or_train(
-    config: DemoConfig, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]
-) -> tuple[nn.Module, float, bool]:
-    """(model, test accuracy, whether it came from the cache)."""
-    from safetensors.torch import load_file, save_file
-
-    from .patterns.store import atomic_write
-
-    weights, info = config.out / "model.safetensors", config.out / "model.json"
-    key = {
-        "version": MODEL_VERSION,
-        "epochs": config.epochs,
-        "train_limit": config.train_limit,
-        "batch_size": config.batch_size,
-        "seed": config.seed,
-    }
-    model = demo_model()
-    if weights.is_file() and info.is_file():
-        try:
-            cached = json.loads(info.read_text())
-            if cached.get("key") == key:
-                model.load_state_dict(load_file(str(weights)))
-                return model.eval(), float(cached["accuracy"]), True
-        except (OSError, ValueError, KeyError, RuntimeError):
-            pass  # a stale or broken cache is retrained
-    torch.manual_seed(config.seed)
-    model = demo_model()
-    images, labels = train
-    train_classifier(
-        model,
-        images,
-        labels,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        progress=config.progress,
-    )
-    acc = accuracy(model, *test)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(weights, lambda tmp: save_file(state, tmp))
-    atomic_write(info, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "accuracy": acc})))
-    return model, acc, False
+    return cached_model(config.out, key, build, fit)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -409,10 +313,6 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     DemoDataError
         If Fashion-MNIST cannot be found (the message says how to get it).
     """
-    from . import viz
-    from .patterns.fit import fit_patterns
-    from .patterns.store import Patterns
-
     config = config or DemoConfig()
     log = config.log
     config.out = Path(config.out)
@@ -439,7 +339,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         train_x, train_y = train_x[: config.train_limit], train_y[: config.train_limit]
     now = lap("load data", started)
 
-    model, acc, cached = _load_or_train(config, (train_x, train_y), (test_x, test_y))
+    model, acc, cached = _train(config, (train_x, train_y), (test_x, test_y))
     log(
         f"model: {'loaded from cache' if cached else f'trained {config.epochs} epoch(s)'}, "
         f"test accuracy {acc:.2%}"
@@ -523,10 +423,6 @@ def _evaluate(
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """ρ(S) per layer (method.md §5) and degradation curves (§6); figures into ``files``."""
-    from . import evaluate, viz
-    from .evaluate.perturbation import paired_difference
-    from .patterns.fit import fit_patterns
-
     log = config.log
     start = time.perf_counter()
     result: dict[str, Any] = {}
@@ -563,7 +459,19 @@ def _evaluate(
     timings["estimator quality"] = time.perf_counter() - start
     start = time.perf_counter()
     images = test_x[: config.degradation_images]
-    curves = _degradation(model, {"two_component": patterns, "linear": linear}, images, config)
+    fitted = {"two_component": patterns, "linear": linear}
+    k = config.degradation_patch
+    comparison = evaluate.compare(
+        model,
+        {label: PatternAttribution(model, fitted.get(estimator), estimator=estimator)
+         for label, estimator in DEGRADATION_METHODS},
+        images,
+        k=k,
+        steps=min(100, -(-images.shape[-2] // k) * -(-images.shape[-1] // k)),
+        seed=config.seed,
+    )  # fmt: skip
+    curves = {("random order" if label == "random" else label): curve
+              for label, curve in comparison.curves.items()}  # fmt: skip
     result["aopc"] = {label: c.aopc() for label, c in curves.items()}
     result["curves"] = curves
     result["aopc_interval"] = {
@@ -587,8 +495,6 @@ def _write_report(
     row_titles: list[str],
 ) -> Path:
     """``report.html``: the explanation grid, ρ(S), degradation, settings and timings."""
-    from .report import ExplanationGrid, Report
-
     grid = ExplanationGrid.from_explanations(
         images,
         explained,
@@ -619,30 +525,6 @@ DEGRADATION_METHODS = (
     ("w² rule (S_w)", "filter"),
     ("linear PatternAttr. (S_a)", "linear"),
 )
-
-
-def _degradation(
-    model: nn.Module, fitted: dict[str, Any], images: Tensor, config: DemoConfig
-) -> dict[str, Any]:
-    """Region-perturbation curves (method.md §6) of the estimator views of
-    PatternAttribution (method.md §4) and the random order, on ``images``."""
-    from .evaluate.perturbation import region_perturbation
-    from .methods.pattern import PatternAttribution
-
-    k = config.degradation_patch
-    regions = -(-images.shape[-2] // k) * -(-images.shape[-1] // k)
-    steps = min(100, regions)
-    curves = {}
-    for label, estimator in DEGRADATION_METHODS:
-        method = PatternAttribution(model, fitted.get(estimator), estimator=estimator)
-        attribution = method.attribute(images)
-        curves[label] = region_perturbation(
-            model, images, attribution, k=k, steps=steps, label=label, seed=config.seed
-        )
-    curves["random order"] = region_perturbation(
-        model, images, "random", k=k, steps=steps, label="random order", seed=config.seed
-    )
-    return curves
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""Small models and a small trainer for the ground-truth benchmarks (seconds on 2 CPU cores)."""
+"""Small models for the ground-truth benchmarks (seconds on 2 CPU cores), trained with the
+one trainer of :mod:`patternnet.training` (re-exported here)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..training import accuracy, train_classifier
 from .base import GroundTruthData, seeded_generator
 
 __all__ = ["accuracy", "linear_classifier", "linear_discriminant", "small_cnn", "train_classifier"]
@@ -73,65 +74,6 @@ def _init(model: nn.Module, generator: torch.Generator) -> None:
                 )
                 if module.bias is not None:
                     module.bias.zero_()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int = 512) -> float:
-    """Fraction of correctly classified samples (eval mode, mode restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        correct = 0
-        for x, y in zip(inputs.split(batch_size), labels.split(batch_size)):
-            correct += int((model(x).argmax(1) == y).sum())
-    finally:
-        model.train(was_training)
-    return correct / max(1, len(labels))
-
-
-def train_classifier(
-    model: nn.Module,
-    data: GroundTruthData | tuple[Tensor, Tensor],
-    *,
-    epochs: int = 20,
-    batch_size: int = 64,
-    lr: float = 1e-2,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-) -> nn.Module:
-    """Train ``model`` in place with Adam and cross-entropy; returns it in eval mode.
-
-    Parameters
-    ----------
-    model:
-        A classifier returning logits.
-    data:
-        A :class:`GroundTruthData` with class labels, or ``(inputs, labels)``.
-    epochs, batch_size, lr, weight_decay:
-        The optimisation (Adam; weight decay keeps separable problems' weights finite).
-    seed:
-        Seed of the shuffling.
-    """
-    if isinstance(data, GroundTruthData):
-        inputs, labels = data.inputs, data.targets
-    else:
-        inputs, labels = data
-    if labels.is_floating_point():
-        raise TypeError("train_classifier needs integer class labels")
-    generator = seeded_generator(seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    model.train()
-    n = inputs.shape[0]
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            index = order[start : start + batch_size]
-            optimiser.zero_grad()
-            loss = F.cross_entropy(model(inputs[index]), labels[index])
-            loss.backward()
-            optimiser.step()
-    model.eval()
-    return model
 
 
 def linear_discriminant(
