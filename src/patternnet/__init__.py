@@ -7,6 +7,7 @@ data → statistics → estimators → patterns → backward rules → explanati
 from __future__ import annotations
 
 from . import evaluate, groundtruth, methods, models
+from ._version import __version__ as __version__
 from .engine.canonize import BatchNormFolding
 from .engine.support import (
     UnsupportedModuleError,
@@ -26,8 +27,6 @@ from .patterns.statistics import Statistics
 from .patterns.store import Patterns
 from .quantus import quantus_explain
 from .reproduction import reproduce
-
-__version__ = "0.1.0"
 
 __all__ = [
     "LRP",
