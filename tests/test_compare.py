@@ -13,12 +13,12 @@ from patternnet.evaluate import (
     plot_quality,
     region_perturbation,
 )
-from patternnet.groundtruth import small_cnn, tetromino_images, train_classifier
+from patternnet.groundtruth import small_cnn, tetromino_simple, train_classifier
 
 
 @pytest.fixture(scope="module")
 def setup():
-    data = tetromino_images(900, mode="lin", background="white", size=16, seed=0)
+    data = tetromino_simple(900, mode="lin", background="white", size=16, seed=0)
     train, fit, test = data.split(700, 150, 24)
     model = train_classifier(small_cnn((1, 16, 16), channels=4, hidden=16), train, epochs=4,
                              lr=3e-3)  # fmt: skip

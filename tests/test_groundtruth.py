@@ -17,8 +17,8 @@ from patternnet.groundtruth import (
     linear_classifier,
     linear_discriminant,
     small_cnn,
-    suppressor_images,
-    tetromino_images,
+    suppressor_simple,
+    tetromino_simple,
     toy_data,
     train_classifier,
 )
@@ -45,8 +45,8 @@ def test_metrics_by_hand():
 def test_benchmarks_are_reproducible_by_seed():
     for make in (
         lambda s: toy_data(50, seed=s),
-        lambda s: suppressor_images(20, seed=s, noise_smoothing=1.0),
-        lambda s: tetromino_images(20, mode="mult", background="corr", seed=s),
+        lambda s: suppressor_simple(20, seed=s, noise_smoothing=1.0),
+        lambda s: tetromino_simple(20, mode="mult", background="corr", seed=s),
     ):
         a, b, c = make(4), make(4), make(5)
         assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
@@ -58,22 +58,29 @@ def test_dataset_construction():
     # x = a_s y + a_d ε: x₁ − x₂ = y exactly, and the signal lives in the first coordinate
     assert torch.allclose(toy.inputs[:, 0] - toy.inputs[:, 1], toy.targets, atol=1e-6)
     assert toy.signal[:, 1].abs().max() == 0
-    sup = suppressor_images(100, size=8, block=3, seed=0)
+    sup = suppressor_simple(100, size=8, block=3, seed=0)
     assert sup.inputs.shape == (100, 1, 8, 8)
     assert int(sup.signal_mask[0].sum()) == 9 and int(sup.regions["suppressor"][0].sum()) == 9
     assert not (sup.signal_mask & sup.regions["suppressor"]).any()
     # the suppressor region holds the distractor only: identical in both classes on average
     assert sup.signal[sup.regions["suppressor"]].abs().max() == 0
-    tris = tetromino_images(60, mode="lin", size=16, seed=0)
-    assert (tris.signal_mask.flatten(1).sum(1) == 16).all()  # 4 cells of 2×2 pixels
+    tris = tetromino_simple(60, mode="lin", size=16, seed=0)
+    # the 6 cells (of 2×2 pixels) where T and L differ; the shared anchor cell is not signal
+    assert (tris.signal_mask.flatten(1).sum(1) == 24).all()
+    assert int(tris.regions["shared"][0].sum()) == 4
+    assert not (tris.signal_mask & tris.regions["shared"]).any()
+    assert tris.signal[tris.regions["shared"]].abs().max() == 0
+    # a map of exactly the class information (|H_L − H_T|) scores 1.0 top-k precision
+    perfect = (tris.signal[tris.targets == 1][:1] - tris.signal[tris.targets == 0][:1]).abs()
+    assert float(topk_precision(perfect, tris.signal_mask[:1])[0]) == 1.0
     fit, rest = tris.split(40, 20)
     assert len(fit) == 40 and torch.equal(rest.inputs, tris.inputs[40:])
     with pytest.raises(ValueError, match="mode"):
-        tetromino_images(10, mode="xor")
+        tetromino_simple(10, mode="xor")
 
 
 def test_tetromino_models_learn_quickly():
-    data = tetromino_images(900, mode="mult", background="white", size=16, seed=1)
+    data = tetromino_simple(900, mode="mult", background="white", size=16, seed=1)
     train, test = data.split(700, 200)
     model = train_classifier(small_cnn((1, 16, 16), seed=0), train, epochs=6, lr=3e-3)
     assert accuracy(model, test.inputs, test.targets) > 0.85
@@ -82,7 +89,7 @@ def test_tetromino_models_learn_quickly():
 # ---------------------------------------------------------------------------- the claim
 @pytest.fixture(scope="module")
 def suppressor_setup():
-    data = suppressor_images(3500, size=8, block=3, seed=0)
+    data = suppressor_simple(3500, size=8, block=3, seed=0)
     train, fit, test = data.split(2000, 1000, 500)
     # Fisher's discriminant: the Bayes-optimal linear model, free of optimiser noise
     model = linear_discriminant(train)
@@ -134,5 +141,5 @@ def test_benchmarks_alias_is_deprecated_and_the_same_objects():
     sys.modules.pop("patternnet.benchmarks", None)
     with pytest.warns(DeprecationWarning, match="patternnet.groundtruth"):
         alias = importlib.import_module("patternnet.benchmarks")
-    assert alias.tetromino_images is groundtruth.tetromino_images
+    assert alias.tetromino_simple is groundtruth.tetromino_simple
     assert importlib.import_module("patternnet.benchmarks.noise") is noise

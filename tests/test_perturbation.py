@@ -19,7 +19,7 @@ from patternnet.evaluate.perturbation import (
     region_scores,
     replacement_values,
 )
-from patternnet.groundtruth import linear_classifier, tetromino_images, train_classifier
+from patternnet.groundtruth import linear_classifier, tetromino_simple, train_classifier
 
 
 class Recorder(nn.Module):
@@ -111,7 +111,7 @@ def test_batched_and_unbatched_curves_agree():
 
 
 def test_oracle_beats_random_order():
-    data = tetromino_images(700, mode="lin", background="white", size=16, seed=2)
+    data = tetromino_simple(700, mode="lin", background="white", size=16, seed=2)
     train, test = data.split(600, 40)
     model = train_classifier(linear_classifier((1, 16, 16)), train, epochs=5, lr=1e-2)
     x = test.inputs

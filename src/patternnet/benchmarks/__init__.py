@@ -7,20 +7,12 @@ module objects of :mod:`patternnet.groundtruth`, so nothing is duplicated.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 
-from .. import groundtruth as _groundtruth
 from ..groundtruth import *  # noqa: F403
-from ..groundtruth import (
-    __all__,  # noqa: F401
-    base,
-    noise,
-    suppressor,
-    tetromino,
-    toy,
-    train,
-)
+from ..groundtruth import __all__  # noqa: F401
 
 warnings.warn(
     "patternnet.benchmarks was renamed patternnet.groundtruth; import that instead "
@@ -29,6 +21,6 @@ warnings.warn(
     stacklevel=2,
 )
 
-for _module in (base, noise, suppressor, tetromino, toy, train):
-    sys.modules[f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}"] = _module
-del _module, _groundtruth
+for _name in ("base", "noise", "suppressor", "tetromino", "toy", "train", "wilming", "xaitris"):
+    sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"patternnet.groundtruth.{_name}")
+del _name

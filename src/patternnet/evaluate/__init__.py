@@ -16,7 +16,14 @@
 from __future__ import annotations
 
 from .compare import ComparisonReport, compare
-from .groundtruth import ground_truth_metrics, region_mass, signal_cosine, topk_precision
+from .groundtruth import (
+    earth_movers_distance,
+    emd_score,
+    ground_truth_metrics,
+    region_mass,
+    signal_cosine,
+    topk_precision,
+)
 from .perturbation import (
     EDGES,
     REPLACEMENTS,
@@ -48,6 +55,8 @@ __all__ = [
     "degradation_table",
     "paired_difference",
     "compare",
+    "earth_movers_distance",
+    "emd_score",
     "estimator_quality",
     "ground_truth_metrics",
     "plot_degradation",

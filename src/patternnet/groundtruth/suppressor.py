@@ -1,7 +1,9 @@
-"""A linear image benchmark with a signal, a distractor and a pure suppressor region.
+"""A simplified suppressor benchmark (``suppressor_simple``): signal, distractor, suppressor.
 
-After Wilming, Budding, Müller, Haufe, "Scrutinizing XAI using linear ground-truth data with
-suppressor variables", Machine Learning 111 (2022). Each ``size×size`` one-channel image is
+For the published design use :func:`~patternnet.groundtruth.wilming_suppressor`. This
+simplified variant is *inspired by* Wilming, Budding, Müller, Haufe, "Scrutinizing XAI using
+linear ground-truth data with suppressor variables", Machine Learning 111 (2022).
+Each ``size×size`` one-channel image is
 
 ``x = a·z + d·ζ + ε``
 
@@ -15,6 +17,15 @@ suppressor variables", Machine Learning 111 (2022). Each ``size×size`` one-chan
 ``B`` holds no information about the class at all (a *suppressor*), yet the Bayes-optimal linear
 classifier ``w ∝ Σ_within⁻¹ a`` weighs it with opposite sign to cancel the distractor in ``A``.
 Gradient-type explanations therefore show ``B``; the signal ``a`` does not.
+
+How it differs from the published design (:mod:`patternnet.groundtruth.wilming`): hard
+``block×block`` squares instead of 4×4 soft blobs; one signal block instead of two; the signal
+block and the distractor overlap with the same sign and no signal-only blob exists elsewhere;
+a jittered signal amplitude instead of exact ±1; white (or Gaussian-filtered) noise instead of
+noise with a random covariance; fixed standard deviations instead of Frobenius-normalised
+components mixed by a swept λ. Numbers measured on it are therefore not comparable with the
+paper's; they can be off in either direction (its suppressor is weaker: one block, no mixed
+signal blob to disentangle).
 """
 
 from __future__ import annotations
@@ -24,10 +35,10 @@ import torch
 from .base import GroundTruthData, seeded_generator
 from .noise import smooth
 
-__all__ = ["suppressor_images"]
+__all__ = ["suppressor_simple"]
 
 
-def suppressor_images(
+def suppressor_simple(
     n: int = 2000,
     *,
     size: int = 8,
@@ -39,7 +50,7 @@ def suppressor_images(
     noise_smoothing: float = 0.0,
     seed: int = 0,
 ) -> GroundTruthData:
-    """Generate the suppressor benchmark.
+    """Generate the simplified suppressor benchmark (module docstring for how it differs).
 
     Parameters
     ----------
@@ -97,7 +108,7 @@ def suppressor_images(
             "suppressor": (b > 0).expand(shape).clone(),
             "distractor": (d > 0).expand(shape).clone(),
         },
-        name="suppressor",
+        name="suppressor-simple",
         params={
             "n": n,
             "size": size,

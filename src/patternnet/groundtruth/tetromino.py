@@ -1,6 +1,7 @@
-"""XAI-TRIS-style images: a tetromino signal over a white or correlated Gaussian background.
+"""A simplified XAI-TRIS-style benchmark (``tetromino_simple``): T vs L over noise.
 
-In the spirit of Clark, Wilming, Haufe, "XAI-TRIS: non-linear image benchmarks to quantify
+For the published design use :func:`~patternnet.groundtruth.xai_tris`. This simplified variant
+is in the spirit of Clark, Wilming, Haufe, "XAI-TRIS: non-linear image benchmarks to quantify
 false positive post-hoc attribution of feature importance", Machine Learning (2024). Our own
 design, stated here in full:
 
@@ -17,7 +18,22 @@ design, stated here in full:
   the class is in the *variance* of the shape's pixels, not their mean, and a non-linear model
   is needed. The signal component is ``x − η = −α·H_c ⊙ η``.
 
-The ground-truth mask of each image is its own class's shape ``H_c > 0``.
+Ground truth. T and L share their anchor cell: that cell is present in both classes, carries
+no class information and is part of the class-independent offset. The ``signal`` is therefore
+the class-dependent part only: ``α·(H_c − H̄)`` for ``lin`` (``H̄`` the mean of the two shapes:
+0 on the shared cell, ``±α/2`` on the cells where the shapes differ) and ``−α·H_c⊙η`` on the
+cells where the shapes differ for ``mult``. ``signal_mask`` is the same for every image: the
+cells where T and L differ (the *combined* mask, as XAI-TRIS scores LIN and MULT), so a map that
+shows exactly the class information scores 1.0 top-k precision. (Before this was fixed, each
+image's mask was its own shape, anchor cell included, and a perfect map scored 0.50.)
+``regions["shared"]`` is the shared anchor cell, ``regions["background"]`` every pixel outside
+both shapes.
+
+How it differs from the published design (:mod:`patternnet.groundtruth.xaitris`): both shapes
+at one anchor (they overlap in one cell) instead of at separate published positions; shapes
+drawn at any size ≥ 8 in ``size // 8`` cells; no RIGID or XOR scenario; a background rescaled to
+unit variance and ``x = α·H + (1 − α)·η`` without the published Frobenius normalisation and
+α values. Numbers on it are not comparable with the paper's.
 """
 
 from __future__ import annotations
@@ -28,7 +44,7 @@ from torch import Tensor
 from .base import GroundTruthData, seeded_generator
 from .noise import smooth
 
-__all__ = ["TETROMINOES", "tetromino_images", "tetromino_map"]
+__all__ = ["TETROMINOES", "tetromino_map", "tetromino_simple"]
 
 #: Cells (row, col) of the two shapes.
 TETROMINOES: dict[str, tuple[tuple[int, int], ...]] = {
@@ -51,7 +67,7 @@ def tetromino_map(shape: str, size: int) -> Tensor:
     return out
 
 
-def tetromino_images(
+def tetromino_simple(
     n: int = 2000,
     *,
     mode: str = "lin",
@@ -61,7 +77,7 @@ def tetromino_images(
     smoothing: float = 1.5,
     seed: int = 0,
 ) -> GroundTruthData:
-    """Generate an XAI-TRIS-style benchmark.
+    """Generate the simplified XAI-TRIS-style benchmark (module docstring: how it differs).
 
     Parameters
     ----------
@@ -83,8 +99,9 @@ def tetromino_images(
     Returns
     -------
     GroundTruthData
-        ``inputs`` ``(n, 1, size, size)``, class ``targets``, the ``signal`` component and the
-        shape mask; ``regions["background"]`` is every pixel outside both shapes.
+        ``inputs`` ``(n, 1, size, size)``, class ``targets``, the class-dependent ``signal``
+        component and the mask of the cells where T and L differ; ``regions["shared"]`` is the
+        shared anchor cell and ``regions["background"]`` every pixel outside both shapes.
     """
     if mode not in ("lin", "mult"):
         raise ValueError(f"mode must be 'lin' or 'mult', not {mode!r}")
@@ -99,20 +116,23 @@ def tetromino_images(
     if background == "corr":
         noise = smooth(noise, smoothing)
     h = shapes[labels][:, None]
+    differ = shapes[0] != shapes[1]
     if mode == "lin":
-        signal = alpha * h
-        inputs = signal + (1 - alpha) * noise
+        inputs = alpha * h + (1 - alpha) * noise
+        signal = alpha * (h - shapes.mean(0))
     else:
         inputs = (1 - alpha * h) * noise
-        signal = inputs - noise
-    union = (shapes.sum(0) > 0)[None, None].expand(n, 1, size, size)
+        signal = -alpha * h * differ * noise
+    shape4 = (n, 1, size, size)
+    union = (shapes.sum(0) > 0)[None, None].expand(shape4)
+    shared = (shapes.prod(0) > 0)[None, None].expand(shape4)
     return GroundTruthData(
         inputs=inputs,
         targets=labels,
         signal=signal,
-        signal_mask=h > 0,
-        regions={"background": (~union).clone()},
-        name=f"xai-tris-{mode}-{background}",
+        signal_mask=differ[None, None].expand(shape4).clone(),
+        regions={"shared": shared.clone(), "background": (~union).clone()},
+        name=f"tetromino-simple-{mode}-{background}",
         params={
             "n": n,
             "mode": mode,
