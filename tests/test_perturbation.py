@@ -185,7 +185,7 @@ def test_paper_setting_9x9_at_224():
 
 # ---------------------------------------------------------------------------- MoRF / LeRF, CIs
 def test_lerf_is_the_reverse_order_and_keeps_the_probability_up():
-    data = tetromino_images(300, mode="lin", background="white", size=16, seed=2)
+    data = tetromino_simple(300, mode="lin", background="white", size=16, seed=2)
     train, test = data.split(260, 40)
     model = train_classifier(linear_classifier((1, 16, 16)), train, epochs=5, lr=1e-2)
     x = test.inputs
