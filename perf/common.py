@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import platform
@@ -16,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from patternnet.data import read_idx
 
 RESULTS = Path(__file__).parent / "results"
 #: The repository root: benchmarks that start processes run ``python -m perf.NAME`` from here.
@@ -100,8 +101,7 @@ def images(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
     """
     generator = torch.Generator().manual_seed(seed)
     if FASHION.exists():
-        with gzip.open(FASHION, "rb") as handle:
-            raw = np.frombuffer(handle.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+        raw = read_idx(FASHION)  # the library's one IDX reader (checks the header)
         index = torch.randperm(raw.shape[0], generator=generator)[:n]
         x = torch.from_numpy(raw[index.numpy()].astype(np.float32) / 255.0)[:, None]
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",

@@ -162,3 +162,73 @@ def test_load_data_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="cannot read"):
         load_data(tmp_path / "notes.txt")
+
+
+# ---------------------------------------------------------------- torchvision weights' own
+def test_weights_bring_their_own_preprocessing(tmp_path) -> None:
+    """ResNet-50 IMAGENET1K_V2 resizes to 232, EfficientNet-B1 crops 240: each gets its own
+    transforms() (built without downloading the weights), bit for bit on an image file."""
+    models = pytest.importorskip("torchvision.models")
+
+    from patternnet.data import PRESETS, load_image, preset_for
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (300, 370, 3), dtype=np.uint8)).save(path)
+    cases = {
+        ("resnet50", "IMAGENET1K_V2"): (232, 224, models.ResNet50_Weights.IMAGENET1K_V2),
+        ("resnet50", "IMAGENET1K_V1"): (256, 224, models.ResNet50_Weights.IMAGENET1K_V1),
+        ("efficientnet_b1", "DEFAULT"): (255, 240, models.EfficientNet_B1_Weights.DEFAULT),
+        ("vit_b_16", "IMAGENET1K_V1"): (256, 224, models.ViT_B_16_Weights.IMAGENET1K_V1),
+    }
+    for (name, weights), (resize, crop, enum) in cases.items():
+        preset = preset_for(f"torchvision:{name}", weights)
+        assert (preset.resize, preset.crop) == (resize, crop), (name, weights)
+        image = load_image(path, preset)
+        with Image.open(path) as raw:
+            expected = enum.transforms()(raw.convert("RGB"))
+        assert image.shape == (3, crop, crop)
+        assert torch.equal(image, expected)
+    # no weights, a weights file: the hand-written ImageNet preset
+    assert preset_for("torchvision:resnet50") == PRESETS["imagenet"]
+    assert preset_for("torchvision:resnet50", tmp_path / "w.pth") == PRESETS["imagenet"]
+    with pytest.raises(ValueError, match="no weights 'IMAGENET9K'"):
+        preset_for("torchvision:resnet50", "IMAGENET9K")
+    # an override drops the weights' transform: the hand-written steps with the new size
+    smaller = preset_for("torchvision:resnet50", "IMAGENET1K_V2").with_overrides(crop=200)
+    assert smaller.transform is None and load_image(path, smaller).shape == (3, 200, 200)
+
+
+def test_without_torchvision_the_preset_warns(monkeypatch) -> None:
+    import builtins
+
+    from patternnet.data import PRESETS, preset_for
+
+    real_import = builtins.__import__
+
+    def no_torchvision(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise ImportError("no torchvision here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchvision)
+    with pytest.warns(UserWarning, match="resizes to 232"):
+        assert preset_for("torchvision:resnet50", "IMAGENET1K_V2") == PRESETS["imagenet"]
+
+
+def test_cli_preset_follows_the_weights_and_warns_on_a_different_preset(capsys) -> None:
+    pytest.importorskip("torchvision")
+    import argparse
+
+    from patternnet.cli import common
+
+    options = dict(model="torchvision:resnet50", weights="IMAGENET1K_V2", preset=None,
+                   resize=None, crop=None, mean=None, std=None, mode=None)
+    own = common.preset(argparse.Namespace(**options))
+    assert (own.resize, own.crop, own.transform is not None) == (232, 224, True)
+    assert "warning" not in capsys.readouterr().err
+    forced = common.preset(argparse.Namespace(**dict(options, preset="imagenet")))
+    assert (forced.resize, forced.crop, forced.transform) == (256, 224, None)
+    assert "differs from the preprocessing of --weights IMAGENET1K_V2" in capsys.readouterr().err
+    random = common.preset(argparse.Namespace(**dict(options, weights="none")))
+    assert (random.resize, random.crop) == (256, 224)

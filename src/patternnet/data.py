@@ -23,8 +23,9 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
+
+from .models import _is_file_spec
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -45,6 +48,7 @@ __all__ = [
     "load_image",
     "preset_for",
     "read_idx",
+    "weights_preset",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -73,6 +77,10 @@ class Preset:
         One value applies to every channel.
     mode:
         Pillow mode images are converted to (``"RGB"``, ``"L"``); None keeps the file's.
+    transform:
+        A torchvision weights' own ``transforms()`` (see :func:`preset_for`): image files go
+        through it (resize with its interpolation and antialiasing, crop, normalise) instead of
+        the hand-written steps; ``resize``/``crop``/``mean``/``std`` then describe it.
     """
 
     resize: int | None = None
@@ -80,6 +88,7 @@ class Preset:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     mode: str | None = None
+    transform: Any = field(default=None, compare=False)
 
     def normalise(self, x: Tensor) -> Tensor:
         """Apply ``(x - mean) / std`` per channel to ``(C, H, W)`` or ``(N, C, H, W)`` pixels."""
@@ -91,8 +100,15 @@ class Preset:
         return (x - mean) / std
 
     def with_overrides(self, **changes: Any) -> Preset:
-        """A copy with the given fields replaced (None values leave a field as it is)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with the given fields replaced (None values leave a field as it is).
+
+        Overriding any field of a preset made from torchvision weights drops their
+        ``transform``: the hand-written steps then apply with the overridden values.
+        """
+        given = {k: v for k, v in changes.items() if v is not None}
+        if given and "transform" not in given:
+            given["transform"] = None
+        return replace(self, **given) if given else self
 
 
 PRESETS: dict[str, Preset] = {
@@ -107,11 +123,55 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def preset_for(model_spec: str | None) -> Preset:
-    """The default preset for a model specification: ImageNet for ``torchvision:`` models."""
-    if model_spec and model_spec.startswith("torchvision:"):
+def preset_for(model_spec: str | None, weights: str | os.PathLike[str] | None = None) -> Preset:
+    """The default preset for a model specification (and its weights).
+
+    For ``torchvision:NAME`` with a torchvision weights name (``"DEFAULT"``,
+    ``"IMAGENET1K_V2"``, …): the weights' own ``transforms()`` (ResNet-50 ``IMAGENET1K_V2``
+    resizes to 232, EfficientNet-B1 crops 240, …); only the transforms are built, nothing is
+    downloaded. Otherwise (random weights, a weights file, or no torchvision) the hand-written
+    ImageNet preset (resize 256, crop 224) for ``torchvision:`` models, with a warning when
+    the named weights' transforms cannot be read; ``"none"`` for other models.
+    """
+    if not (model_spec and model_spec.startswith("torchvision:")):
+        return PRESETS["none"]
+    if weights is None or _is_file_spec(weights):
         return PRESETS["imagenet"]
-    return PRESETS["none"]
+    name = model_spec.split(":", 1)[1].split("(", 1)[0].strip()
+    try:
+        from torchvision.models import get_model_weights
+    except ImportError:
+        warnings.warn(
+            f"torchvision is not installed: --weights {weights} of {name} cannot tell its own "
+            "preprocessing; using the ImageNet preset (resize 256, crop 224), which differs "
+            "for many weights (ResNet-50 IMAGENET1K_V2 resizes to 232)",
+            stacklevel=2,
+        )
+        return PRESETS["imagenet"]
+    try:
+        transforms = get_model_weights(name)[os.fspath(weights)].transforms()
+    except (KeyError, ValueError) as error:
+        raise ValueError(
+            f"torchvision has no weights {weights!r} for {name}: {error}"
+        ) from None
+    return weights_preset(transforms)
+
+
+def weights_preset(transforms: Any) -> Preset:
+    """A :class:`Preset` around a torchvision weights' ``transforms()`` object."""
+    resize = getattr(transforms, "resize_size", None)
+    crop = getattr(transforms, "crop_size", None)
+    mean = getattr(transforms, "mean", None)
+    std = getattr(transforms, "std", None)
+    return Preset(
+        resize=int(resize[0]) if resize else None,
+        crop=int(crop[0]) if crop else None,
+        mean=tuple(float(v) for v in mean) if mean is not None else None,
+        std=tuple(float(v) for v in std) if std is not None else None,
+        mode="RGB",
+        transform=transforms,
+    )
+
 
 
 def _per_channel(values: Sequence[float], channels: int, what: str, like: Tensor) -> Tensor:
@@ -243,6 +303,8 @@ def load_image(path: str | os.PathLike[str], preset: Preset | None = None) -> Te
     preset = preset or PRESETS["none"]
     with Image.open(path) as image:
         image.load()
+        if preset.transform is not None:  # the weights' own preprocessing, exactly
+            return preset.transform(image.convert(preset.mode or "RGB"))
         if preset.mode is not None and image.mode != preset.mode:
             image = image.convert(preset.mode)
         elif image.mode not in ("L", "RGB"):

@@ -217,7 +217,7 @@ def reproduce(
     train_folder, val_folder = _split_folder(root, "train"), _split_folder(root, "val")
     out = Path(out)
     spec = model if isinstance(model, str) else type(model).__name__
-    preset = preset if preset is not None else preset_for(spec)
+    preset = preset if preset is not None else preset_for(spec, weights)
     on_gpu = str(device).startswith("cuda")
     launched = distributed.init_from_env(backend="nccl" if on_gpu else "gloo")
     try:

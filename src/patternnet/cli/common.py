@@ -224,7 +224,20 @@ def load_model(spec: str, weights: str | None = None) -> Any:
 
 def preset(args: argparse.Namespace) -> Any:
     """The input preprocessing of ``--preset`` and its overrides."""
-    base = PRESETS[args.preset] if args.preset else preset_for(args.model)
+    weights = getattr(args, "weights", None)
+    weights = None if str(weights).lower() == "none" else weights
+    with user_input(f"--weights {weights}"):
+        own = preset_for(args.model, weights)
+    base = PRESETS[args.preset] if args.preset else own
+    if own.transform is not None and base is not own and (base.resize, base.crop) != (
+        own.resize, own.crop
+    ):
+        print(
+            f"warning: --preset {args.preset} (resize {base.resize}, crop {base.crop}) differs "
+            f"from the preprocessing of --weights {weights} (resize {own.resize}, crop "
+            f"{own.crop}); leave out --preset to use the weights' own",
+            file=sys.stderr,
+        )
     with user_input("preprocessing"):
         return base.with_overrides(
             resize=args.resize, crop=args.crop, mean=args.mean, std=args.std, mode=args.mode
