@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -178,6 +179,27 @@ def test_evaluate_writes_report(workspace, patterns_file, capsys):
         assert (out / name).stat().st_size > 1000, name
     page = (out / "report.html").read_text()  # opened in a browser by tests/test_report.py
     assert 'id="quality-table"' in page and 'id="degradation-table"' in page
+
+
+def test_evaluate_sanity_writes_the_table_of_every_method(workspace, patterns_file, capsys):
+    from patternnet.methods.registry import methods
+
+    out = workspace / "sanity-report"
+    code, _, err = run(capsys, "evaluate", "--model", MODEL, "--patterns", patterns_file,
+                       "--data", workspace / "inputs.npy", "--out", out, "--patch", "4",
+                       "--method", "gradient", "--sanity", "--sanity-images", "6",
+                       "--quiet")  # fmt: skip
+    assert code == 0, err
+    table = (out / "sanity.md").read_text()
+    for name in methods():
+        assert f"| {name} |" in table, name
+    # the tiny CNN's first layer pads: input invariance cannot be set up and says why
+    assert "pads" in table
+    records = json.loads((out / "sanity.json").read_text())
+    assert {r["check"] for r in records} == {"cascading", "independent", "later_layers",
+                                             "class_sensitivity", "input_invariance"}  # fmt: skip
+    assert (out / "sanity.png").stat().st_size > 1000
+    assert "## Sanity checks" in (out / "report.md").read_text()
 
 
 def test_methods_lists_the_registry(capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,16 @@ def add_parser(commands: Any) -> None:
         help="degradation: K×K regions (default 9, as in the paper)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (0)")
+    parser.add_argument(
+        "--sanity", action="store_true",
+        help="also run the sanity checks (patternnet.evaluate.sanity: model-parameter "
+        "randomisation, cosine convergence, class sensitivity, input invariance) for every "
+        "registered method; writes sanity.md, sanity.json and sanity.png",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sanity-images", type=common.positive_int, default=16, metavar="N",
+        help="images explained by the sanity checks (default 16, from the second half)",
+    )  # fmt: skip
     common.add_preset(parser)
     common.add_quiet(parser)
     parser.set_defaults(run=run)
@@ -116,9 +127,44 @@ def run(args: argparse.Namespace) -> int:
             output_dir=Path(args.out),
         )
         _write_report(args, comparison, rho_seconds, time.perf_counter() - started)
+    if args.sanity:
+        _sanity(args, model, patterns, images[:half].to(device), images[half:].to(device))
     out = Path(args.out)
     common.log(args, f"report → {out / 'report.md'} and {out / 'report.html'}")
     return 0
+
+
+def _sanity(
+    args: argparse.Namespace, model: Any, patterns: Any, fit: torch.Tensor, test: torch.Tensor
+) -> None:
+    """``--sanity``: every registered method against every check; files into OUT."""
+    estimator = patterns.estimator if patterns.estimator in ("linear", "two_component") else (
+        "two_component")  # fmt: skip
+    images = test[: args.sanity_images]
+    common.log(args, f"sanity checks of every registered method on {images.shape[0]} images "
+                     f"(patterns refitted on {fit.shape[0]} images per model variant)")  # fmt: skip
+    with common.user_input(f"evaluate --sanity on --data {args.data}"):
+        result = evaluate.sanity_checks(
+            model, images, fit_data=fit, patterns=patterns, seed=args.seed,
+            batch_size=args.batch_size, estimator=estimator,
+            setting=f"{args.model} on {images.shape[0]} images of {args.data}",
+        )  # fmt: skip
+    out = Path(args.out)
+    text = result.to_markdown()
+    common_write(out / "sanity.md", text)
+    common_write(out / "sanity.json", json.dumps(result.to_records(), indent=1, default=str))
+    result.plot(out / "sanity.png")
+    report = out / "report.md"
+    if report.exists():
+        common_write(report, report.read_text() + "\n## Sanity checks\n\n" + text
+                     + "\n![sanity](sanity.png)\n")  # fmt: skip
+
+
+def common_write(path: Path, text: str) -> None:
+    """Write ``text`` atomically (a temporary file renamed over ``path``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _write_report(

@@ -10,6 +10,9 @@
 - :func:`signal_cosine`, :func:`topk_precision`, :func:`region_mass`,
   :func:`ground_truth_metrics` — explanations against a known signal
   (:mod:`patternnet.groundtruth`);
+- :func:`sanity_checks` — every registered method against model-parameter randomisation
+  (Adebayo et al. 2018), cosine convergence and class sensitivity (Sixt et al. 2020) and
+  input invariance (Kindermans et al. 2019), as a :class:`SanityResult`;
 - :func:`compare` — all metrics for several methods, as one Markdown/CSV report with figures.
 """
 
@@ -39,8 +42,10 @@ from .perturbation import (
 )
 from .plots import plot_degradation, plot_quality
 from .quality import QUALITY_ESTIMATORS, QualityTable, estimator_quality
+from .sanity import CHECKS, SanityResult, sanity_checks
 
 __all__ = [
+    "CHECKS",
     "EDGES",
     "QUALITY_ESTIMATORS",
     "REPLACEMENTS",
@@ -50,6 +55,7 @@ __all__ = [
     "PairedDifference",
     "PerturbationCurves",
     "QualityTable",
+    "SanityResult",
     "aopc",
     "bootstrap_interval",
     "degradation_table",
@@ -63,6 +69,7 @@ __all__ = [
     "plot_quality",
     "region_mass",
     "region_perturbation",
+    "sanity_checks",
     "signal_cosine",
     "topk_precision",
 ]
