@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 import patternnet as pn
+from patternnet.engine.nodes import discover, fixed_weight
 from patternnet.patterns.store import Patterns, architecture, fingerprint
 
 from .common import machine, median, parse_args, timed, vision_model, write_result
 
 
-def random_patterns(model: nn.Module) -> Patterns:
+def random_patterns(model: nn.Module, size: int = 224) -> Patterns:
     """Two-component patterns (a₊, a₋) of the right shapes: random, normalised (wᵀa = 1).
 
     The normalisation matters for timing: fitted patterns satisfy wᵀa = 1, so relevance keeps
@@ -45,12 +46,24 @@ def random_patterns(model: nn.Module) -> Patterns:
                 v = w + w.std() * torch.randn(w.shape, generator=generator)
                 tensors[key] = (v / (w * v).sum(1, keepdim=True)).reshape(module.weight.shape)
             layers[name] = tensors
+    # Sums, pools and means (method.md §10): random p₊/p₋ normalised like the layers' (wᵀp = 1)
+    nodes = {}
+    example = torch.randn(1, 3, size, size, device=next(model.parameters()).device)
+    for name, (kind, units, width) in discover(model, example).items():
+        w = fixed_weight(kind, units, width).float()
+        tensors = {}
+        for key in ("a_plus", "a_minus"):
+            v = w + w.std().clamp(min=0.1) * torch.randn(w.shape, generator=generator)
+            tensors[key] = v / (w * v).sum(1, keepdim=True)
+        nodes[name] = tensors
     metadata = {"architecture": architecture(model), "fingerprint": fingerprint(model)}
-    return Patterns(layers, estimator="two_component", metadata=metadata)
+    return Patterns(layers, estimator="two_component", metadata=metadata, nodes=nodes)
 
 
-def methods(model: nn.Module, target: torch.Tensor) -> dict[str, Callable[[torch.Tensor], Any]]:
-    """Name → function explaining a batch (all for the same targets)."""
+def methods(
+    model: nn.Module, target: torch.Tensor, size: int = 224
+) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """Name → function explaining a batch of ``size``² images (all for the same targets)."""
 
     def gradient(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().requires_grad_(True)
@@ -58,9 +71,10 @@ def methods(model: nn.Module, target: torch.Tensor) -> dict[str, Callable[[torch
         (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), x)
         return grad
 
-    patterns = random_patterns(model).to(device=target.device)
+    patterns = random_patterns(model, size).to(device=target.device)
     plus = Patterns({name: {"a_plus": t["a_plus"]} for name, t in patterns.items()},
-                    estimator="two_component", metadata=patterns.metadata)
+                    estimator="two_component", metadata=patterns.metadata,
+                    nodes={name: {"a_plus": t["a_plus"]} for name, t in patterns.nodes.items()})
     found: dict[str, Callable[[torch.Tensor], Any]] = {"gradient (autograd)": gradient}
     # Each method object is built once, as a user would (and as Captum's is below): what it
     # prepares once (PatternAttribution's W ⊙ A) is reused across calls.
@@ -122,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x = x.to(args.device)
     with torch.no_grad():
         target = model(x).argmax(1)
-    found = methods(model, target)
+    found = methods(model, target, args.size)
     names = list(found)
     if args.methods:
         names = names[:1] + [n for n in names[1:] if any(m in n for m in args.methods)]

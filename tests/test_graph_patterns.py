@@ -343,3 +343,25 @@ def test_residual_toy_patternattribution_equals_the_plain_form() -> None:
     assert (residual_attr[:, 1].abs() <= 0.05 * ys.abs()).all()
     # conserving: the attribution adds up to the logit ŷ = y
     torch.testing.assert_close(residual_attr.sum(1), ys, atol=1e-10, rtol=0)
+
+
+def test_torchvision_resnet18_fits_and_explains_with_sum_and_pool_patterns() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(7)
+    model = torchvision.models.resnet18(num_classes=5).double().eval()
+    x = torch.randn(6, 3, 64, 64, dtype=torch.float64)
+    patterns = fit(model, x, "two_component")
+    # 8 residual sums (out += identity) and the global average pool (a mean over 2×2)
+    assert sorted(patterns.nodes) == sorted([f"sum#{i}" for i in range(8)] + ["mean#0"])
+    channels = [64, 64, 128, 128, 256, 256, 512, 512]
+    for i, c in enumerate(channels):
+        p = patterns.nodes[f"sum#{i}"]["a_plus"]
+        assert p.shape == (c, 2)
+        live = p.abs().sum(1) > 0
+        torch.testing.assert_close(p.sum(1)[live], torch.ones_like(p[live, 0]))
+    assert patterns.nodes["mean#0"]["a_plus"].shape == (512, 4)
+    assert patterns.metadata["nodes"]["sum#7"] == {"kind": "sum", "units": 512, "inputs": 2}
+    for method in (pn.PatternNet(model, patterns), pn.PatternAttribution(model, patterns)):
+        result = method.attribute(x[:2])
+        assert result.shape == (2, 3, 64, 64) and torch.isfinite(result).all()
+        assert result.abs().sum() > 0

@@ -141,6 +141,10 @@ class NodeCall:
     to_inputs: Callable[[Tensor], tuple[Tensor, ...]]
     geometry: LayerGeometry | None = None
     kernel: tuple[int, ...] = ()
+    #: Channelwise nodes: ``dtype -> (x (U, D, M), y (U, M))``, the node input and output
+    #: unit-major with ``M = N·P`` samples, converted to ``dtype`` in one copy (the fit's
+    #: statistics are then one batched product).
+    unit_major: Callable[[torch.dtype], tuple[Tensor, Tensor]] | None = None
 
     def weight_shape(self) -> torch.Size:
         """Shape of the fixed weight as the geometry's convolution weight (window nodes)."""
@@ -184,8 +188,16 @@ def sum_call(
     def to_inputs(grad: Tensor) -> tuple[Tensor, ...]:  # (N, C, m, P)
         return tuple(g.reshape(shape) for g in grad.unbind(2))
 
+    def unit_major(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        n, c = shape[0], shape[1]
+        x = values[0].new_empty((c, len(values), n, values[0][0, 0].numel()), dtype=dtype)
+        for d, value in enumerate(values):  # one copy: permute and convert together
+            x[:, d].copy_(value.reshape(n, c, -1).transpose(0, 1))
+        y = x.sum(1)
+        return x.view(c, len(values), -1), y.view(c, -1)
+
     return NodeCall("sum", tuple(summands), "channelwise", shape[1], len(summands), arrange,
-                    result, to_output, to_inputs)  # fmt: skip
+                    result, to_output, to_inputs, unit_major=unit_major)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ means
@@ -216,8 +228,14 @@ def mean_call(x: Tensor, dims: tuple[int, ...], keepdim: bool, result: Tensor) -
     def to_inputs(grad: Tensor) -> tuple[Tensor, ...]:
         return (grad.reshape(permuted_shape).permute(inverse),)
 
+    def unit_major(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        node_input = value.permute(order).reshape(n, units, width)
+        x_t = node_input.new_empty((units, width, n), dtype=dtype)
+        x_t.copy_(node_input.permute(1, 2, 0))
+        return x_t, result.detach().reshape(n, units).t().to(dtype)
+
     return NodeCall("mean", (x,), "channelwise", units, width, arrange, result, to_output,
-                    to_inputs)  # fmt: skip
+                    to_inputs, unit_major=unit_major)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ pools
@@ -440,3 +458,25 @@ def graph_recording() -> Iterator[None]:
 
 def _drop(_: Any) -> None:
     return None
+
+
+def discover(model: nn.Module, example: Tensor) -> dict[str, tuple[str, int, int]]:
+    """The nodes of one forward pass of ``model`` on ``example``: ``{name: (kind, U, D)}``.
+
+    For tools that build patterns by hand (timings with random patterns); a fit finds the
+    nodes itself. The forward pass runs in the model's canonical form (BatchNorm folded),
+    recording no tensors; the model is left as it was.
+    """
+    from ..borrow import borrowed
+    from .canonize import Canonical, default_canonizers
+
+    found: dict[str, tuple[str, int, int]] = {}
+
+    def handle(name: str, call: NodeCall) -> None:
+        found[name] = (call.kind, call.units, call.width)
+        return None
+
+    canonical = Canonical(model, default_canonizers())
+    with borrowed(model), canonical.active(), graph_recording(), NodeTracker(handle):
+        canonical(example.detach().requires_grad_(True))
+    return found

@@ -8,9 +8,9 @@ sums **in the same streaming pass as the layers' statistics**: a node is one mor
 (``"sum#0"``), with the layout of a convolution with ``groups = U`` (``sum_x`` is ``(U, D)``),
 so merging (``+``), ``all_reduce_`` and checkpoints treat it like any layer, in float64.
 
-- channelwise nodes (sums, means): element-wise products of the ``(N, U, D, P)`` node input
-  with its output ``y`` and the mask ``y > 0``, reduced over images and positions: a few
-  scalars per channel and summand, a few passes over the summands;
+- channelwise nodes (sums, means): the node input unit-major ``(U, D, M)`` (one copy) times
+  the stacked ``[1, y, m, y·m]`` in one batched product: a few scalars per channel and
+  summand;
 - window nodes (average pools): :meth:`LayerStatistics.update` with the pool's depthwise
   geometry, exactly as for a convolution.
 
@@ -40,29 +40,35 @@ __all__ = ["node_patterns", "recording", "update_channelwise"]
 def update_channelwise(
     stats: LayerStatistics, x: Tensor, y: Tensor, precision: str = "float64"
 ) -> None:
-    """Add one batch of a channelwise node: input ``(N, U, D, P)``, output ``(N, U, P)``.
+    """Add one batch of a channelwise node: input ``x (U, D, M)``, output ``y (U, M)``.
 
-    The sums are those of a convolution with ``groups = U`` whose every unit reads ``D``
-    inputs at ``P`` positions (method.md §2 with ``y = wᵀx``, no bias, mask ``y > 0``).
+    ``M`` samples (images × positions) per unit, unit-major. The sums are those of a
+    convolution with ``groups = U`` whose every unit reads ``D`` inputs (method.md §2 with
+    ``y = wᵀx``, no bias, mask ``y > 0``): one batched product of ``x`` with the stacked
+    ``[1, y, m, y·m(, 1 − m, y − y·m)]`` gives them all (a single pass over ``x``).
     """
     dtype = torch.float64 if precision == "float64" else torch.float32
     x, y = x.to(dtype), y.to(dtype)
     need = stats.tensors
-    need["count"] += y.shape[0] * y.shape[2]
-    need["sum_y"] += y.sum((0, 2)).to(torch.float64)
+    need["count"] += y.shape[1]
+    need["sum_y"] += y.sum(1).to(torch.float64)
+    columns: dict[str, Tensor] = {}
     if "sum_x" in need:
-        need["sum_x"] += x.sum((0, 3)).to(torch.float64)
+        columns["sum_x"] = torch.ones_like(y)
     if "sum_xy" in need:
-        need["sum_xy"] += torch.einsum("nudp,nup->ud", x, y).to(torch.float64)
+        columns["sum_xy"] = y
     if "count_plus" in need:
         m = (y > 0).to(dtype)
+        need["count_plus"] += m.sum(1).to(torch.float64)
         ym = y * m
-        need["count_plus"] += m.sum((0, 2)).to(torch.float64)
-        need["sum_x_plus"] += torch.einsum("nudp,nup->ud", x, m).to(torch.float64)
-        need["sum_xy_plus"] += torch.einsum("nudp,nup->ud", x, ym).to(torch.float64)
+        columns["sum_x_plus"], columns["sum_xy_plus"] = m, ym
         if "sum_x_minus" in need:
-            need["sum_x_minus"] += torch.einsum("nudp,nup->ud", x, 1 - m).to(torch.float64)
-            need["sum_xy_minus"] += torch.einsum("nudp,nup->ud", x, y - ym).to(torch.float64)
+            columns["sum_x_minus"], columns["sum_xy_minus"] = 1 - m, y - ym
+    if not columns:
+        return
+    product = torch.bmm(x, torch.stack(list(columns.values()), 2))  # (U, D, k)
+    for k, name in enumerate(columns):
+        need[name] += product[:, :, k].to(torch.float64)
 
 
 @contextmanager
@@ -89,12 +95,14 @@ def recording(stats: Statistics, precision: str) -> Iterator[NodeTracker]:
                 "graph changed between batches (inputs of another size reaching a pool or "
                 "mean?); fit with inputs of one size"
             )
-        x, out = call.arrange()
         if call.layout == "window":
             assert call.geometry is not None
+            x, out = call.arrange()
             layer.update(call.geometry, x, out, None, call.weight_shape(), precision)
         else:
-            update_channelwise(layer, x, out, precision)
+            assert call.unit_major is not None
+            dtype = torch.float64 if precision == "float64" else torch.float32
+            update_channelwise(layer, *call.unit_major(dtype), precision)
         return None
 
     tracker = NodeTracker(handle)
