@@ -170,21 +170,30 @@ def test_curve_interval_is_the_normal_interval_over_images():
 
 
 def test_a_result_with_its_own_interval_is_shown_as_it_is():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Interval:  # the shape of patternnet.evaluate's bootstrap interval
+        estimate: float
+        low: float
+        high: float
+        confidence: float = 0.95
+        resamples: int = 2000
+
     class Boot:
         scores = torch.tensor([[1.0, 0.5, 0.2], [0.9, 0.6, 0.1]])
         k, replacement = 9, "mean"
-        interval_method = "bootstrap over images (1000 resamples, 95 %)"
 
-        def mean_interval(self):
+        def band(self):
             return torch.tensor([0.9, 0.5, 0.1]), torch.tensor([1.0, 0.6, 0.2])
 
         def aopc_interval(self):
-            return (0.2, 0.4)
+            return Interval(0.3, 0.2, 0.4)
 
     summary = curve_summary("boot", Boot())
     assert (summary.aopc_low, summary.aopc_high) == (0.2, 0.4)
     np.testing.assert_allclose(summary.low, [0.9, 0.5, 0.1])
-    assert summary.interval.startswith("bootstrap")
+    assert summary.interval == "percentile bootstrap over the 2 images (2000 resamples, 95%)"
 
 
 # ---------------------------------------------------------------------------- browser

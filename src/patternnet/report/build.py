@@ -220,23 +220,36 @@ def _array(value: Any) -> np.ndarray:
 
 
 def _interval_pair(value: Any) -> tuple[float, float] | None:
+    """``(low, high)`` of an interval object (``.low``/``.high``), a mapping or a pair."""
     if value is None:
         return None
+    if hasattr(value, "low") and hasattr(value, "high"):
+        return float(value.low), float(value.high)
     if isinstance(value, Mapping):
         value = (value.get("low"), value.get("high"))
     low, high = value[0], value[1]
     return float(low), float(high)
 
 
+def _interval_text(interval: Any, images: int) -> str:
+    """How an interval object was made, for the report's note."""
+    confidence = getattr(interval, "confidence", None)
+    resamples = getattr(interval, "resamples", None)
+    if confidence is None or resamples is None:
+        return "the result's own interval"
+    return (f"percentile bootstrap over the {images} images ({resamples} resamples, "
+            f"{confidence:.0%})")  # fmt: skip
+
+
 def curve_summary(label: str, curve: Any) -> CurveSummary:
     """Reduce a degradation result to a :class:`CurveSummary`.
 
-    A result that carries its own intervals is read as it is: attributes or methods
-    ``mean_interval`` (``(low, high)`` arrays) and ``aopc_interval`` (``(low, high)``), with
-    ``interval_method`` describing them (the bootstrap of :mod:`patternnet.evaluate`). A
-    plain :class:`~patternnet.evaluate.PerturbationCurves` gets the normal 95 % interval over
-    its images, ``mean ± 1.96 s/√n`` of the per-image curves and per-image AOPCs (named so in
-    the report).
+    A result that carries its own intervals is read as it is: ``aopc_interval()`` (an
+    interval with ``low``/``high``, e.g. the bootstrap
+    :class:`~patternnet.evaluate.perturbation.Interval`, or a ``(low, high)`` pair) and
+    ``band()`` (the ``(low, high)`` band of the mean curve). A result without them gets the
+    normal 95 % interval over its images, ``mean ± 1.96 s/√n`` of the per-image curves and
+    per-image AOPCs, named so in the report.
     """
     scores = _array(curve.scores if hasattr(curve, "scores") else curve)
     if scores.ndim != 2 or scores.shape[1] < 1:
@@ -247,20 +260,16 @@ def curve_summary(label: str, curve: Any) -> CurveSummary:
     aopc = float(per_image_aopc.mean())
     k = getattr(curve, "k", None)
     replacement = getattr(curve, "replacement", None)
-
-    def read(name: str) -> Any:
-        value = getattr(curve, name, None)
-        return value() if callable(value) else value
-
-    own_mean, own_aopc = read("mean_interval"), read("aopc_interval")
-    if own_mean is not None or own_aopc is not None:
+    own_aopc, own_band = getattr(curve, "aopc_interval", None), getattr(curve, "band", None)
+    if n >= 2 and (callable(own_aopc) or callable(own_band)):
         low = high = None
-        if own_mean is not None:
-            low, high = _array(own_mean[0]), _array(own_mean[1])
-        pair = _interval_pair(own_aopc)
-        method = read("interval_method") or "the result's own interval"
-        return CurveSummary(label, mean, low, high, aopc, *(pair or (None, None)), n,
-                            str(method), k, replacement)  # fmt: skip
+        if callable(own_band):
+            band = own_band()
+            low, high = _array(band[0]), _array(band[1])
+        interval = own_aopc() if callable(own_aopc) else None
+        pair = _interval_pair(interval) or (None, None)
+        return CurveSummary(label, mean, low, high, aopc, *pair, n,
+                            _interval_text(interval, n), k, replacement)  # fmt: skip
     if n < 2:
         return CurveSummary(label, mean, None, None, aopc, None, None, n,
                             "none (one image)", k, replacement)  # fmt: skip
