@@ -247,7 +247,8 @@ def curve_summary(label: str, curve: Any) -> CurveSummary:
     A result that carries its own intervals is read as it is: ``aopc_interval()`` (an
     interval with ``low``/``high``, e.g. the bootstrap
     :class:`~patternnet.evaluate.perturbation.Interval`, or a ``(low, high)`` pair) and
-    ``band()`` (the ``(low, high)`` band of the mean curve). A result without them gets the
+    ``mean_interval()`` or ``band()`` (the ``(low, high)`` band of the mean curve), described by
+    ``interval_method`` where it has one. A result without them gets the
     normal 95 % interval over its images, ``mean ± 1.96 s/√n`` of the per-image curves and
     per-image AOPCs, named so in the report.
     """
@@ -260,7 +261,12 @@ def curve_summary(label: str, curve: Any) -> CurveSummary:
     aopc = float(per_image_aopc.mean())
     k = getattr(curve, "k", None)
     replacement = getattr(curve, "replacement", None)
-    own_aopc, own_band = getattr(curve, "aopc_interval", None), getattr(curve, "band", None)
+    def read(name: str) -> Any:
+        value = getattr(curve, name, None)
+        return value() if callable(value) else value
+
+    own_aopc = getattr(curve, "aopc_interval", None)
+    own_band = getattr(curve, "mean_interval", None) or getattr(curve, "band", None)
     if n >= 2 and (callable(own_aopc) or callable(own_band)):
         low = high = None
         if callable(own_band):
@@ -268,8 +274,9 @@ def curve_summary(label: str, curve: Any) -> CurveSummary:
             low, high = _array(band[0]), _array(band[1])
         interval = own_aopc() if callable(own_aopc) else None
         pair = _interval_pair(interval) or (None, None)
-        return CurveSummary(label, mean, low, high, aopc, *pair, n,
-                            _interval_text(interval, n), k, replacement)  # fmt: skip
+        text = read("interval_method") or _interval_text(interval, n)
+        return CurveSummary(label, mean, low, high, aopc, *pair, n, str(text), k,
+                            replacement)  # fmt: skip
     if n < 2:
         return CurveSummary(label, mean, None, None, aopc, None, None, n,
                             "none (one image)", k, replacement)  # fmt: skip
