@@ -200,6 +200,7 @@ def test_evaluate_sanity_writes_the_table_of_every_method(workspace, patterns_fi
                                              "class_sensitivity", "input_invariance"}  # fmt: skip
     assert (out / "sanity.png").stat().st_size > 1000
     assert "## Sanity checks" in (out / "report.md").read_text()
+    assert 'id="sanity-table"' in (out / "report.html").read_text()
 
 
 def test_methods_lists_the_registry(capsys):

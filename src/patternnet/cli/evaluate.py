@@ -126,9 +126,13 @@ def run(args: argparse.Namespace) -> int:
             quality=table,
             output_dir=Path(args.out),
         )
-        _write_report(args, comparison, rho_seconds, time.perf_counter() - started)
+    compare_seconds = time.perf_counter() - started
+    sanity = None
     if args.sanity:
-        _sanity(args, model, patterns, images[:half].to(device), images[half:].to(device))
+        sanity = _sanity(args, model, patterns, images[:half].to(device),
+                         images[half:].to(device))  # fmt: skip
+    with common.user_input(f"evaluate: report.html into --out {args.out}"):
+        _write_report(args, comparison, rho_seconds, compare_seconds, sanity)
     out = Path(args.out)
     common.log(args, f"report → {out / 'report.md'} and {out / 'report.html'}")
     return 0
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _sanity(
     args: argparse.Namespace, model: Any, patterns: Any, fit: torch.Tensor, test: torch.Tensor
-) -> None:
+) -> Any:
     """``--sanity``: every registered method against every check; files into OUT."""
     estimator = patterns.estimator if patterns.estimator in ("linear", "two_component") else (
         "two_component")  # fmt: skip
@@ -158,6 +162,7 @@ def _sanity(
     if report.exists():
         common_write(report, report.read_text() + "\n## Sanity checks\n\n" + text
                      + "\n![sanity](sanity.png)\n")  # fmt: skip
+    return result
 
 
 def common_write(path: Path, text: str) -> None:
@@ -168,14 +173,18 @@ def common_write(path: Path, text: str) -> None:
 
 
 def _write_report(
-    args: argparse.Namespace, comparison: Any, rho_seconds: float, compare_seconds: float
+    args: argparse.Namespace,
+    comparison: Any,
+    rho_seconds: float,
+    compare_seconds: float,
+    sanity: Any = None,
 ) -> Path:
     """``report.html`` of ``patternnet evaluate`` (:mod:`patternnet.report`)."""
     settings = {name: getattr(args, name) for name in ("model", "weights", "patterns", "data",
                 "limit", "method", "patch", "seed", "device", "batch_size")}  # fmt: skip
     settings.update(comparison.settings)
     report = Report.from_comparison(comparison, title=f"patternnet evaluate: {args.model}",
-                                    settings=settings)  # fmt: skip
+                                    settings=settings, sanity=sanity)  # fmt: skip
     report.timings = {"estimator quality ρ(S)": rho_seconds,
                       "explain + degradation": compare_seconds, **report.timings}  # fmt: skip
     return report.write(Path(args.out) / "report.html")
