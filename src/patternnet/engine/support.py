@@ -16,6 +16,11 @@ Every module of a model falls into one of these kinds (:func:`classify`):
     (relevance conserved) for PatternAttribution; ``s = 0`` is a dead unit (pattern 0). The
     shift ``t`` is a bias, which no backward rule carries. Without these rules (the plain
     gradient, or a method that does not install them) the backward pass multiplies by ``s``.
+``norm``
+    ``LayerNorm``, ``GroupNorm`` and torchvision's ``LayerNorm2d``: per element a linear unit
+    ``w = γ/σ`` whose scale ``1/σ`` is held constant and whose mean is an offset
+    (:mod:`patternnet.engine.rules.norms`); PatternNet passes ``g ⊙ σ/γ`` back,
+    PatternAttribution ``g``, the gradient and the other methods the normalisation's Jacobian.
 ``activation``
     Element-wise non-linearities (ReLU, LeakyReLU, PReLU, ELU, GELU, SiLU, sigmoid, tanh ...):
     the gradient's gate/derivative passes. The two-component estimator splits each unit by the
@@ -30,7 +35,7 @@ Every module of a model falls into one of these kinds (:func:`classify`):
     Modules that only call children (``Sequential``, blocks).
 ``unsupported``
     Modules with weights of their own that are not a Linear/Conv/BatchNorm/PReLU: LSTM/GRU,
-    ``MultiheadAttention``, ``Embedding``, LayerNorm/GroupNorm, transposed convolutions,
+    ``MultiheadAttention``, ``Embedding``, transposed convolutions,
     BatchNorm without running statistics, uninitialised lazy layers, and blocks holding a
     parameter directly (e.g. a class token). :func:`check_supported` raises one
     :class:`UnsupportedModuleError` naming all of them. A user who knows that a module of
@@ -50,6 +55,7 @@ from ..layers import is_linear_layer
 from .canonize import batchnorm_scale_shift
 from .graph import SMOOTH_ACTIVATIONS, ModelGraph, is_batchnorm
 from .rules import ChannelScale
+from .rules.norms import NormScale, is_norm
 
 __all__ = [
     "ACTIVATIONS",
@@ -62,10 +68,11 @@ __all__ = [
     "linear_pattern_layers",
     "register_passthrough",
     "smooth_activation_layers",
+    "norm_rules",
     "standalone_batchnorm_rules",
 ]
 
-KINDS = ("linear", "batchnorm", "activation", "passthrough", "container", "unsupported")
+KINDS = ("linear", "batchnorm", "norm", "activation", "passthrough", "container", "unsupported")
 
 #: Element-wise activation modules (weight-free, except PReLU's slope).
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -143,6 +150,8 @@ def _kind(module: nn.Module) -> tuple[str, str]:
                 "in eval mode (not a fixed map)"
             )
         return "batchnorm", ""
+    if is_norm(module):
+        return "norm", ""
     if isinstance(module, tuple(_PASSTHROUGH_TYPES)):
         return "passthrough", "registered"
     if isinstance(module, ACTIVATIONS):
@@ -301,3 +310,19 @@ def standalone_batchnorm_rules(
             factor = torch.where(alive, 1.0 / torch.where(alive, scale, 1.0), 0.0)
         rules[module] = ChannelScale(factor)
     return rules
+
+
+def norm_rules(model: nn.Module, *, attribution: bool) -> dict[nn.Module, Any]:
+    """PatternNet/PatternAttribution rules for the model's LayerNorms and GroupNorms.
+
+    Each normalisation is, per element, a linear unit ``w = γ/σ`` with ``1/σ`` held constant
+    (method.md §10); its pattern is ``σ/γ`` (:class:`~patternnet.engine.rules.norms.NormScale`).
+
+    Parameters
+    ----------
+    model:
+        The borrowed model.
+    attribution:
+        False for PatternNet (pass ``g ⊙ σ/γ``), True for PatternAttribution (pass ``g``).
+    """
+    return {m: NormScale(attribution) for m in model.modules() if is_norm(m)}

@@ -33,7 +33,7 @@ from ..engine.rules import (
     elementwise_product,
     identity_estimator_rules,
 )
-from ..engine.support import standalone_batchnorm_rules
+from ..engine.support import norm_rules, standalone_batchnorm_rules
 from ..patterns.estimators import filter_pattern
 from ..patterns.fit import linear_layers
 from ..patterns.store import Patterns
@@ -184,6 +184,8 @@ class _PatternMethod(Attribution):
         module_rules.update(
             standalone_batchnorm_rules(self.model, canonical, attribution=self._attribution)
         )
+        # LayerNorm/GroupNorm: per-element units γ/σ with 1/σ held, pattern σ/γ (method.md §10).
+        module_rules.update(norm_rules(self.model, attribution=self._attribution))
         return module_rules, {}
 
     def graph_context(self, canonical: Canonical) -> Any:

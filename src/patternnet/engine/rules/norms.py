@@ -1,0 +1,98 @@
+"""LayerNorm and GroupNorm as linear units whose scale is a data-dependent factor (method.md §10).
+
+A normalisation ``y = γ ⊙ (x − μ(x)) / σ(x) + β`` has two data-dependent quantities. The mean
+``μ`` is an offset, like a bias, and carries no signal back; the scale ``1/σ`` is a
+multiplicative factor, held constant on the way back like a ReLU's mask (method.md §10). What
+is left is, per element, a linear unit with one input and the weight ``w = γ/σ``. Every
+signal estimator gives such a unit the normalised pattern ``a = 1/w = σ/γ`` (``wᵀa = 1``, no
+data needed; the same argument as for a standalone BatchNorm), so
+
+- PatternNet passes ``g ⊙ σ/γ`` back (:class:`NormScale` with ``attribution=False``);
+- PatternAttribution passes ``g ⊙ w ⊙ a = g`` (relevance conserved);
+- a unit with ``γ = 0`` is dead: its pattern is 0.
+
+The gradient (and the methods that pass it through normalisations: LRP, DeconvNet, Guided
+BackProp) multiplies by the full Jacobian of the normalisation instead.
+
+The modules are ``nn.LayerNorm`` (normalised over its trailing ``normalized_shape``),
+``nn.GroupNorm`` (over each group of channels and all positions) and torchvision's
+``LayerNorm2d`` (a LayerNorm over the channels of an NCHW tensor), see :func:`norm_axes`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..backward import Rule
+
+__all__ = ["NORMS", "NormScale", "is_norm", "norm_scale"]
+
+#: Normalisation module types with a rule (``LayerNorm2d`` is a ``LayerNorm`` subclass).
+NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm)
+
+
+def _channels_first(module: nn.Module) -> bool:
+    """torchvision's ``LayerNorm2d``: a LayerNorm over dimension 1 of an NCHW tensor."""
+    return isinstance(module, nn.LayerNorm) and type(module).__name__ == "LayerNorm2d"
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation this module has a rule for."""
+    return isinstance(module, NORMS)
+
+
+def norm_scale(module: nn.Module, x: Tensor) -> Tensor:
+    """The per-element weight ``w = γ/σ`` of the normalisation ``module`` at input ``x``.
+
+    Returns a tensor shaped like ``x`` (``γ = 1`` without an affine weight).
+    """
+    if isinstance(module, nn.GroupNorm):
+        n, c = x.shape[:2]
+        grouped = x.reshape(n, module.num_groups, -1)
+        var = grouped.var(dim=-1, unbiased=False, keepdim=True)
+        inv = torch.rsqrt(var + module.eps).expand_as(grouped).reshape(x.shape)
+        gamma_shape = [1, c] + [1] * (x.dim() - 2)
+    elif _channels_first(module):
+        var = x.var(dim=1, unbiased=False, keepdim=True)
+        inv = torch.rsqrt(var + module.eps).expand_as(x)
+        gamma_shape = [1, -1] + [1] * (x.dim() - 2)
+    elif isinstance(module, nn.LayerNorm):
+        dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        inv = torch.rsqrt(var + module.eps).expand_as(x)
+        gamma_shape = list(module.normalized_shape)
+    else:
+        raise TypeError(f"no normalisation rule for {type(module).__name__}")
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return inv
+    return inv * weight.detach().to(x.dtype).reshape(gamma_shape)
+
+
+class NormScale(Rule):
+    """PatternNet/PatternAttribution through a LayerNorm/GroupNorm (see the module docstring).
+
+    Parameters
+    ----------
+    attribution:
+        False: pass ``g ⊙ σ/γ`` (PatternNet); True: pass ``g`` where ``γ ≠ 0``
+        (PatternAttribution).
+    """
+
+    def __init__(self, attribution: bool) -> None:
+        self.attribution = attribution
+
+    def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
+        assert module is not None
+        with torch.no_grad():
+            scale = norm_scale(module, x.detach())
+            alive = scale != 0
+            if self.attribution:
+                return alive.to(x.dtype)
+            return torch.where(alive, 1.0 / torch.where(alive, scale, 1.0), 0.0)
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        return grad_output * state.to(grad_output.dtype)

@@ -1,0 +1,167 @@
+"""Walk torchvision's classification models: which build, fit, and explain with every method.
+
+Each architecture is built with random weights (:func:`test_model_zoo.lively`, which also
+re-initialises zero-initialised heads so that gradients are not zero), fitted on four random
+images of the smallest size it accepts, and explained by every method of the registry. A
+model that patternnet cannot explain must be refused before any data is read with the clear
+:class:`~patternnet.engine.support.UnsupportedModuleError`, and must be listed in the README's
+"Refused models" section: the test reads that list, so the README cannot fall behind.
+
+The fast test walks the smallest model of each family (ResNet, RegNetX, RegNetY,
+EfficientNet, ViT ...) that has at most :data:`FAST_PARAMS` parameters or is refused (a
+refusal costs no fit); the ``slow`` test walks all the others (VGG's 25088×4096 layer alone
+needs 0.8 GB of float64 statistics). Both print their count.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import patternnet as pn
+from patternnet.engine.support import UnsupportedModuleError, check_supported
+from patternnet.methods.registry import build_method, methods
+from test_model_zoo import lively
+
+torchvision = pytest.importorskip("torchvision")
+tvm = torchvision.models
+
+#: The smallest model of a family with more parameters than this is fitted by the slow test.
+FAST_PARAMS = 15_000_000
+
+#: The smallest square input each family accepts (default 32).
+MIN_SIZE = {"alexnet": 63, "inception_v3": 75, "googlenet": 32, "squeezenet1_0": 33,
+            "squeezenet1_1": 33}
+#: Builder options a random, small-input model needs.
+OPTIONS = {
+    "googlenet": dict(aux_logits=False, init_weights=True),
+    "inception_v3": dict(aux_logits=False, init_weights=True),
+}
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def classification_models() -> list[tuple[str, int]]:
+    """``[(name, parameter count)]`` of every torchvision classification builder."""
+    names = tvm.list_models(module=tvm)
+    return [(n, tvm.get_model_weights(n).DEFAULT.meta["num_params"]) for n in names]
+
+
+def family(name: str) -> str:
+    """``resnet``, ``regnet_y``, ``mobilenet_v3``, ``efficientnet_v2``, ``vit`` ..."""
+    return re.match(r"[a-z]+(_v\d|_[xy](?=_))?", name).group(0)  # type: ignore[union-attr]
+
+
+def refused_on_meta(name: str) -> bool:
+    """Whether the support check refuses ``name`` (built on the meta device: no memory)."""
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = tvm.get_model(name, num_classes=10)
+    try:
+        check_supported(model)
+    except UnsupportedModuleError:
+        return True
+    return False
+
+
+def fast_selection() -> list[tuple[str, int]]:
+    """The smallest model of each family, if small or refused."""
+    smallest: dict[str, tuple[str, int]] = {}
+    for name, params in classification_models():
+        key = family(name)
+        if key not in smallest or params < smallest[key][1]:
+            smallest[key] = (name, params)
+    return [
+        (name, params) for name, params in sorted(smallest.values())
+        if params <= FAST_PARAMS or (not name.startswith("regnet") and refused_on_meta(name))
+    ]
+
+
+def readme_refused() -> set[str]:
+    """Model names listed under the README's "Refused models" heading."""
+    text = README.read_text()
+    match = re.search(r"^### Refused torchvision models\n(.*?)(?=^#)", text, re.S | re.M)
+    assert match, "README.md lacks the '### Refused torchvision models' section"
+    return set(re.findall(r"^- `([a-z0-9_]+)`", match.group(1), re.M))
+
+
+def walk(name: str) -> str:
+    """Build, fit and explain one model; return ``"explained"`` or ``"refused"``."""
+    options = dict(OPTIONS.get(name, {}), num_classes=10)
+    size = MIN_SIZE.get(name, 32)
+    if name.startswith("vit_"):
+        patch = int(name.rsplit("_", 1)[1])
+        size = 2 * patch
+        options["image_size"] = size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's init-weights FutureWarnings
+        model = lively(tvm.get_model(name, **options)).eval()
+    try:
+        check_supported(model)
+    except UnsupportedModuleError as error:
+        # The clear error names what to do and every module it refuses.
+        assert "register_passthrough" in str(error) and error.modules
+        with pytest.raises(UnsupportedModuleError):
+            pn.fit_patterns(model, torch.randn(2, 3, size, size), progress=False)
+        return "refused"
+    data = torch.randn(4, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # smooth-activation notices
+        patterns = pn.fit_patterns(model, data, batch_size=4, progress=False)
+    # Explanations run in float64: four fitting images leave deep patterns ill-conditioned
+    # (see test_model_zoo), and the product over many layers can leave float32's range.
+    model = model.double()
+    x = data[:2].double()
+    for method in methods():
+        opts = {"n_samples": 2} if method == "smoothgrad" else {}
+        if method == "integrated_gradients":
+            opts = {"n_steps": 2}
+        result = build_method(method, model, patterns, **opts).attribute(x)
+        assert result.shape == x.shape, (name, method)
+        assert torch.isfinite(result).all(), (name, method)
+    return "explained"
+
+
+def _walk_all(selected: list[tuple[str, int]]) -> dict[str, list[str]]:
+    outcome: dict[str, list[str]] = {"explained": [], "refused": []}
+    for name, _ in selected:
+        start = time.perf_counter()
+        outcome[walk(name)].append(name)
+        print(f"  {name:24s} {time.perf_counter() - start:6.1f} s")
+    return outcome
+
+
+def _report(selected: list[tuple[str, int]], outcome: dict[str, list[str]]) -> None:
+    print(
+        f"\nmodel-zoo walk: {len(selected)} torchvision classification models, "
+        f"{len(outcome['explained'])} build, fit and explain with all {len(methods())} "
+        f"methods; {len(outcome['refused'])} refused: {', '.join(outcome['refused'])}"
+    )
+    listed = readme_refused()
+    missing = set(outcome["refused"]) - listed
+    assert not missing, f"refused but not listed in README.md: {sorted(missing)}"
+    wrongly = listed & set(outcome["explained"])
+    assert not wrongly, f"listed as refused in README.md but explained: {sorted(wrongly)}"
+
+
+def test_model_zoo_walk_one_per_family() -> None:
+    assert len(classification_models()) >= 80
+    selected = fast_selection()
+    assert {"vit_b_16", "swin_t", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_small",
+            "regnet_y_400mf", "maxvit_t"} <= {name for name, _ in selected}
+    outcome = _walk_all(selected)
+    _report(selected, outcome)
+    assert len(outcome["explained"]) + len(outcome["refused"]) == len(selected)
+
+
+@pytest.mark.slow
+def test_model_zoo_walk_all_others() -> None:
+    fast = set(fast_selection())
+    selected = [model for model in classification_models() if model not in fast]
+    outcome = _walk_all(selected)
+    _report(selected, outcome)
