@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import patternnet as pn
-from patternnet.engine.rules.norms import norm_scale
+from patternnet.engine.backward import product_rules, rules_applied
+from patternnet.engine.rules.norms import LayerScale, norm_scale
 from patternnet.engine.support import classify
 from patternnet.methods.registry import build_method, methods
 
@@ -85,3 +86,34 @@ def test_channel_norms_fit_and_explain_with_every_method(norm) -> None:
 def _layer_norm_2d(channels: int) -> nn.Module:
     torchvision = pytest.importorskip("torchvision")
     return torchvision.models.convnext.LayerNorm2d(channels)
+
+
+def test_layer_scale_passes_one_over_s_and_convnext_blocks_explain() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    block = torchvision.models.convnext.CNBlock(4, 0.5, 0.0)
+    with torch.no_grad():
+        block.layer_scale.copy_(torch.tensor([0.5, 2.0, 0.0, -1.0]).view(4, 1, 1))
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), block, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 3),
+    ).double().eval()
+    assert classify(net)["1"].kind == "container"
+    # the rule on the product alone: g / s (PatternNet), g where s ≠ 0 (PatternAttribution)
+    s = block.layer_scale.double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    for attribution, factor in ((False, torch.tensor([2.0, 0.5, 0.0, -1.0])),
+                                (True, torch.tensor([1.0, 1.0, 0.0, 1.0]))):
+        rules = product_rules(LayerScale([block.layer_scale], attribution))
+        with rules_applied({}, rules):
+            out = block.layer_scale * x
+        (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        torch.testing.assert_close(grad, factor.double().view(1, 4, 1, 1).expand_as(x))
+    with rules_applied({}, product_rules(LayerScale([block.layer_scale], False))):
+        other = (s.detach().clone() * x).sum()  # not a registered scale: the gradient
+    (grad,) = torch.autograd.grad(other, x)
+    torch.testing.assert_close(grad, s.detach().expand_as(x))
+    data = torch.randn(16, 2, 6, 6, dtype=torch.float64)
+    patterns = pn.fit_patterns(net, data, progress=False)
+    for name in methods():
+        result = build_method(name, net, patterns).attribute(data[:2])
+        assert result.shape == data[:2].shape and torch.isfinite(result).all(), name

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["Rule", "rules_applied", "relu_rules", "addition_rules", "ACTIVATION_FUNCTIONS",
-           "ADDITION_FUNCTIONS"]
+           "ADDITION_FUNCTIONS", "MULTIPLICATION_FUNCTIONS", "product_rules"]
 
 
 class Rule:
@@ -149,6 +149,29 @@ ADDITION_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
 )
 _IN_PLACE_ADDITIONS = frozenset({Tensor.add_, Tensor.__iadd__})
 
+#: Spellings of a product ``s * x``. A rule for them is asked ``rule.operands(a, b)`` for each
+#: product and sees only those it answers with ``(x, s)`` (e.g. a layer scale: a parameter
+#: times an activation); every other product is computed as usual.
+MULTIPLICATION_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
+    {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
+)
+
+
+def _product(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
+    """Apply a product rule to ``s * x`` when the rule claims the operands, else multiply."""
+    out = func(*args, **kwargs)
+    operands = getattr(rule, "operands", None)
+    if operands is None or len(args) != 2 or kwargs or not torch.is_grad_enabled():
+        return out
+    pair = operands(*args)
+    if pair is None:
+        return out
+    x, scale = pair
+    if not (isinstance(out, Tensor) and x.requires_grad and out.shape == x.shape):
+        return out
+    state = rule.save(None, (x.detach(), scale.detach()), out.detach())
+    return _Swapped.apply(rule, None, state, x, [out.detach()])
+
 
 def _sum(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
     """Apply an addition rule to ``a + b`` when both summands carry the graph, else add."""
@@ -201,6 +224,8 @@ class _FunctionRules(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in ADDITION_FUNCTIONS:
             return _sum(rule, func, args, kwargs)
+        if func in MULTIPLICATION_FUNCTIONS:
+            return _product(rule, func, args, kwargs)
         x = args[0]
         if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled():
             # Compute out of place: the rule needs the activation's input, and an in-place
@@ -219,6 +244,11 @@ def relu_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:
 def addition_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:
     """The same rule for every spelling of a two-branch addition (see the module docstring)."""
     return {func: rule for func in ADDITION_FUNCTIONS}
+
+
+def product_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:
+    """The same rule for every spelling of a product (the rule names its operands)."""
+    return {func: rule for func in MULTIPLICATION_FUNCTIONS}
 
 
 @contextmanager

@@ -52,10 +52,11 @@ import torch
 from torch import nn
 
 from ..layers import is_linear_layer
+from .backward import product_rules
 from .canonize import batchnorm_scale_shift
 from .graph import SMOOTH_ACTIVATIONS, ModelGraph, is_batchnorm
 from .rules import ChannelScale
-from .rules.norms import NormScale, is_norm
+from .rules.norms import LAYER_SCALES, LayerScale, NormScale, is_norm, layer_scales
 
 __all__ = [
     "ACTIVATIONS",
@@ -68,6 +69,7 @@ __all__ = [
     "linear_pattern_layers",
     "register_passthrough",
     "smooth_activation_layers",
+    "layer_scale_rules",
     "norm_rules",
     "standalone_batchnorm_rules",
 ]
@@ -152,6 +154,9 @@ def _kind(module: nn.Module) -> tuple[str, str]:
         return "batchnorm", ""
     if is_norm(module):
         return "norm", ""
+    scale = LAYER_SCALES.get(f"{type(module).__module__}.{type(module).__qualname__}")
+    if scale is not None and direct == [scale]:
+        return "container", f"{scale}: a fixed per-channel scale s (pattern 1/s)"
     if isinstance(module, tuple(_PASSTHROUGH_TYPES)):
         return "passthrough", "registered"
     if isinstance(module, ACTIVATIONS):
@@ -326,3 +331,13 @@ def norm_rules(model: nn.Module, *, attribution: bool) -> dict[nn.Module, Any]:
         False for PatternNet (pass ``g ⊙ σ/γ``), True for PatternAttribution (pass ``g``).
     """
     return {m: NormScale(attribution) for m in model.modules() if is_norm(m)}
+
+
+def layer_scale_rules(model: nn.Module, *, attribution: bool) -> dict[Any, Any]:
+    """Function rules for the products ``s * x`` of the model's layer scales (ConvNeXt).
+
+    Each is, per element, a one-input unit with the fixed weight ``s``: pattern ``1/s``
+    (:class:`~patternnet.engine.rules.norms.LayerScale`). Empty when the model has none.
+    """
+    scales = layer_scales(model)
+    return product_rules(LayerScale(scales, attribution)) if scales else {}

@@ -33,7 +33,7 @@ from ..engine.rules import (
     elementwise_product,
     identity_estimator_rules,
 )
-from ..engine.support import norm_rules, standalone_batchnorm_rules
+from ..engine.support import layer_scale_rules, norm_rules, standalone_batchnorm_rules
 from ..patterns.estimators import filter_pattern
 from ..patterns.fit import linear_layers
 from ..patterns.store import Patterns
@@ -186,7 +186,8 @@ class _PatternMethod(Attribution):
         )
         # LayerNorm/GroupNorm: per-element units γ/σ with 1/σ held, pattern σ/γ (method.md §10).
         module_rules.update(norm_rules(self.model, attribution=self._attribution))
-        return module_rules, {}
+        # ConvNeXt's layer scale s * x: per-element units with fixed weight s, pattern 1/s.
+        return module_rules, layer_scale_rules(self.model, attribution=self._attribution)
 
     def graph_context(self, canonical: Canonical) -> Any:
         """Sums, average pools and means pass their patterns back (method.md §10)."""

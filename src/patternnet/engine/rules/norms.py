@@ -28,7 +28,12 @@ from torch import Tensor, nn
 
 from ..backward import Rule
 
-__all__ = ["NORMS", "NormScale", "is_norm", "norm_scale"]
+__all__ = ["LAYER_SCALES", "LayerScale", "NORMS", "NormScale", "is_norm", "layer_scales",
+           "norm_scale"]
+
+#: Blocks that hold a per-channel layer scale ``s`` as a parameter and multiply an activation
+#: by it (``s * x``): ``{qualified class name: parameter name}``.
+LAYER_SCALES: dict[str, str] = {"torchvision.models.convnext.CNBlock": "layer_scale"}
 
 #: Normalisation module types with a rule (``LayerNorm2d`` is a ``LayerNorm`` subclass).
 NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm)
@@ -93,6 +98,59 @@ class NormScale(Rule):
             if self.attribution:
                 return alive.to(x.dtype)
             return torch.where(alive, 1.0 / torch.where(alive, scale, 1.0), 0.0)
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        return grad_output * state.to(grad_output.dtype)
+
+
+def _qualified(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def layer_scales(model: nn.Module) -> list[Tensor]:
+    """The layer-scale parameters of the blocks of :data:`LAYER_SCALES` in ``model``."""
+    found = []
+    for module in model.modules():
+        name = LAYER_SCALES.get(_qualified(module))
+        if name is not None and isinstance(getattr(module, name, None), Tensor):
+            found.append(getattr(module, name))
+    return found
+
+
+class LayerScale(Rule):
+    """PatternNet/PatternAttribution through ``s * x`` with a fixed per-channel scale ``s``.
+
+    The product is, per element, a linear unit with one input and the fixed weight ``s``; its
+    normalised pattern is ``1/s`` (no data needed), so PatternNet passes ``g / s`` and
+    PatternAttribution ``g · s · (1/s) = g``; ``s = 0`` is a dead unit (pattern 0). Installed
+    for products (:func:`patternnet.engine.backward.product_rules`); only products with one of
+    ``scales`` are claimed (:meth:`operands`).
+
+    Parameters
+    ----------
+    scales:
+        The layer-scale parameters (:func:`layer_scales`).
+    attribution:
+        False: PatternNet; True: PatternAttribution.
+    """
+
+    def __init__(self, scales: list[Tensor], attribution: bool) -> None:
+        self._ids = {id(s) for s in scales}
+        self.attribution = attribution
+
+    def operands(self, a: Any, b: Any) -> tuple[Tensor, Tensor] | None:
+        """``(x, s)`` when one operand is a known scale and the other carries the graph."""
+        for scale, x in ((a, b), (b, a)):
+            if id(scale) in self._ids and isinstance(x, Tensor) and x.requires_grad:
+                return x, scale
+        return None
+
+    def save(self, module: nn.Module | None, x: Any, output: Tensor) -> Any:
+        _, scale = x
+        alive = scale != 0
+        if self.attribution:
+            return alive.to(output.dtype)
+        return torch.where(alive, 1.0 / torch.where(alive, scale, 1.0), 0.0).to(output.dtype)
 
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
         return grad_output * state.to(grad_output.dtype)
