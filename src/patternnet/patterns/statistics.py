@@ -44,11 +44,13 @@ checkpoints) flushes first.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..layers import LayerGeometry
@@ -114,7 +116,7 @@ def required_sums(
     negative:
         For ``"two_component"``: also collect what the inactive pattern a₋ needs.
     precision:
-        ``"float32"`` collects a₋'s inactive sums directly (see the module's docstring).
+        Validated only: both precisions keep the same float64 sums (the module's docstring).
     """
     _compute_dtype(precision)  # validates
     if estimator == "linear":
@@ -122,7 +124,7 @@ def required_sums(
     if estimator == "two_component":
         if not negative:
             return frozenset(_NEEDS["positive"])
-        return frozenset(_NEEDS["negative_direct" if precision == "float32" else "negative"])
+        return frozenset(_NEEDS["negative"])
     if estimator in ("filter", "identity"):
         return frozenset()
     raise ValueError(
@@ -165,6 +167,9 @@ class LayerStatistics:
     )
     _stage: Tensor | None = field(default=None, init=False, repr=False)
     _stage_names: list[str] = field(default_factory=list, init=False, repr=False)
+    # Shifted float32 products (see ``_Shift``): the shifts, and the float64 sums over the
+    # samples whose products are staged or held, which the flush needs to undo the shift.
+    _shift: _Shift | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.tensors:
@@ -229,10 +234,9 @@ class LayerStatistics:
         weight_shape:
             Shape of the layer's weight.
         precision:
-            ``"float64"``: products computed in float64 (exact up to float64 rounding, any
-            batch split agrees). ``"float32"``: products computed in float32, convolution
-            products summed over a few batches in float32 staging buffers, then added into the
-            float64 sums by :meth:`flush` (fast; error measured in ``perf/README.md``).
+            ``"float32"``: convolution products of *shifted* data in float32, summed into the
+            float64 sums (the module's docstring); Linear products in float64.
+            ``"float64"``: every product in float64, the reference.
 
         Notes
         -----
@@ -255,11 +259,10 @@ class LayerStatistics:
             names += ["sum_xy_plus", "sum_x_plus"]
         if "sum_xy" in need:
             names.append("sum_xy")
-        if "sum_xy_minus" in need:
-            names += ["sum_xy_minus", "sum_x_minus"]
         need["count"] += out.numel() // O
 
         if geometry.kind == "linear":
+            # Products in float64 at the flush (few rows: memory-bound, exact, no shift).
             x, out = x.to(dtype), out.to(dtype)
             y = out if bias is None else out - bias
             dims = list(range(y.dim() - 1))
@@ -267,29 +270,42 @@ class LayerStatistics:
             x2, _ = geometry.flatten_linear(x, out)
             if names:
                 parts = {"sum_xy_plus": lambda: y * m, "sum_x_plus": lambda: m,
-                         "sum_xy": lambda: y, "sum_xy_minus": lambda: y - y * m,
-                         "sum_x_minus": lambda: 1 - m}
+                         "sum_xy": lambda: y}
                 rows = torch.cat([parts[name]().reshape(-1, O) for name in names], dim=1)
                 if x2.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
                     x2 = x2.clone()  # held across batches: never alias the model's tensors
                 self._hold(x2, rows, names, None)
             if "sum_x" in need:
                 need["sum_x"] += x2.sum(0, dtype=torch.float64).view(1, -1)
-            need["sum_y"] += y.sum(dims).to(torch.float64)
+            need["sum_y"] += y.sum(dims, dtype=torch.float64)
             if m is not None:
                 need["count_plus"] += m.sum(dims, dtype=torch.float64)
             return
 
-        # Convolution: the stacked output gradient [y·m, m, y, 1] per group (see _stack).
+        # Convolution: the stacked output gradient [y·m, m, y, 1] per group (see _stack); in
+        # float32 [y'·m, m, y'·(1−m), 1] of the shifted y' = y − y₀, with the shifted input.
+        shift = None
+        if precision == "float32":
+            if self._shift is None:
+                self._shift = _Shift.first(x, out, bias, self.groups, self.patch_size)
+            shift = self._shift
+            if "sum_xy" in names and "sum_xy_plus" in names:  # a₋: direct inactive block
+                names[names.index("sum_xy")] = "sum_xy_minus"
+            geometry, prepare = shift.unpadded(geometry), shift.shifted_input(geometry)
+        else:
+            prepare = None
         G = self.groups
         n = out.shape[0]
         k = (O // G) * len(names) + (1 if "sum_x" in need else 0)
         stack_names = names + (["sum_x"] if "sum_x" in need else [])
         product_shape = torch.Size((G * k, *weight_shape[1:]))
         positions = out[0, 0].numel()
+        if shift is not None:
+            shift.count += n * positions
         if x.numel() + n * G * k * positions < product_shape.numel():
             # Small activations, big product (late convolutions): form it at the flush.
-            x, grad = x.to(dtype), self._stack(out.to(dtype), bias, names)
+            grad = self._stack(out.to(dtype), bias, names, shift)
+            x = x.to(dtype) if prepare is None else prepare(x)
             if x.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
                 x = x.clone()  # held across batches: never alias the model's tensors
             self._hold(x, grad, stack_names, (geometry, product_shape))
@@ -298,8 +314,9 @@ class LayerStatistics:
         # batch never exists at once (memory: one chunk, not one batch).
         step = max(1, _CHUNK_ELEMENTS // max(1, G * k * positions))
         for start in range(0, n, step):
-            chunk_x = x[start : start + step].to(dtype)
-            grad = self._stack(out[start : start + step].to(dtype), bias, names)
+            chunk_x = x[start : start + step]
+            chunk_x = chunk_x.to(dtype) if prepare is None else prepare(chunk_x)
+            grad = self._stack(out[start : start + step].to(dtype), bias, names, shift)
             product = geometry.weight_product(chunk_x, grad, product_shape).reshape(G, k, -1)
             if precision == "float64":
                 self._add_stacked(product, stack_names)
@@ -308,14 +325,17 @@ class LayerStatistics:
             else:
                 self._stage += product
 
-    def _stack(self, out: Tensor, bias: Tensor | None, names: list[str]) -> Tensor:
-        """The stacked output gradient ``[y·m, m, y, 1]`` (or ``[y·m, m, y·(1−m), 1−m]``).
+    def _stack(
+        self, out: Tensor, bias: Tensor | None, names: list[str], shift: _Shift | None = None
+    ) -> Tensor:
+        """The stacked output gradient ``[y·m, m, y, 1]`` (or ``[y'·m, m, y'·(1−m), 1]``).
 
         Shaped ``(N, G·K, ...)``.
 
         Written in place per group, so that the grouped weight-gradient keeps groups aligned:
         ``(N, G, K, *spatial)`` with ``K = len(names)·O/G (+1 for the ones of sum_x)``. Also
-        adds the batch's ``sum_y`` and ``count_plus``.
+        adds the batch's ``sum_y`` and ``count_plus`` (float64), and with a ``shift`` the
+        float64 sums of ``y`` and ``y·m`` that its flush needs.
         """
         need = self.tensors
         O, G = self.out_features, self.groups
@@ -325,8 +345,10 @@ class LayerStatistics:
         k = og * len(names) + (1 if ones else 0)
         stacked = out.new_empty((n, G, k, *spatial))
         out_g = out.reshape(n, G, og, *spatial)
-        bias_g = None if bias is None else bias.view(1, G, og, *([1] * len(spatial)))
+        offset = bias if shift is None else shift.offset(bias)
+        bias_g = None if offset is None else offset.view(1, G, og, *([1] * len(spatial)))
         dims = [0, *range(3, 3 + len(spatial))]
+        positions = n * math.prod(spatial)
 
         def write_y(block: Tensor) -> Tensor:
             if bias_g is None:
@@ -334,7 +356,11 @@ class LayerStatistics:
             return torch.sub(out_g, bias_g, out=block)
 
         first = write_y(stacked[:, :, :og])
-        need["sum_y"] += first.sum(dims).reshape(O).to(torch.float64)
+        sum_y = first.sum(dims, dtype=torch.float64).reshape(O)
+        if shift is not None:
+            sum_y += positions * shift.y0
+            shift.sum_y += sum_y
+        need["sum_y"] += sum_y
         slot = 0
         for name in names:
             block = stacked[:, :, slot : slot + og]
@@ -343,13 +369,16 @@ class LayerStatistics:
                 torch.heaviside(out_g, out_g.new_zeros(()), out=mask)  # [out > 0], one pass
                 block.mul_(mask)
                 # Sums of 0/1 below 2**24 are exact in float32 (a chunk holds fewer samples).
-                need["count_plus"] += mask.sum(dims).reshape(O).to(torch.float64)
+                count_plus = mask.sum(dims).reshape(O).to(torch.float64)
+                need["count_plus"] += count_plus
+                if shift is not None:
+                    shift.count_plus += count_plus
+                    shift.sum_y_plus += block.sum(dims, dtype=torch.float64).reshape(O)
+                    shift.sum_y_plus += count_plus * shift.y0
             elif name == "sum_xy" and slot:
                 write_y(block)
             elif name == "sum_xy_minus":  # after sum_xy_plus: y − y·m, exactly y or 0
                 torch.sub(write_y(block), stacked[:, :, :og], out=block)
-            elif name == "sum_x_minus":  # after sum_x_plus, whose block holds the mask
-                block.copy_(stacked[:, :, og : 2 * og]).neg_().add_(1.0)
             slot += og
         if ones:
             stacked[:, :, slot].fill_(1.0)
@@ -364,26 +393,34 @@ class LayerStatistics:
     @torch.no_grad()
     def flush(self) -> LayerStatistics:
         """Add every held-back product into the float64 sums (in place) and return self."""
-        if self._stage is not None:
-            self._add_stacked(self._stage, self._stage_names)
-            self._stage, self._stage_names = None, []
+        product, names = self._stage, self._stage_names
+        self._stage, self._stage_names = None, []
         if self._held:
-            held, names, conv = self._held, self._held_names, self._held_product
+            held, held_names, conv = self._held, self._held_names, self._held_product
             xs = torch.cat([h[0] for h in held]) if len(held) > 1 else held[0][0]
             gs = torch.cat([h[1] for h in held]) if len(held) > 1 else held[0][1]
             self._held, self._held_elements, self._held_product = [], 0, None
-            if conv is not None:
+            if conv is None:
+                # One float64 product straight into the sums, for float32 rows too: with a
+                # few hundred rows at most it is memory-bound, and 5× faster than a float32
+                # product followed by its conversion into float64 (VGG16's fc6).
+                xs, gs = xs.to(torch.float64), gs.to(torch.float64)
+                O = self.out_features
+                for i, name in enumerate(held_names):
+                    self.tensors[name].addmm_(gs[:, i * O : (i + 1) * O].t(), xs)
+            else:
                 geometry, shape = conv
-                product = geometry.weight_product(xs, gs, shape)
-                self._add_stacked(product.reshape(self.groups, -1, product[0].numel()), names)
-                return self
-            # One float64 product straight into the sums, for float32 rows too: with a few
-            # hundred rows at most it is memory-bound, and 5× faster than a float32 product
-            # followed by its conversion into float64 (measured on VGG16's fc6).
-            xs, gs = xs.to(torch.float64), gs.to(torch.float64)
-            O = self.out_features
-            for i, name in enumerate(names):
-                self.tensors[name].addmm_(gs[:, i * O : (i + 1) * O].t(), xs)
+                held_product = geometry.weight_product(xs, gs, shape)
+                held_product = held_product.reshape(self.groups, -1, held_product[0].numel())
+                if product is None:
+                    product, names = held_product, held_names
+                else:
+                    product += held_product
+        if product is not None:
+            if self._shift is not None and product.dtype != torch.float64:
+                self._shift.undo(product, names, self.tensors, self.out_features)
+            else:
+                self._add_stacked(product, names)
         return self
 
     def _hold(self, x: Tensor, grad: Tensor, names: list[str],
@@ -439,6 +476,124 @@ class LayerStatistics:
             if name in self.tensors:
                 dist.all_reduce(self.tensors[name], op=dist.ReduceOp.SUM, group=group)
         return self
+
+
+
+class _Shift:
+    """The shifts of one convolution's float32 products, and the sums that undo them.
+
+    A float32 product ``Σ x·y`` over many samples loses ``E[xy] − E[x]E[y]`` when the means
+    are large against the spreads (ImageNet-normalised images, post-ReLU activations; method.md
+    §11). The products are therefore formed of shifted data ``x' = x − x₀`` and
+    ``y' = y − y₀``, with ``x₀`` the per-channel mean of the layer's first input batch (the
+    same for every kernel offset) and ``y₀`` the per-unit mean of its first ``y``, and turned
+    back into the float64 sums of ``x`` and ``y`` at the flush::
+
+        Σ m x y = Σ m x'y' + y₀ Σ m x' + x₀ Σ m y        Σ m x = Σ m x' + x₀ Σ m
+
+    (``m`` a mask, or 1). The correction terms are float64 outer products of ``(O,)`` and
+    ``(D,)`` vectors; ``Σ m y`` and ``Σ m`` are summed in float64 over the same samples as the
+    staged product. Zero padding belongs to ``x``, not ``x'``: the input is padded first and
+    shifted after, so a padded border holds ``−x₀``.
+    """
+
+    def __init__(self, channel: Tensor, offset: Tensor, y0: Tensor, groups: int,
+                 patch_size: int) -> None:
+        self.channel = channel  # x₀ per input channel, in the dtype of the products
+        self.offset_ = offset   # bias + y₀ in the dtype of the products: y' = out − offset
+        self.y0 = y0            # the y₀ that offset_ subtracts, in float64
+        C = channel.numel()
+        per_group = C // groups
+        self.x0 = (channel.to(torch.float64).view(groups, per_group, 1)
+                   .expand(groups, per_group, patch_size // per_group)
+                   .reshape(groups, patch_size))  # fmt: skip
+        O = y0.numel()
+        zeros = torch.zeros(O, dtype=torch.float64, device=y0.device)
+        self.count = 0
+        self.count_plus, self.sum_y, self.sum_y_plus = zeros.clone(), zeros.clone(), zeros
+
+    @classmethod
+    def first(cls, x: Tensor, out: Tensor, bias: Tensor | None, groups: int,
+              patch_size: int) -> _Shift:
+        """Shifts from a layer's first batch: the means of its input channels and of ``y``."""
+        dims = [0, *range(2, x.dim())]
+        samples = x.numel() // x.shape[1]
+        channel = (x.sum(dims, dtype=torch.float64) / samples).to(torch.float32)
+        positions = out.numel() // out.shape[1]
+        out_dims = [0, *range(2, out.dim())]
+        y0 = out.sum(out_dims, dtype=torch.float64) / positions
+        if bias is not None:
+            y0 = y0 - bias.to(torch.float64)
+        if bias is None:
+            offset = y0.to(torch.float32)
+            exact = offset.to(torch.float64)
+        else:
+            offset = bias.to(torch.float32) + y0.to(torch.float32)
+            exact = offset.to(torch.float64) - bias.to(torch.float32).to(torch.float64)
+        return cls(channel, offset, exact, groups, patch_size)
+
+    def offset(self, bias: Tensor | None) -> Tensor:
+        """What to subtract from the layer's output: ``bias + y₀``."""
+        return self.offset_
+
+    @staticmethod
+    def unpadded(geometry: LayerGeometry) -> LayerGeometry:
+        """The geometry of the product with an input padded (and shifted) beforehand."""
+        n = geometry.spatial_dims
+        return replace(geometry, padding=(0,) * n, pre_pad=None, pad_mode="constant")
+
+    def shifted_input(self, geometry: LayerGeometry):
+        """A function: input chunk → padded, then shifted, float32 input (a new tensor)."""
+        n = geometry.spatial_dims
+        pads = [p for p in reversed(geometry.padding) for _ in range(2)]
+        shift = self.channel.view(1, -1, *([1] * n))
+
+        def prepare(x: Tensor) -> Tensor:
+            x = geometry.prepare_input(x.to(torch.float32))
+            if any(pads):
+                return F.pad(x, pads).sub_(shift)
+            return torch.sub(x, shift)
+
+        return prepare
+
+    @torch.no_grad()
+    def undo(self, product: Tensor, names: list[str], tensors: dict[str, Tensor],
+             out_features: int) -> None:
+        """Add a float32 ``(G, K, D)`` product of shifted data into the float64 sums."""
+        G, D = product.shape[0], product.shape[2]
+        og = out_features // G
+        blocks, start = {}, 0
+        for name in names:
+            width = 1 if name == "sum_x" else og
+            blocks[name] = product[:, start : start + width]
+            start += width
+        x0 = self.x0.view(G, 1, D)
+        y0 = self.y0.view(G, og, 1)
+        sum_x = blocks.get("sum_x")  # Σ x' (G, 1, D): the ones channel
+        if "sum_xy_plus" in blocks:
+            A, B = blocks["sum_xy_plus"], blocks["sum_x_plus"]
+            target = tensors["sum_xy_plus"].view(G, og, D)
+            target += A
+            target += B * y0
+            target.baddbmm_(self.sum_y_plus.view(G, og, 1), x0)
+            target = tensors["sum_x_plus"].view(G, og, D)
+            target += B
+            target.baddbmm_(self.count_plus.view(G, og, 1), x0)
+        if "sum_xy" in tensors:
+            target = tensors["sum_xy"].view(G, og, D)
+            if "sum_xy" in blocks:
+                target += blocks["sum_xy"]
+            else:
+                target += blocks["sum_xy_plus"]
+                target += blocks["sum_xy_minus"]
+            target += sum_x.to(torch.float64) * y0
+            target.baddbmm_(self.sum_y.view(G, og, 1), x0)
+        if sum_x is not None:
+            tensors["sum_x"] += sum_x.reshape(G, D)
+            tensors["sum_x"] += self.count * self.x0
+        self.count = 0
+        for vector in (self.count_plus, self.sum_y, self.sum_y_plus):
+            vector.zero_()
 
 
 class Statistics(Mapping[str, LayerStatistics]):
@@ -594,6 +749,7 @@ class Statistics(Mapping[str, LayerStatistics]):
         for layer in self.layers.values():
             layer.device = device
             layer.tensors = {k: v.to(device) for k, v in layer.tensors.items()}
+            layer._shift = None  # taken anew from the next batch, on the new device
         return self
 
 
