@@ -1,7 +1,8 @@
 """The fast paths of the statistics (method.md §9) add up to the explicit float64 sums.
 
 A convolution's product is formed per batch, per chunk of images, or held back and formed at
-the flush (late layers); Linear layers are always held back; float32 products are staged.
+the flush (late layers); Linear layers are always held back; float32 products are staged, of
+shifted data (padded first, shifted after), and the shift is undone at the flush.
 Each path, forced here, must give the sums of the explicit unfolding.
 """
 
@@ -59,8 +60,9 @@ def test_every_path_adds_up(case: str, squeeze: str, precision: str,
     s = stats["0"]
     assert not s.pending
     tolerance = 1e-12 if precision == "float64" else 2e-5
-    # float64 fits keep a₋'s sums as all − plus; float32 fits collect them directly
-    layout = {"sum_xy"} if precision == "float64" else {"sum_xy_minus", "sum_x_minus"}
+    # both precisions keep a₋'s sums as all − plus in float64 (a float32 fit forms the
+    # inactive product directly, of shifted data, and adds it into sum_xy)
+    layout = {"sum_xy"}
     expected = expected_sums(layer, x)
     assert layout <= set(s.tensors) and len(set(s.tensors) & set(expected)) == 4 + len(layout)
     for key in set(s.tensors) & set(expected):

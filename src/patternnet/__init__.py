@@ -22,7 +22,7 @@ from .methods.guided import DeConvNet, GuidedBackprop
 from .methods.lrp import LRP, DeepTaylor
 from .methods.pattern import PatternAttribution, PatternNet
 from .methods.registry import get_method
-from .patterns.fit import collect_statistics, compute_patterns, fit_patterns
+from .patterns.fit import FitOptions, collect_statistics, compute_patterns, fit_patterns
 from .patterns.statistics import Statistics
 from .patterns.store import Patterns
 from .quantus import quantus_explain
@@ -34,6 +34,7 @@ __all__ = [
     "BatchNormFolding",
     "DeConvNet",
     "DeepTaylor",
+    "FitOptions",
     "Gradient",
     "GradientXInput",
     "GuidedBackprop",

@@ -8,9 +8,11 @@ The sums are then turned into :class:`~patternnet.patterns.store.Patterns` by th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,12 +42,118 @@ from .statistics import (
 )
 from .store import Patterns, architecture, fingerprint, weight_summary
 
-__all__ = ["collect_statistics", "compute_patterns", "fit_patterns", "iter_batches"]
+__all__ = ["FitOptions", "collect_statistics", "compute_patterns", "fit_patterns", "iter_batches"]
 
 TRAIN_MODE_WARNING = (
     "the model is in train mode; patterns are fitted in eval mode (BatchNorm running "
     "statistics, no dropout) and the model's mode is restored afterwards"
 )
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How :func:`fit_patterns` and :func:`collect_statistics` fit (every option in one place).
+
+    ``fit_patterns(model, data, estimator="linear")`` and
+    ``fit_patterns(model, data, FitOptions(estimator="linear"))`` are the same call; keywords
+    given beside ``options`` replace its fields.
+
+    Attributes
+    ----------
+    estimator:
+        ``"two_component"`` (a₊, a₋; default), ``"linear"`` (a), ``"filter"`` or
+        ``"identity"``.
+    negative:
+        With ``"two_component"``: also fit a₋. ``False`` stores two ``(O, D)`` sums per layer
+        instead of three (2/3 of the memory, and of the statistics' arithmetic); PatternNet
+        then uses a₊ everywhere, as the Keras reference implementation did.
+    batch_size:
+        Batch size when ``data`` is a tensor (default 32).
+    device:
+        Must be the model's device if given (the model is not moved).
+    progress:
+        Show a tqdm progress bar.
+    precision:
+        ``None`` (default): ``"float32"``, or ``"float64"`` for a float64 model.
+        ``"float32"``: convolution products in float32 of *shifted* data (each input channel
+        minus its mean over the first batch, each ``y`` minus its first-batch mean), summed
+        into float64 sums, the shift undone in float64 (method.md §11); Linear products in
+        float64. Measured against ``"float64"`` on VGG-, ResNet- and ViT-shaped nets with
+        inputs of large mean: within 1e-5 relative per pattern tensor (``perf/README.md``,
+        ``tests/test_precision.py``). ``"float64"``: every product in float64, the reference
+        (several times slower; 4.7× on an H100). The sums are float64 either way.
+    limit:
+        Use at most this many samples.
+    canonizers:
+        Graph rewrites applied first (default: fold BatchNorm into the preceding layer).
+    checkpoint:
+        A file to save the statistics to while fitting (atomically: a kill never leaves a
+        broken file). With ``resume=True`` an existing checkpoint is continued: the batches it
+        holds are skipped (never added twice) and the result equals that of an uninterrupted
+        fit with the same options. The data must come in the same order with the same batch
+        size (a shuffling ``DataLoader`` needs a seeded generator); a ``DataLoader`` still
+        loads the skipped batches, a tensor does not. In a distributed fit each rank writes
+        ``<checkpoint>.rank<r>of<n>``. The file is kept after the fit (delete it yourself).
+    checkpoint_every:
+        Save after this many batches (at the next flush of the float32 buffers, every
+        ``min(8, checkpoint_every)`` batches).
+    checkpoint_minutes:
+        Save after this many minutes (default 10 when neither option is given).
+    resume:
+        Continue from ``checkpoint`` if it exists (else start afresh). Without it an existing
+        checkpoint is an error, so that a finished fit is never overwritten by mistake.
+    distributed:
+        Fit with ``torch.distributed``: each rank adds its share of ``data`` (pass the whole
+        data on every rank; see :mod:`patternnet.patterns.distributed` for how it is sharded)
+        and one all-reduce sums the ranks; every rank returns the same patterns (save them on
+        rank 0 only). ``None`` (default): when a process group is initialised with more than
+        one process.
+    """
+
+    estimator: str = "two_component"
+    negative: bool = True
+    batch_size: int | None = None
+    device: torch.device | str | None = None
+    progress: bool = True
+    precision: str | None = None
+    limit: int | None = None
+    canonizers: Sequence[Canonizer] | None = None
+    checkpoint: str | os.PathLike[str] | None = None
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = None
+    resume: bool = False
+    distributed: bool | None = None
+
+    @classmethod
+    def build(cls, options: FitOptions | None = None, **changes: Any) -> FitOptions:
+        """``options`` (default: the defaults) with the fields named in ``changes`` replaced.
+
+        Raises
+        ------
+        TypeError
+            For a name that is not an option, listing the options.
+        """
+        if options is not None and not isinstance(options, FitOptions):
+            raise TypeError(
+                f"options must be a FitOptions, not {type(options).__name__}; pass keywords "
+                "(fit_patterns(model, data, estimator=...)) or FitOptions(...)"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise TypeError(
+                f"unknown fit option(s) {', '.join(unknown)}; the options are "
+                f"{', '.join(sorted(fields))}"
+            )
+        return dataclasses.replace(options or cls(), **changes)
+
+    def resolved_precision(self, model: nn.Module) -> str:
+        """The precision a fit of ``model`` uses (``None``: float32 unless the model is float64)."""
+        if self.precision is None:
+            return "float64" if model_dtype(model) == torch.float64 else "float32"
+        required_sums("linear", precision=self.precision)  # validates
+        return self.precision
+
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -75,33 +183,44 @@ def _new_statistics(
 def collect_statistics(
     model: nn.Module,
     data: Any,
+    options: FitOptions | None = None,
     *,
-    estimator: str = "two_component",
-    negative: bool = True,
-    batch_size: int | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    precision: str = "float64",
-    limit: int | None = None,
-    canonizers: Sequence[Canonizer] | None = None,
     statistics: Statistics | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_minutes: float | None = None,
-    resume: bool = False,
-    distributed: bool | None = None,
+    **changes: Any,
 ) -> Statistics:
     """Accumulate the sums every estimator needs, in one pass over ``data``.
 
-    Parameters are those of :func:`fit_patterns`; ``statistics`` continues an earlier partial
-    fit (its sums are added to, in place; not with ``resume``). In a distributed fit every
-    rank returns the all-reduced statistics of the whole data.
+    Parameters
+    ----------
+    model, data:
+        As for :func:`fit_patterns`.
+    options:
+        A :class:`FitOptions`; keywords named like its fields (``estimator=...``) replace
+        them.
+    statistics:
+        Continue an earlier partial fit (its sums are added to, in place; not with
+        ``resume``).
+
+    In a distributed fit every rank returns the all-reduced statistics of the whole data.
 
     Returns
     -------
     Statistics
-        Float64 sums per layer (on ``device``), mergeable with other partial fits.
+        Float64 sums per layer (on the model's device), mergeable with other partial fits.
+
+    Notes
+    -----
+    The pass is one loop: forward hooks (:func:`_register_hooks`) hand every layer's input and
+    output to its statistics; every ``DEFAULT_FLUSH_EVERY`` batches, at checkpoints and at
+    the end, ``stats.flush()`` adds the held-back products into the float64 sums. Statistics
+    of other nodes (sums, pools, attention) plug in at those two points: their hooks are
+    registered in :func:`_register_hooks`, and anything they hold back is flushed with
+    ``stats``.
     """
+    o = FitOptions.build(options, **changes)
+    estimator, negative, device, limit = o.estimator, o.negative, o.device, o.limit
+    batch_size, checkpoint, resume = o.batch_size, o.checkpoint, o.resume
+    precision = o.resolved_precision(model)
     check_supported(model)  # before any data is read
     target_device = model_device(model)
     if device is not None and torch.device(device) != target_device:
@@ -111,8 +230,8 @@ def collect_statistics(
                 f"the model is on {target_device} but device={str(device)!r}; move the model "
                 f"first (model.to({str(device)!r})): patternnet does not move a borrowed model"
             )
-    canonical = Canonical(model, canonizers)
-    use_distributed = distributed_mod.resolve(distributed)
+    canonical = Canonical(model, o.canonizers)
+    use_distributed = distributed_mod.resolve(o.distributed)
     rank = distributed_mod.rank() if use_distributed else 0
     world = distributed_mod.world_size() if use_distributed else 1
     if resume and checkpoint is None:
@@ -120,8 +239,8 @@ def collect_statistics(
     if checkpoint is not None and statistics is not None:
         raise ValueError("pass either statistics= (continue in memory) or checkpoint=, not both")
     flush_every = DEFAULT_FLUSH_EVERY
-    if checkpoint_every is not None:
-        flush_every = max(1, min(DEFAULT_FLUSH_EVERY, int(checkpoint_every)))
+    if o.checkpoint_every is not None:
+        flush_every = max(1, min(DEFAULT_FLUSH_EVERY, int(o.checkpoint_every)))
     context: dict[str, Any] = {
         "fingerprint": fingerprint(model),
         "estimator": estimator,
@@ -163,33 +282,21 @@ def collect_statistics(
     if use_distributed:
         data, limit = distributed_mod.shard(data, batch_size, limit, rank, world)
     dtype = model_dtype(model)
-    modules = linear_layers(model)
-    handles = []
-
-    def make_hook(name: str, module: nn.Module):
-        layer_stats = stats.layers[name]
-        geo = geometry(module)
-
-        def hook(mod: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            # Read weight and bias now: inside functional_call they are the canonical ones.
-            layer_stats.update(geo, args[0], output, mod.bias, mod.weight.shape, precision)
-
-        return hook
-
     checkpointer = None
     if checkpoint_path is not None:
         checkpointer = Checkpointer(
-            checkpoint_path, every=checkpoint_every, minutes=checkpoint_minutes, context=context
+            checkpoint_path, every=o.checkpoint_every, minutes=o.checkpoint_minutes,
+            context=context,
         )
         checkpointer.start(stats.batches)
     skip = (stats.batches, stats.images) if resumed else (0, 0)
     bar = _progress(
-        progress and rank == 0, _total_samples(data, batch_size, limit), initial=skip[1]
+        o.progress and rank == 0, _total_samples(data, batch_size, limit), initial=skip[1]
     )
+    handles = []
     with borrowed(model, warn_train=TRAIN_MODE_WARNING):
         try:
-            for name, module in modules.items():
-                handles.append(module.register_forward_hook(make_hook(name, module)))
+            handles += _register_hooks(model, stats, precision)
             # Sums, pools and means are found and recorded in the same pass (graph_statistics)
             with canonical.active(), full_float32(), graph_statistics.recording(
                 stats, precision
@@ -220,6 +327,32 @@ def collect_statistics(
     if use_distributed:
         stats.all_reduce_()
     return stats
+
+
+def _register_hooks(model: nn.Module, stats: Statistics, precision: str) -> list[Any]:
+    """Forward hooks that feed one batch of every fitted node to its statistics.
+
+    Called inside the borrowed, canonical, no-grad block of :func:`collect_statistics`; the
+    returned handles are removed when the pass ends (also on errors). A hook reads the
+    module's ``weight``/``bias`` when it runs: inside the canonical form those are the folded
+    ones. Statistics of further node kinds add their hooks here.
+    """
+    handles = []
+    for name, module in linear_layers(model).items():
+        handles.append(module.register_forward_hook(
+            _layer_hook(stats.layers[name], geometry(module), precision)
+        ))
+    return handles
+
+
+def _layer_hook(
+    layer_stats: LayerStatistics, geo: Any, precision: str
+) -> Callable[[nn.Module, tuple[Any, ...], Tensor], None]:
+    def hook(mod: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        # Read weight and bias now: inside functional_call they are the canonical ones.
+        layer_stats.update(geo, args[0], output, mod.bias, mod.weight.shape, precision)
+
+    return hook
 
 
 def _remaining_batches(
@@ -403,13 +536,14 @@ def compute_patterns(
 def fit_patterns(
     model: nn.Module,
     data: Any = None,
+    options: FitOptions | None = None,
     *,
     estimator: str = "two_component",
     negative: bool = True,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
-    precision: str = "float64",
+    precision: str | None = None,
     limit: int | None = None,
     canonizers: Sequence[Canonizer] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
@@ -431,54 +565,14 @@ def fit_patterns(
     data:
         A ``DataLoader``, a tensor ``(N, ...)`` or any iterable of tensors or
         ``(inputs, labels, ...)`` tuples. Not needed for ``"filter"``/``"identity"``.
-    estimator:
-        ``"two_component"`` (a₊, a₋; default), ``"linear"`` (a), ``"filter"`` or
-        ``"identity"``.
-    negative:
-        With ``"two_component"``: also fit a₋. ``False`` stores two ``(O, D)`` sums per layer
-        instead of three (2/3 of the memory, and of the statistics' arithmetic); PatternNet
-        then uses a₊ everywhere, as the Keras reference implementation did.
-    batch_size:
-        Batch size when ``data`` is a tensor (default 32).
-    device:
-        Must be the model's device if given (the model is not moved).
-    progress:
-        Show a tqdm progress bar.
-    precision:
-        ``"float64"`` (default): products and sums in float64, any batch split agrees to
-        rounding. ``"float32"``: products in float32, convolution products summed over a few
-        batches in float32 buffers, then added into float64 sums (method.md §9). Faster on
-        GPUs without fast float64 (4.7× on an H100; TF32 is turned off during the fit).
-        Measured on VGG16 against a float64 fit (``perf/README.md``): a₊ and a₋ within
-        about 1e-6 relative (median layer; worst 4e-4 on a CPU, 3e-3 on a GPU), dense layers
-        within 4e-8 (a₋'s
-        inactive sums are collected directly in float32 fits, never as a difference).
-    limit:
-        Use at most this many samples.
-    canonizers:
-        Graph rewrites applied first (default: fold BatchNorm into the preceding layer).
-    checkpoint:
-        A file to save the statistics to while fitting (atomically: a kill never leaves a
-        broken file). With ``resume=True`` an existing checkpoint is continued: the batches it
-        holds are skipped (never added twice) and the result equals that of an uninterrupted
-        fit with the same options. The data must come in the same order with the same batch
-        size (a shuffling ``DataLoader`` needs a seeded generator); a ``DataLoader`` still
-        loads the skipped batches, a tensor does not. In a distributed fit each rank writes
-        ``<checkpoint>.rank<r>of<n>``. The file is kept after the fit (delete it yourself).
-    checkpoint_every:
-        Save after this many batches (at the next flush of the float32 buffers, every
-        ``min(8, checkpoint_every)`` batches).
-    checkpoint_minutes:
-        Save after this many minutes (default 10 when neither option is given).
-    resume:
-        Continue from ``checkpoint`` if it exists (else start afresh). Without it an existing
-        checkpoint is an error, so that a finished fit is never overwritten by mistake.
-    distributed:
-        Fit with ``torch.distributed``: each rank adds its share of ``data`` (pass the whole
-        data on every rank; see :mod:`patternnet.patterns.distributed` for how it is sharded)
-        and one all-reduce sums the ranks; every rank returns the same patterns (save them on
-        rank 0 only). ``None`` (default): when a process group is initialised with more than
-        one process.
+    options:
+        A :class:`FitOptions` (every option, documented there). The keywords below are the
+        same options; a keyword given beside ``options`` (not at its default) replaces the
+        field.
+    estimator, negative, batch_size, device, progress, precision, limit, canonizers, \
+checkpoint, checkpoint_every, checkpoint_minutes, resume, distributed:
+        See :class:`FitOptions`. The default fit is two-component (a₊ and a₋), with float32
+        products of shifted data summed in float64: within 1e-5 of a float64 fit.
 
     Returns
     -------
@@ -498,34 +592,31 @@ def fit_patterns(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    check_supported(model)
-    needs_data = bool(required_sums(estimator, negative))
-    if data is None and needs_data:
-        raise ValueError(f"estimator {estimator!r} needs data to fit patterns on")
-    if needs_data:
-        stats = collect_statistics(
-            model,
-            data,
-            estimator=estimator,
-            negative=negative,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-            precision=precision,
-            limit=limit,
-            canonizers=canonizers,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            checkpoint_minutes=checkpoint_minutes,
-            resume=resume,
-            distributed=distributed,
-        )
+    given = dict(
+        estimator=estimator, negative=negative, batch_size=batch_size, device=device,
+        progress=progress, precision=precision, limit=limit, canonizers=canonizers,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+        checkpoint_minutes=checkpoint_minutes, resume=resume, distributed=distributed,
+    )  # fmt: skip
+    defaults = FitOptions()
+    if options is None:
+        o = FitOptions.build(None, **given)
     else:
-        canonical = Canonical(model, canonizers)
-        stats = _new_statistics(
-            model, canonical, estimator, negative, model_device(model), precision
-        )
-    patterns = compute_patterns(model, stats, canonizers=canonizers)
+        changed = {k: v for k, v in given.items() if v is not getattr(defaults, k)}
+        o = FitOptions.build(options, **changed)
+    check_supported(model)
+    needs_data = bool(required_sums(o.estimator, o.negative))
+    if data is None and needs_data:
+        raise ValueError(f"estimator {o.estimator!r} needs data to fit patterns on")
     if needs_data:
-        patterns.metadata["precision"] = precision
+        stats = collect_statistics(model, data, o)
+    else:
+        canonical = Canonical(model, o.canonizers)
+        stats = _new_statistics(
+            model, canonical, o.estimator, o.negative, model_device(model),
+            o.resolved_precision(model),
+        )
+    patterns = compute_patterns(model, stats, canonizers=o.canonizers)
+    if needs_data:
+        patterns.metadata["precision"] = o.resolved_precision(model)
     return patterns

@@ -345,20 +345,24 @@ class LayerStatistics:
         k = og * len(names) + (1 if ones else 0)
         stacked = out.new_empty((n, G, k, *spatial))
         out_g = out.reshape(n, G, og, *spatial)
-        offset = bias if shift is None else shift.offset(bias)
-        bias_g = None if offset is None else offset.view(1, G, og, *([1] * len(spatial)))
+        offset = bias if shift is None else shift.offsets[""]
+        shape = (1, G, og, *([1] * len(spatial)))
+        bias_g = None if offset is None else offset.view(shape)
         dims = [0, *range(3, 3 + len(spatial))]
         positions = n * math.prod(spatial)
 
-        def write_y(block: Tensor) -> Tensor:
-            if bias_g is None:
+        def write_y(block: Tensor, offset_g: Tensor | None = bias_g) -> Tensor:
+            if offset_g is None:
                 return block.copy_(out_g)
-            return torch.sub(out_g, bias_g, out=block)
+            return torch.sub(out_g, offset_g, out=block)
+
+        def side_sum(block: Tensor) -> Tensor:
+            return block.sum(dims, dtype=torch.float64).reshape(O)
 
         first = write_y(stacked[:, :, :og])
-        sum_y = first.sum(dims, dtype=torch.float64).reshape(O)
+        sum_y = side_sum(first)
         if shift is not None:
-            sum_y += positions * shift.y0
+            sum_y += positions * shift.y0[""]
             shift.sum_y += sum_y
         need["sum_y"] += sum_y
         slot = 0
@@ -367,18 +371,21 @@ class LayerStatistics:
             if name == "sum_xy_plus":  # always first: the block holds y
                 mask = stacked[:, :, slot + og : slot + 2 * og]
                 torch.heaviside(out_g, out_g.new_zeros(()), out=mask)  # [out > 0], one pass
-                block.mul_(mask)
                 # Sums of 0/1 below 2**24 are exact in float32 (a chunk holds fewer samples).
                 count_plus = mask.sum(dims).reshape(O).to(torch.float64)
                 need["count_plus"] += count_plus
+                if shift is not None:  # y − y₀₊ on the active side
+                    write_y(block, shift.offsets["_plus"].view(shape))
+                block.mul_(mask)
                 if shift is not None:
                     shift.count_plus += count_plus
-                    shift.sum_y_plus += block.sum(dims, dtype=torch.float64).reshape(O)
-                    shift.sum_y_plus += count_plus * shift.y0
+                    shift.sum_y_plus += side_sum(block) + count_plus * shift.y0["_plus"]
             elif name == "sum_xy" and slot:
                 write_y(block)
-            elif name == "sum_xy_minus":  # after sum_xy_plus: y − y·m, exactly y or 0
-                torch.sub(write_y(block), stacked[:, :, :og], out=block)
+            elif name == "sum_xy_minus":  # after sum_xy_plus: (y − y₀₋)·(1 − m)
+                mask = stacked[:, :, og : 2 * og]
+                write_y(block, bias_g if shift is None else shift.offsets["_minus"].view(shape))
+                block.addcmul_(block, mask, value=-1.0)
             slot += og
         if ones:
             stacked[:, :, slot].fill_(1.0)
@@ -485,32 +492,43 @@ class _Shift:
     A float32 product ``Σ x·y`` over many samples loses ``E[xy] − E[x]E[y]`` when the means
     are large against the spreads (ImageNet-normalised images, post-ReLU activations; method.md
     §11). The products are therefore formed of shifted data ``x' = x − x₀`` and
-    ``y' = y − y₀``, with ``x₀`` the per-channel mean of the layer's first input batch (the
-    same for every kernel offset) and ``y₀`` the per-unit mean of its first ``y``, and turned
-    back into the float64 sums of ``x`` and ``y`` at the flush::
+    ``y' = y − y₀``: ``x₀`` is the per-channel mean of the layer's first input batch (the same
+    for every kernel offset), ``y₀`` the per-unit mean of its first ``y`` over the samples of
+    the product's side (active ``m = 1``, inactive, or all). At the flush they are turned back
+    into the float64 sums of ``x`` and ``y``::
 
         Σ m x y = Σ m x'y' + y₀ Σ m x' + x₀ Σ m y        Σ m x = Σ m x' + x₀ Σ m
 
-    (``m`` a mask, or 1). The correction terms are float64 outer products of ``(O,)`` and
-    ``(D,)`` vectors; ``Σ m y`` and ``Σ m`` are summed in float64 over the same samples as the
-    staged product. Zero padding belongs to ``x``, not ``x'``: the input is padded first and
-    shifted after, so a padded border holds ``−x₀``.
+    The correction terms are float64 outer products of ``(O,)`` and ``(D,)`` vectors; ``Σ m y``
+    and ``Σ m`` are summed in float64 over the same samples as the staged product. Zero
+    padding belongs to ``x``, not ``x'``: the input is padded first and shifted after, so a
+    padded border holds ``−x₀``.
     """
 
-    def __init__(self, channel: Tensor, offset: Tensor, y0: Tensor, groups: int,
-                 patch_size: int) -> None:
-        self.channel = channel  # x₀ per input channel, in the dtype of the products
-        self.offset_ = offset   # bias + y₀ in the dtype of the products: y' = out − offset
-        self.y0 = y0            # the y₀ that offset_ subtracts, in float64
-        C = channel.numel()
+    #: What :meth:`state` holds (what a checkpoint keeps of the shift): the input channels'
+    #: shift, and per side (all, active, inactive) ``bias + y₀`` in float32 and ``y₀``.
+    STATE = ("channel", "offset", "y0", "offset_plus", "y0_plus", "offset_minus", "y0_minus")
+    SIDES = ("", "_plus", "_minus")
+
+    def __init__(self, state: Mapping[str, Tensor], groups: int, patch_size: int) -> None:
+        self.channel = state["channel"].to(torch.float32)
+        self.offsets = {side: state["offset" + side].to(torch.float32) for side in self.SIDES}
+        self.y0 = {side: state["y0" + side].to(torch.float64) for side in self.SIDES}
+        C = self.channel.numel()
         per_group = C // groups
-        self.x0 = (channel.to(torch.float64).view(groups, per_group, 1)
+        self.x0 = (self.channel.to(torch.float64).view(groups, per_group, 1)
                    .expand(groups, per_group, patch_size // per_group)
                    .reshape(groups, patch_size))  # fmt: skip
-        O = y0.numel()
-        zeros = torch.zeros(O, dtype=torch.float64, device=y0.device)
+        zeros = torch.zeros_like(self.y0[""])
         self.count = 0
         self.count_plus, self.sum_y, self.sum_y_plus = zeros.clone(), zeros.clone(), zeros
+
+    def state(self) -> dict[str, Tensor]:
+        """The shifts (the float64 sums of the interval are empty after a flush)."""
+        state = {"channel": self.channel}
+        for side in self.SIDES:
+            state["offset" + side], state["y0" + side] = self.offsets[side], self.y0[side]
+        return state
 
     @classmethod
     def first(cls, x: Tensor, out: Tensor, bias: Tensor | None, groups: int,
@@ -518,23 +536,25 @@ class _Shift:
         """Shifts from a layer's first batch: the means of its input channels and of ``y``."""
         dims = [0, *range(2, x.dim())]
         samples = x.numel() // x.shape[1]
-        channel = (x.sum(dims, dtype=torch.float64) / samples).to(torch.float32)
-        positions = out.numel() // out.shape[1]
+        state = {"channel": (x.sum(dims, dtype=torch.float64) / samples).to(torch.float32)}
         out_dims = [0, *range(2, out.dim())]
-        y0 = out.sum(out_dims, dtype=torch.float64) / positions
-        if bias is not None:
-            y0 = y0 - bias.to(torch.float64)
-        if bias is None:
-            offset = y0.to(torch.float32)
-            exact = offset.to(torch.float64)
-        else:
-            offset = bias.to(torch.float32) + y0.to(torch.float32)
-            exact = offset.to(torch.float64) - bias.to(torch.float32).to(torch.float64)
-        return cls(channel, offset, exact, groups, patch_size)
-
-    def offset(self, bias: Tensor | None) -> Tensor:
-        """What to subtract from the layer's output: ``bias + y₀``."""
-        return self.offset_
+        shape = [1, -1, *([1] * (out.dim() - 2))]
+        b = None if bias is None else bias.to(torch.float32)
+        y = out.to(torch.float64) - (0.0 if b is None else b.to(torch.float64).view(shape))
+        mean = y.sum(out_dims) / (out.numel() // out.shape[1])
+        # One y₀ for both sides: a pattern's numerator is Σ m x (y − E[y]), so with y₀ ≈ E[y]
+        # the float32 rounding of Σ m x' is multiplied by E[y] − y₀ ≈ 0. Shifting each side
+        # by its own mean multiplies it by E±[y] − E[y] instead (measured: 10× less exact).
+        means = {"": mean, "_plus": mean, "_minus": mean}
+        for side, y0 in means.items():
+            if b is None:
+                offset = y0.to(torch.float32)
+                exact = offset.to(torch.float64)
+            else:  # what out − offset subtracts beyond the bias, exactly
+                offset = b + y0.to(torch.float32)
+                exact = offset.to(torch.float64) - b.to(torch.float64)
+            state["offset" + side], state["y0" + side] = offset, exact
+        return cls(state, groups, patch_size)
 
     @staticmethod
     def unpadded(geometry: LayerGeometry) -> LayerGeometry:
@@ -568,25 +588,29 @@ class _Shift:
             blocks[name] = product[:, start : start + width]
             start += width
         x0 = self.x0.view(G, 1, D)
-        y0 = self.y0.view(G, og, 1)
+        y0 = {side: value.view(G, og, 1) for side, value in self.y0.items()}
         sum_x = blocks.get("sum_x")  # Σ x' (G, 1, D): the ones channel
         if "sum_xy_plus" in blocks:
             A, B = blocks["sum_xy_plus"], blocks["sum_x_plus"]
             target = tensors["sum_xy_plus"].view(G, og, D)
             target += A
-            target += B * y0
+            target += B * y0["_plus"]
             target.baddbmm_(self.sum_y_plus.view(G, og, 1), x0)
             target = tensors["sum_x_plus"].view(G, og, D)
             target += B
             target.baddbmm_(self.count_plus.view(G, og, 1), x0)
         if "sum_xy" in tensors:
             target = tensors["sum_xy"].view(G, og, D)
-            if "sum_xy" in blocks:
+            sum_x64 = sum_x.to(torch.float64)
+            if "sum_xy" in blocks:  # one block of all samples
                 target += blocks["sum_xy"]
-            else:
-                target += blocks["sum_xy_plus"]
-                target += blocks["sum_xy_minus"]
-            target += sum_x.to(torch.float64) * y0
+                target += sum_x64 * y0[""]
+            else:  # active and inactive blocks, each shifted by its own y₀
+                A, B, C = blocks["sum_xy_plus"], blocks["sum_x_plus"], blocks["sum_xy_minus"]
+                target += A
+                target += C
+                target += B * (y0["_plus"] - y0["_minus"])
+                target += sum_x64 * y0["_minus"]
             target.baddbmm_(self.sum_y.view(G, og, 1), x0)
         if sum_x is not None:
             tensors["sum_x"] += sum_x.reshape(G, D)
@@ -671,6 +695,12 @@ class Statistics(Mapping[str, LayerStatistics]):
             )
             for name, layer in self.layers.items()
         }
+        for name, layer in self.layers.items():
+            if layer._shift is not None:
+                layers[name]._shift = _Shift(
+                    {k: v.clone() for k, v in layer._shift.state().items()},
+                    layer.groups, layer.patch_size,
+                )
         return Statistics(
             layers,
             estimator=self.estimator,
@@ -699,13 +729,20 @@ class Statistics(Mapping[str, LayerStatistics]):
 
     # ------------------------------------------------------------------ flat form
     def state_tensors(self) -> dict[str, Tensor]:
-        """All sums as one flat ``{"layer::sum": tensor}`` dict (for checkpoints)."""
+        """All sums as one flat ``{"layer::sum": tensor}`` dict (for checkpoints).
+
+        The shifts of a float32 fit come along as ``"layer::shift::channel"``, ``…::offset``
+        and ``…::y0``, so that a resumed fit forms the same products as an uninterrupted one.
+        """
         self.flush()
-        return {
-            f"{name}::{key}": tensor
-            for name, layer in self.layers.items()
-            for key, tensor in layer.tensors.items()
-        }
+        state = {}
+        for name, layer in self.layers.items():
+            for key, tensor in layer.tensors.items():
+                state[f"{name}::{key}"] = tensor
+            if layer._shift is not None:
+                for key, tensor in layer._shift.state().items():
+                    state[f"{name}::shift::{key}"] = tensor
+        return state
 
     def describe(self) -> dict[str, object]:
         """JSON-able description of the layout (without the numbers)."""
@@ -735,6 +772,9 @@ class Statistics(Mapping[str, LayerStatistics]):
                 "cpu",
                 {key: tensors[f"{name}::{key}"].to(torch.float64) for key in sums},
             )
+            shift = {key: tensors.get(f"{name}::shift::{key}") for key in _Shift.STATE}
+            if all(t is not None for t in shift.values()):
+                layers[name]._shift = _Shift(shift, int(groups), int(patch_size))
         return cls(
             layers,
             estimator=str(description["estimator"]),
@@ -749,7 +789,11 @@ class Statistics(Mapping[str, LayerStatistics]):
         for layer in self.layers.values():
             layer.device = device
             layer.tensors = {k: v.to(device) for k, v in layer.tensors.items()}
-            layer._shift = None  # taken anew from the next batch, on the new device
+            if layer._shift is not None:
+                layer._shift = _Shift(
+                    {k: v.to(device) for k, v in layer._shift.state().items()},
+                    layer.groups, layer.patch_size,
+                )
         return self
 
 
