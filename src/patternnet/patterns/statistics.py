@@ -455,6 +455,16 @@ class LayerStatistics:
             else:
                 target.view(G, O // G, -1).add_(block)
 
+    def rows(self, start: int, stop: int) -> LayerStatistics:
+        """The sums of units ``start:stop`` (views, no copies; one group only)."""
+        if self.groups != 1:
+            raise ValueError("rows() of grouped statistics: take whole groups instead")
+        self.flush()
+        per_unit = {"sum_y", "count_plus", "sum_xy", "sum_x_plus", "sum_xy_plus",
+                    "sum_x_minus", "sum_xy_minus"}
+        tensors = {k: (t[start:stop] if k in per_unit else t) for k, t in self.tensors.items()}
+        return LayerStatistics(stop - start, 1, self.patch_size, self.sums, self.device, tensors)
+
     # ------------------------------------------------------------------ merge
     def merge_(self, other: LayerStatistics) -> LayerStatistics:
         """Add another partial fit's sums into these (in place) and return self."""

@@ -78,11 +78,13 @@ def weight_summary(model: nn.Module) -> dict[str, list[float]]:
     summary = {}
     for name, module in model.named_modules():
         if is_linear_layer(module):
-            w = module.weight.detach()
-            summary[name] = [
-                float(w.sum(dtype=torch.float64)),
-                float(w.double().square().sum()),
-            ]
+            w = module.weight.detach().reshape(-1)
+            total, squares = 0.0, 0.0
+            for part in w.split(1 << 20):  # float64 a megabyte at a time, not a copy of w
+                part = part.double()
+                total += float(part.sum())
+                squares += float(part.dot(part))
+            summary[name] = [total, squares]
     return summary
 
 
