@@ -63,7 +63,18 @@ def summary() -> str:
                   "| method | median ms | × gradient |", "|---|---|---|"]
         lines += [f"| {row['method']} | {1000 * row['median_s']:.1f} | "
                   f"{row['ratio_to_gradient']:.2f} |" for row in r["rows"]]
-    fits = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("fit_*.json"))]
+    wholes = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("fit_whole_*.json"))]
+    if wholes:
+        lines += ["\n### Fit: the whole default call (wall time, everything included)", "",
+                  "| model | images | batch | fit s | forward s | × forward | load |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in wholes:
+            for pair in r["pairs"]:
+                lines.append(f"| {r['model']} {r['size']}² | {r['images']} | {r['batch']} | "
+                             f"{pair['fit_s']:.1f} | {pair['forward_s']:.1f} | "
+                             f"{pair['ratio']:.2f} | {pair['load_average'][0]:.1f} |")
+    fits = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("fit_*.json"))
+            if not p.name.startswith("fit_whole_")]
     if fits:
         lines += ["\n### Fit", "", "| model | device | estimator | precision | fit s/batch | "
                   "forward s/batch | × forward | peak RSS GB | RSS goal GB | peak GPU GB |",
