@@ -17,26 +17,29 @@ sum                 shape                        needed by
 ``count_plus``      ``(O,)``                      a₊, a₋
 ``sum_x_plus``      ``(O, D)``                    a₊, a₋
 ``sum_xy_plus``     ``(O, D)``                    a₊, a₋
-``sum_x_minus``     ``(O, D)``                    a₋ in float32 (instead of ``sum_x``)
-``sum_xy_minus``    ``(O, D)``                    a₋ in float32 (instead of ``sum_xy``)
+``sum_x_minus``     ``(O, D)``                    a₋ in old float32 statistics
+``sum_xy_minus``    ``(O, D)``                    a₋ in old float32 statistics
 ==================  ===========================  ===========================
 
 ``G`` is the number of convolution groups and ``D = weight[0].numel()``. The inactive sums of
 a₋ are ``all − plus``. The products are computed by :meth:`LayerGeometry.weight_product`, the
 layer's own weight-gradient kernel, with the stacked output gradient ``[y·m, m, y, 1]``.
 
-With ``precision="float32"`` a₋'s sums are collected directly, with the stacked gradient
-``[y·m, m, y·(1−m), 1−m]``: ``all − plus`` of two float32-rounded sums cancels where most
-positions are active (a₋ off by several per cent; ``perf/README.md``), the direct sums
-do not. It costs a fourth ``(O, D)`` sum and product instead of the ``(G, D)`` ``sum_x``; in
-float64 the difference is exact enough and the cheaper layout is kept.
+With ``precision="float32"`` (the default fit) a convolution's products are formed in float32
+of *shifted* data (see :class:`_Shift`; method.md §11) with the stacked gradient
+``[y'·m, m, y'·(1−m), 1]``: the inactive product directly, since ``all − plus`` of two
+float32-rounded products cancels where most positions are active. The flush undoes the shift
+in float64 and adds into the same float64 sums as a float64 fit (a₋'s as ``all − plus`` in
+float64, where the difference is exact enough). ``sum_x_minus``/``sum_xy_minus`` are the
+layout of float32 fits before the shift (still read from old statistics).
 
 Speed and memory (method.md §9). A product is either formed per batch (convolutions with big
 activations, a few images at a time so that one chunk, not one batch, is stacked at once) or
 held back: layers whose inputs are smaller than their sums (Linear layers, late
 convolutions) keep their inputs and stacked gradients for a few batches and form one large
 product at :meth:`LayerStatistics.flush`. With ``precision="float32"`` the per-batch products
-are summed in a float32 staging buffer and added into the float64 sums at the flush.
+are summed in a float32 staging buffer and added into the float64 sums at the flush (the
+shift undone there).
 :func:`~patternnet.patterns.fit.collect_statistics` flushes every ``DEFAULT_FLUSH_EVERY``
 batches and at the end; every reader of the sums (``stats[name]``, merging, all-reduce,
 checkpoints) flushes first.
