@@ -229,7 +229,8 @@ def check_checkpoint_bytes(raw: bytes, folder: Path) -> str:
     assert isinstance(context, dict)
     try:
         patterns = fit_patterns(
-            make(), FIT_DATA, batch_size=4, progress=False, checkpoint=path, resume=True
+            make(), FIT_DATA, batch_size=4, progress=False, checkpoint=path, resume=True,
+            precision="float64",  # the corpus checkpoint was written by a float64 fit
         )
     except ValueError:
         return "refused"
