@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from patternnet import Gradient, PatternNet, fit_patterns
-from patternnet.evaluate import earth_movers_distance, emd_score, region_mass, topk_precision
+from patternnet.evaluate import (
+    earth_movers_distance,
+    emd_score,
+    mask_auroc,
+    region_mass,
+    topk_precision,
+)
 from patternnet.groundtruth import (
     WILMING_SIGNAL_WEIGHTS,
     XAI_TRIS_ALPHA,
@@ -275,3 +281,21 @@ def test_wilming_suppressor_claim_as_published():
     assert float(region_mass(gradient, suppressor).mean()) > 0.15
     assert float(topk_precision(signal, test.signal_mask).mean()) > 0.95
     assert float(topk_precision(gradient, test.signal_mask).mean()) < 0.7
+
+
+def test_mask_auroc_by_hand():
+    mask = torch.tensor([[True, True, False, False]])
+    assert float(mask_auroc(torch.tensor([[3.0, 2.0, 1.0, 0.0]]), mask)[0]) == 1.0
+    assert float(mask_auroc(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), mask)[0]) == 0.0
+    # pairs (pos, neg): (3,2) (3,0) (1,2) (1,0) → 3 of 4 won; |−2| = 2 counts as 2
+    assert float(mask_auroc(torch.tensor([[3.0, 1.0, -2.0, 0.0]]), mask)[0]) == 0.75
+    # a tie counts one half: (1,1) (1,0) (1,1) (1,0) → (0.5 + 1 + 0.5 + 1) / 4
+    assert float(mask_auroc(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), mask)[0]) == 0.75
+    metrics = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(3)
+    e = torch.randint(0, 4, (5, 30), generator=g).double()
+    m = torch.rand(5, 30, generator=g) < 0.4
+    ours = mask_auroc(e, m)
+    for i in range(5):
+        ref = metrics.roc_auc_score(m[i].numpy(), e[i].numpy())
+        assert float(ours[i]) == pytest.approx(ref, abs=1e-12)

@@ -9,6 +9,8 @@ magnitude ``|e|`` (the sign of an explanation is method-specific; where the sign
 - :func:`topk_precision` — the fraction of the ``k`` features with the largest ``|e|`` that lie
   in the signal mask (``k`` = the mask's size by default; features with ``e = 0`` are never
   selected, as in XAI-TRIS);
+- :func:`mask_auroc` — ROC-AUC of ``|e|`` as a detector of the mask's features (Wilming et
+  al. 2022's main metric; 1 = every mask feature above every other);
 - :func:`earth_movers_distance`, :func:`emd_score` — the optimal-transport distance between
   ``|e|`` and the mask, both normalised to sum 1, with Euclidean pixel distances as the cost,
   and XAI-TRIS's score ``1 − EMD/√(2·H·W)`` (exact, by the network simplex of POT);
@@ -34,6 +36,7 @@ __all__ = [
     "earth_movers_distance",
     "emd_score",
     "ground_truth_metrics",
+    "mask_auroc",
     "region_mass",
     "signal_cosine",
     "topk_precision",
@@ -115,6 +118,37 @@ def topk_precision(explanation: Tensor, mask: Tensor, k: int | None = None) -> T
     hits = (torch.gather(m, 1, order) & (torch.gather(e, 1, order) > 0)).double()
     rank = torch.arange(e.shape[1])[None, :]
     return (hits * (rank < sizes[:, None])).sum(1) / sizes.double()
+
+
+def mask_auroc(explanation: Tensor, mask: Tensor) -> Tensor:
+    """ROC-AUC of ``|explanation|`` against the binary ``mask``, per sample.
+
+    The probability that a feature in the mask gets a larger ``|e|`` than one outside it, ties
+    counting one half (the Mann–Whitney statistic; what ``sklearn.metrics.roc_auc_score``
+    gives). Wilming et al. 2022 score explanations this way.
+
+    Returns
+    -------
+    Tensor
+        ``(N,)`` float64 in ``[0, 1]`` (0.5 = chance).
+    """
+    mask = _same_shape(explanation, mask, "mask")
+    e = _flat("explanation", explanation).abs().double()
+    m = _flat("mask", mask, e.shape[0]).bool()
+    out = torch.empty(e.shape[0], dtype=torch.float64)
+    for i in range(e.shape[0]):
+        pos, neg = e[i][m[i]], e[i][~m[i]]
+        if pos.numel() == 0 or neg.numel() == 0:
+            raise ValueError(f"the mask of sample {i} must have features inside and outside")
+        # average ranks handle ties exactly: AUC = (Σ ranks of pos − p(p+1)/2) / (p·q)
+        values, inverse, counts = torch.unique(e[i], return_inverse=True, return_counts=True)
+        ends = counts.cumsum(0).double()
+        average_rank = ends - (counts.double() - 1) / 2
+        ranks = average_rank[inverse]
+        p, q = pos.numel(), neg.numel()
+        out[i] = (ranks[m[i]].sum() - p * (p + 1) / 2) / (p * q)
+        del values
+    return out
 
 
 def _pixel_grid(shape: tuple[int, ...]) -> Tensor:
