@@ -299,3 +299,15 @@ def test_mask_auroc_by_hand():
     for i in range(5):
         ref = metrics.roc_auc_score(m[i].numpy(), e[i].numpy())
         assert float(ours[i]) == pytest.approx(ref, abs=1e-12)
+
+
+def test_reproduce_script_runs_on_tiny_sizes(tmp_path):
+    from patternnet.groundtruth import reproduce
+
+    rows = reproduce.run_wilming(datasets=1, n=200, epochs=2)
+    assert {r["method"] for r in rows} == {"gradient", "PatternNet", "PatternAttribution", "random"}
+    assert len(rows) == 4 * len(WILMING_SIGNAL_WEIGHTS)
+    tris = reproduce.run_xai_tris(200, 1, scenarios=("lin",), backgrounds=("white",), log=print)
+    assert {r["model"] for r in tris} <= {"LLR", "MLP", "CNN"} and tris
+    assert all("±" in str(r["emd"]) for r in tris)
+    assert reproduce.cnn8()(torch.zeros(2, 1, 8, 8)).shape == (2, 2)
