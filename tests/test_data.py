@@ -232,3 +232,22 @@ def test_cli_preset_follows_the_weights_and_warns_on_a_different_preset(capsys) 
     assert "differs from the preprocessing of --weights IMAGENET1K_V2" in capsys.readouterr().err
     random = common.preset(argparse.Namespace(**dict(options, weights="none")))
     assert (random.resize, random.crop) == (256, 224)
+
+
+def test_weights_preset_reads_class_folders_with_torchvision_image_folder(tmp_path) -> None:
+    datasets = pytest.importorskip("torchvision.datasets")
+    from torchvision.models import ResNet50_Weights
+
+    from patternnet.data import load_data, preset_for
+
+    rng = np.random.default_rng(1)
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        Image.fromarray(rng.integers(0, 256, (250, 260, 3), dtype=np.uint8)).save(
+            tmp_path / label / "a.png")
+    data = load_data(tmp_path, preset_for("torchvision:resnet50", "IMAGENET1K_V2"))
+    assert isinstance(data, datasets.ImageFolder) and data.classes == ["cat", "dog"]
+    image, label = data[1]
+    with Image.open(tmp_path / "dog" / "a.png") as raw:
+        expected = ResNet50_Weights.IMAGENET1K_V2.transforms()(raw.convert("RGB"))
+    assert label == 1 and torch.equal(image, expected)

@@ -460,7 +460,8 @@ def load_data(
     Returns
     -------
     Dataset
-        :class:`ImageFiles` for images (read lazily) or a ``TensorDataset`` otherwise.
+        :class:`ImageFiles` for images (read lazily; torchvision's ``ImageFolder`` for a
+        class-folder layout with a preset from torchvision weights) or a ``TensorDataset``.
 
     Raises
     ------
@@ -489,4 +490,9 @@ def load_data(
     if any(path.glob("*-images-idx3-ubyte*")):
         return TensorDataset(*load_idx(path, split, preset))
     paths, labels, classes = image_paths(path)
+    if preset.transform is not None and classes:
+        # a torchvision weights' preset: torchvision's own ImageFolder with its transforms()
+        from torchvision.datasets import ImageFolder
+
+        return ImageFolder(str(path), transform=preset.transform, allow_empty=True)
     return ImageFiles(paths, labels, preset, classes)

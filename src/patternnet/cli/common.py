@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from ..data import PRESETS, ImageFiles, load_data, preset_for
+from ..data import PRESETS, load_data, preset_for
 from ..engine.support import UnsupportedModuleError
 from ..methods.registry import build_method, method_info, methods
 from ..models import load
@@ -258,7 +258,7 @@ def loader(args: argparse.Namespace, data: Any) -> DataLoader:
     workers = args.workers
     inner = getattr(data, "dataset", data)
     if workers is None:
-        workers = min(4, os.cpu_count() or 1) if isinstance(inner, ImageFiles) else 0
+        workers = min(4, os.cpu_count() or 1)  # image files (ImageFiles, ImageFolder)
     if isinstance(inner, TensorDataset):
         workers = 0
     return DataLoader(data, batch_size=args.batch_size, num_workers=workers)
