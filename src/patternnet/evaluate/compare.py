@@ -34,7 +34,7 @@ from .perturbation import (
     PairedDifference,
     PerturbationCurves,
     aopc,
-    paired_difference,
+    paired_differences,
     region_perturbation,
 )
 from .plots import plot_degradation
@@ -368,13 +368,8 @@ def compare(
                      "aopc_high": interval.high})  # fmt: skip
         if lerf:
             lerf_curves["random"] = curve
-    differences = []
-    for a, b in pairs:
-        missing = [x for x in (a, b) if x not in curves]
-        if missing:
-            raise KeyError(f"pairs: {missing} are not among the measured methods {list(curves)}")
-        differences.append(paired_difference(curves[a], curves[b], confidence=confidence,
-                                             resamples=resamples, seed=seed))  # fmt: skip
+    differences = paired_differences(curves, pairs, confidence=confidence, resamples=resamples,
+                                     seed=seed)  # fmt: skip
     settings: dict[str, Any] = {"samples": int(inputs.shape[0])}
     if images:
         settings.update(k=k, steps=min(steps, next(iter(curves.values())).steps),

@@ -54,7 +54,7 @@ images are compared by a *paired* bootstrap of the per-image AOPC differences
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,7 @@ __all__ = [
     "bootstrap_interval",
     "degradation_table",
     "paired_difference",
+    "paired_differences",
     "perturbed_images",
     "region_grid",
     "region_order",
@@ -613,6 +614,31 @@ class DegradationTable:
         return "\n".join(lines) + "\n"
 
 
+def paired_differences(
+    curves: Mapping[str, PerturbationCurves],
+    pairs: Iterable[tuple[str, str]],
+    *,
+    confidence: float = 0.95,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> list[PairedDifference]:
+    """:func:`paired_difference` for each named pair ``(a, b)`` of ``curves``.
+
+    Raises
+    ------
+    KeyError
+        When a name of a pair is not among ``curves``.
+    """
+    differences = []
+    for a, b in pairs:
+        missing = [x for x in (a, b) if x not in curves]
+        if missing:
+            raise KeyError(f"pairs: {missing} are not among the measured curves {list(curves)}")
+        differences.append(paired_difference(curves[a], curves[b], confidence=confidence,
+                                             resamples=resamples, seed=seed))  # fmt: skip
+    return differences
+
+
 def degradation_table(
     curves: Mapping[str, PerturbationCurves],
     *,
@@ -640,13 +666,8 @@ def degradation_table(
                      "low": interval.low, "high": interval.high, "confidence": confidence,
                      "samples": interval.samples, "k": curve.k, "steps": curve.steps,
                      "replacement": curve.replacement, "edge": curve.edge})  # fmt: skip
-    differences = []
-    for a, b in pairs:
-        missing = [x for x in (a, b) if x not in curves]
-        if missing:
-            raise KeyError(f"{missing} are not among the curves {list(curves)}")
-        differences.append(paired_difference(curves[a], curves[b], confidence=confidence,
-                                             resamples=resamples, seed=seed))  # fmt: skip
+    differences = paired_differences(curves, pairs, confidence=confidence, resamples=resamples,
+                                     seed=seed)  # fmt: skip
     return DegradationTable(rows, differences)
 
 
