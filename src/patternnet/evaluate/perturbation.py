@@ -166,21 +166,25 @@ def region_scores(attributions: Tensor, k: int, edge: str = "reflect") -> Tensor
     """
     _check_images("attributions", attributions)
     _check_edge(edge)
-    n, _, h, w = attributions.shape
     per_pixel = attributions.detach().to(torch.float64).sum(1, keepdim=True)
+    sums, counts = _region_sums(per_pixel, k, edge)
+    return sums[:, 0] if edge == "sum" else sums[:, 0] / counts
+
+
+def _region_sums(x: Tensor, k: int, edge: str) -> tuple[Tensor, Tensor]:
+    """Per-channel sums over each region, ``(N, C, R)`` float64, and the pixels per region.
+
+    With ``edge="reflect"`` the regions are the k×k blocks of the reflect-padded ``x``.
+    """
+    n, c, h, w = x.shape
+    x = x.detach().to(torch.float64)
     if edge == "reflect":
-        pad = _padding(h, w, k)
-        per_pixel = _reflect(per_pixel, pad)
-        ids = region_grid(per_pixel.shape[2], per_pixel.shape[3], k)
-    else:
-        ids = region_grid(h, w, k)
-    ids = ids.to(per_pixel.device).flatten()
+        x = _reflect(x, _padding(h, w, k))
+    ids = region_grid(x.shape[2], x.shape[3], k).to(x.device).flatten()
     regions = int(ids.max()) + 1
-    scores = torch.zeros(n, regions, dtype=torch.float64, device=per_pixel.device)
-    scores.index_add_(1, ids, per_pixel.reshape(n, -1))
-    if edge != "sum":
-        scores = scores / torch.bincount(ids, minlength=regions).to(scores)
-    return scores
+    sums = torch.zeros(n, c, regions, dtype=torch.float64, device=x.device)
+    sums.index_add_(2, ids, x.reshape(n, c, -1))
+    return sums, torch.bincount(ids, minlength=regions).to(sums)
 
 
 def region_order(
@@ -254,18 +258,8 @@ def replacement_values(
     _check_edge(edge)
     n, c, h, w = inputs.shape
     if replacement == "mean":
-        flat = inputs.detach().to(torch.float64)
-        if edge == "reflect":
-            left, right, top, bottom = pad = _padding(h, w, k)
-            flat = _reflect(flat, pad)
-            grid = region_grid(flat.shape[2], flat.shape[3], k)
-        else:
-            grid = region_grid(h, w, k)
-        ids = grid.to(inputs.device).flatten()
-        regions = int(ids.max()) + 1
-        sums = torch.zeros(n, c, regions, dtype=torch.float64, device=inputs.device)
-        sums.index_add_(2, ids, flat.reshape(n, c, -1))
-        means = sums / torch.bincount(ids, minlength=regions).to(sums)
+        sums, counts = _region_sums(inputs, k, edge)
+        means = sums / counts
         inside = region_ids(h, w, k, edge).to(inputs.device).flatten()
         return means[:, :, inside].reshape(n, c, h, w).to(inputs.dtype)
     if replacement == "zeros":
