@@ -19,7 +19,11 @@ installs rules on a borrowed model and removes them afterwards:
   addition of two same-shaped tensors that both carry the graph, and the rule splits what
   arrives at the sum between the summands: its ``save`` receives ``x = (a, b)`` and its
   ``backward`` returns ``(to_a, to_b)``. Without an addition rule the sum passes the same
-  quantity to both summands, as the gradient does.
+  quantity to both summands, as the gradient does. An addition rule with a ``constant_rule``
+  also gets ``x + c`` where only ``x`` carries the graph (a position embedding as a bias).
+- **whole calls** of a module whose rule sets ``reads_call = True`` (AttnLRP's
+  ``nn.MultiheadAttention`` rule): ``save`` receives ``(args, kwargs)``, a tuple output has its
+  first element wrapped, and what flows back goes to the first argument.
 
 Nothing is stored on the user's modules; hooks and modes live inside :func:`rules_applied`.
 """
@@ -131,6 +135,29 @@ def _module_hook(rule: Rule) -> Callable[..., Any]:
     return hook
 
 
+def _call_hook(rule: Rule) -> Callable[..., Any]:
+    """The hook of a rule that reads the whole call (``rule.reads_call``): ``save`` gets
+    ``x = (args, kwargs)``; a tuple output (``nn.MultiheadAttention``'s ``(out, weights)``)
+    has its first element wrapped, the rest passes unchanged. What flows back goes to
+    ``args[0]``."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict, output: Any) -> Any:
+        first = output[0] if isinstance(output, tuple) and output else output
+        x = args[0] if args else None
+        if not (
+            torch.is_grad_enabled()
+            and isinstance(x, Tensor)
+            and isinstance(first, Tensor)
+            and x.requires_grad
+        ):
+            return None
+        state = rule.save(module, (args, kwargs), first)
+        wrapped = _Swapped.apply(rule, module, state, x, [first.detach()])
+        return (wrapped, *output[1:]) if isinstance(output, tuple) else wrapped
+
+    return hook
+
+
 #: Activation functions a function rule can name, with the out-of-place function used while
 #: rules are active. ``nn.ReLU`` calls ``F.relu``, so one entry covers both.
 ACTIVATION_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
@@ -173,10 +200,40 @@ def _product(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
     return _Swapped.apply(rule, None, state, x, [out.detach()])
 
 
+def _constant_sum(rule: Rule, func: Any, a: Any, b: Any, args: tuple, kwargs: dict) -> Any:
+    """``x + c`` with a constant tensor ``c`` (no graph: a bias, a position embedding) under
+    ``rule.constant_rule``; None when the sum is not of that kind."""
+    inner = getattr(rule, "constant_rule", None)
+    if (
+        inner is None
+        or func in _IN_PLACE_ADDITIONS
+        or not torch.is_grad_enabled()
+        or not (isinstance(a, Tensor) and isinstance(b, Tensor))
+        or a.requires_grad == b.requires_grad
+        or len(args) > 2
+        or set(kwargs) - {"other", "input"}
+    ):
+        return None
+    x, c = (a, b) if a.requires_grad else (b, a)
+    out = func(*args, **kwargs)
+    if not (isinstance(out, Tensor) and out.shape == x.shape):
+        return out
+    state = inner.save(None, (x.detach(), c.detach()), out.detach())
+    return _Swapped.apply(inner, None, state, x, [out.detach()])
+
+
 def _sum(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
-    """Apply an addition rule to ``a + b`` when both summands carry the graph, else add."""
+    """Apply an addition rule to ``a + b`` when both summands carry the graph, else add.
+
+    A rule with a ``constant_rule`` attribute also gets ``x + c`` where only ``x`` carries the
+    graph (the constant rule's ``save`` receives ``(x, c)``, its ``backward`` returns what
+    flows to ``x``).
+    """
     a = args[0] if args else kwargs.get("input")
     b = args[1] if len(args) > 1 else kwargs.get("other")
+    constant = _constant_sum(rule, func, a, b, args, kwargs)
+    if constant is not None:
+        return constant
     if not (
         torch.is_grad_enabled()
         and isinstance(a, Tensor)
@@ -268,7 +325,10 @@ def rules_applied(
     """
     with ExitStack() as stack:
         for module, rule in module_rules.items():
-            handle = module.register_forward_hook(_module_hook(rule))
+            if getattr(rule, "reads_call", False):
+                handle = module.register_forward_hook(_call_hook(rule), with_kwargs=True)
+            else:
+                handle = module.register_forward_hook(_module_hook(rule))
             stack.callback(handle.remove)
         if function_rules:
             stack.enter_context(_FunctionRules(function_rules))

@@ -254,6 +254,11 @@ class Attribution:
         """
         return nullcontext()
 
+    def check_model(self, module_rules: dict[nn.Module, Rule]) -> None:
+        """Refuse models with modules no rule covers, before the forward pass (default:
+        :func:`~patternnet.engine.support.check_supported`)."""
+        check_supported(self.model)
+
     def finish(self, inputs: Tensor, grad: Tensor) -> Tensor:
         """Turn what arrived at the input into the explanation (default: unchanged)."""
         return grad
@@ -291,7 +296,7 @@ class Attribution:
             canonical = self._canonical()
             module_rules, function_rules = self.rules(canonical)
             if module_rules or function_rules:  # methods that swap rules need known modules
-                check_supported(self.model)
+                self.check_model(module_rules)
             x = inputs.detach().to(device=device, dtype=dtype).requires_grad_(True)
             with torch.enable_grad(), canonical.active(), rules_applied(
                 module_rules, function_rules
