@@ -13,12 +13,17 @@ TORCH_PLAIN ?= torch==2.13.0
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/activate
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_WITH_VISION) || $(BIN)/pip install -q $(TORCH_PLAIN)
 	$(BIN)/pip install -q -e '.[test,viz]'
 	# zennit is a test-only peer; its torchvision requirement is met above (or its tests skip)
 	$(BIN)/pip install -q --no-deps zennit
+	# lxt (AttnLRP) is the test-only reference of lrp_attnlrp; lxt 2.1 needs transformers
+	# 4.52.4 (with 5.x `import lxt.efficient` fails); its other requirements (bitsandbytes,
+	# open_clip_torch, accelerate) are not imported by lxt.efficient and are left out
+	$(BIN)/pip install -q --no-deps lxt==2.1
+	$(BIN)/pip install -q transformers==4.52.4 tabulate
 	touch $@
 
 venv: $(VENV)/.installed

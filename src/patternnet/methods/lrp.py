@@ -46,11 +46,19 @@ from ..engine.rules import (
     ZBox,
     ZPlus,
 )
+from ..engine.rules.lrp_attention import (
+    AttentionLRP,
+    Identity,
+    NormIdentity,
+    ResidualAndBiasSum,
+)
+from ..engine.rules.norms import NORMS
+from ..engine.support import UnsupportedModuleError, classify
 from ..layers import is_linear_layer
 from .base import Attribution
 from .registry import register
 
-__all__ = ["LRP", "DeepTaylor", "PRESETS", "logit_start"]
+__all__ = ["LRP", "AttnLRP", "DeepTaylor", "PRESETS", "logit_start"]
 
 CONVOLUTIONS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DENSE: tuple[type[nn.Module], ...] = (nn.Linear,)
@@ -381,3 +389,127 @@ class DeepTaylor(LRP):
             output_selector=output_selector,
         )
         self.preset = "deep_taylor"
+
+
+#: Element-wise activations that AttnLRP crosses with the identity rule (``R_x = R``).
+IDENTITY_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.LeakyReLU, nn.ReLU6,
+)
+
+#: Parameters held by a block that enter the model as biases (added to, or concatenated with,
+#: the activations): ``{qualified class name: parameter names}``. Under AttnLRP they absorb
+#: their share of relevance like a layer's bias.
+ADDITIVE_PARAMETERS: dict[str, frozenset[str]] = {
+    "torchvision.models.vision_transformer.VisionTransformer": frozenset({"class_token"}),
+    "torchvision.models.vision_transformer.Encoder": frozenset({"pos_embedding"}),
+}
+
+
+def _qualified(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+@register(
+    "lrp_attnlrp",
+    description="AttnLRP (transformers): ε on Linear/Conv, softmax and bilinear attention rules, "
+    "identity on LayerNorm scale and GELU",
+)
+class AttnLRP(LRP):
+    """LRP for transformers following AttnLRP (Achtibat et al., ICML 2024).
+
+    The rules (:mod:`patternnet.engine.rules.lrp_attention`): the ε rule on every Linear/Conv
+    layer (in-projections and output projections of ``nn.MultiheadAttention`` included), the
+    softmax rule and the uniform rule on the products ``q kᵀ`` and ``A V`` inside attention, the
+    identity rule on LayerNorm's ``γ/σ`` (the z rule on its centring) and on element-wise
+    activations (GELU, SiLU, ...), the z rule on residual sums, and added parameters (position
+    embeddings) and concatenated ones (class tokens) as biases.
+
+    Parameters
+    ----------
+    model:
+        The transformer (borrowed, never changed).
+    epsilon:
+        ε of every denominator. The default 0 is the form ``lxt`` implements (gradient × input
+        with modified gradients): relevance is conserved up to biases, and a unit whose value is
+        exactly 0 passes nothing.
+    conservative:
+        True: CP-LRP inside attention (Ali et al., ICML 2022; attention probabilities held
+        fixed), what ``lxt`` applies to torchvision's vision transformers (registered as
+        ``lrp_attnlrp_cp``).
+    canonizers, output_selector:
+        See :class:`~patternnet.methods.base.Attribution`.
+
+    Notes
+    -----
+    ``nn.MultiheadAttention`` is covered for self-attention without masks (what torchvision's
+    ``VisionTransformer`` and ``nn.TransformerEncoderLayer`` without masks call); other calls
+    raise ``NotImplementedError`` naming what is missing.
+    """
+
+    name = "lrp_attnlrp"
+    references = (
+        "Achtibat et al., AttnLRP: Attention-aware layer-wise relevance propagation for "
+        "transformers, ICML 2024",
+        "Ali et al., XAI for transformers: better explanations through conservative "
+        "propagation, ICML 2022",
+    )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        epsilon: float = 0.0,
+        conservative: bool = False,
+        canonizers: Sequence[Canonizer] | None = None,
+        output_selector: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        super().__init__(
+            model, {LINEAR_AND_CONV: Epsilon(epsilon)}, epsilon=epsilon, stabilizer=epsilon,
+            canonizers=canonizers, output_selector=output_selector,
+        )
+        self.preset = "attnlrp_cp" if conservative else "attnlrp"
+        self.conservative = bool(conservative)
+        self.sum_rule = ResidualAndBiasSum(stabilizer=epsilon)
+        attention = AttentionLRP(epsilon, conservative=conservative)
+        norm, identity = NormIdentity(epsilon), Identity()
+        for module in model.modules():
+            if isinstance(module, nn.MultiheadAttention):
+                self.assignment[module] = attention
+            elif isinstance(module, NORMS):
+                self.assignment[module] = norm
+            elif isinstance(module, IDENTITY_ACTIVATIONS):
+                self.assignment[module] = identity
+
+    def check_model(self, module_rules: dict[nn.Module, Rule]) -> None:
+        """Refuse modules with weights that no AttnLRP rule covers (clear error, all named)."""
+        modules = dict(self.model.named_modules())
+        covered = [name for name, module in modules.items() if module in module_rules]
+        bad = []
+        for name, support in classify(self.model, folding=False).items():
+            if support.kind != "unsupported":
+                continue
+            if any(name == c or name.startswith(c + ".") for c in covered):
+                continue
+            module = modules[name]
+            own = {p for p, _ in module.named_parameters(recurse=False)}
+            if own and own <= ADDITIVE_PARAMETERS.get(_qualified(module), frozenset()):
+                continue
+            bad.append((name or "<model>", support.type, support.note))
+        if bad:
+            lines = "\n".join(f"  - {name} ({kind}): {note}" for name, kind, note in bad)
+            raise UnsupportedModuleError(
+                f"AttnLRP cannot explain {type(self.model).__name__}: no rule covers\n{lines}\n"
+                "AttnLRP has rules for Linear/Conv, nn.MultiheadAttention (self-attention), "
+                "LayerNorm/GroupNorm, element-wise activations, and the class token and "
+                "position embedding of torchvision's VisionTransformer.",
+                bad,
+            )
+
+
+register(
+    "lrp_attnlrp_cp",
+    description="AttnLRP with CP-LRP inside attention (attention probabilities held fixed), "
+    "as lxt applies it to torchvision ViTs",
+    conservative=True,
+)(AttnLRP)
