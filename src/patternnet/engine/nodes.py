@@ -141,10 +141,11 @@ class NodeCall:
     to_inputs: Callable[[Tensor], tuple[Tensor, ...]]
     geometry: LayerGeometry | None = None
     kernel: tuple[int, ...] = ()
-    #: Channelwise nodes: ``dtype -> (x (U, D, M), y (U, M))``, the node input and output
+    #: Channelwise nodes: ``(dtype, shift) -> (x (U, D, M), y (U, M))``, the node input
+    #: (minus ``shift (U, D)`` when given) and the node's output as the model computed it,
     #: unit-major with ``M = N·P`` samples, converted to ``dtype`` in one copy (the fit's
     #: statistics are then one batched product).
-    unit_major: Callable[[torch.dtype], tuple[Tensor, Tensor]] | None = None
+    unit_major: Callable[[torch.dtype, Tensor | None], tuple[Tensor, Tensor]] | None = None
 
     def weight_shape(self) -> torch.Size:
         """Shape of the fixed weight as the geometry's convolution weight (window nodes)."""
@@ -161,6 +162,18 @@ def _graph_tensor(value: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------ sums
+
+
+def _copy_shifted(target: Tensor, source: Tensor, shift: Tensor | None) -> None:
+    """``target ← source − shift`` (``shift`` None: a plain copy), converting to ``target``'s
+    dtype in the same pass where the dtypes allow it."""
+    if shift is None:
+        target.copy_(source)
+    elif source.dtype == target.dtype:
+        torch.sub(source, shift.to(target.dtype), out=target)
+    else:
+        target.copy_(source).sub_(shift.to(target.dtype))
+
 
 
 def _channelwise(stacked: Tensor) -> Tensor:
@@ -188,12 +201,14 @@ def sum_call(
     def to_inputs(grad: Tensor) -> tuple[Tensor, ...]:  # (N, C, m, P)
         return tuple(g.reshape(shape) for g in grad.unbind(2))
 
-    def unit_major(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def unit_major(dtype: torch.dtype, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
         n, c = shape[0], shape[1]
         x = values[0].new_empty((c, len(values), n, values[0][0, 0].numel()), dtype=dtype)
-        for d, value in enumerate(values):  # one copy: permute and convert together
-            x[:, d].copy_(value.reshape(n, c, -1).transpose(0, 1))
-        y = x.sum(1)
+        for d, value in enumerate(values):  # one copy: permute, convert (and shift) together
+            _copy_shifted(x[:, d], value.reshape(n, c, -1).transpose(0, 1),
+                          None if shift is None else shift[:, d].view(c, 1, 1))  # fmt: skip
+        y = result.new_empty((c, n, x.shape[-1]), dtype=dtype)
+        y.copy_(result.reshape(n, c, -1).transpose(0, 1))  # the sum as the model computed it
         return x.view(c, len(values), -1), y.view(c, -1)
 
     return NodeCall("sum", tuple(summands), "channelwise", shape[1], len(summands), arrange,
@@ -228,10 +243,11 @@ def mean_call(x: Tensor, dims: tuple[int, ...], keepdim: bool, result: Tensor) -
     def to_inputs(grad: Tensor) -> tuple[Tensor, ...]:
         return (grad.reshape(permuted_shape).permute(inverse),)
 
-    def unit_major(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def unit_major(dtype: torch.dtype, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
         node_input = value.permute(order).reshape(n, units, width)
         x_t = node_input.new_empty((units, width, n), dtype=dtype)
-        x_t.copy_(node_input.permute(1, 2, 0))
+        _copy_shifted(x_t, node_input.permute(1, 2, 0),
+                      None if shift is None else shift.view(units, width, 1))  # fmt: skip
         return x_t, result.detach().reshape(n, units).t().to(dtype)
 
     return NodeCall("mean", (x,), "channelwise", units, width, arrange, result, to_output,
@@ -361,11 +377,18 @@ class NodeTracker(TorchFunctionMode):
         ``handle(name, call) -> Tensor | None``: a tensor holding the call's value that
         carries what the backward pass should do (the explanation), or None to run the
         operation itself (the fit, which only records statistics).
+    records:
+        ``handle`` only records (always returns None) and reads the call at once: a sum then
+        runs once, and the ``NodeCall`` reads the operation's own output (the fit), instead
+        of a separately computed value that ``handle`` may replace (the explanation).
     """
 
-    def __init__(self, handle: Callable[[str, NodeCall], Tensor | None]) -> None:
+    def __init__(
+        self, handle: Callable[[str, NodeCall], Tensor | None], records: bool = False
+    ) -> None:
         super().__init__()
         self.handle = handle
+        self.records = records
         self.counts: dict[str, int] = {}
         # Sums of this pass still alive: id → (weak result, version, summands, versions), so
         # that ``(a + b) + c`` is one node with three summands.
@@ -422,15 +445,26 @@ class NodeTracker(TorchFunctionMode):
             return func(*args, **kwargs)
         summands = self._summands(a) + self._summands(b)
         in_place = func in _IN_PLACE
+        if self.records:
+            # Read at once: before an in-place sum overwrites ``a``, after any other sum (its
+            # output is the node's value). The operation itself runs once.
+            values = tuple(u.detach() for u in summands)
+            if in_place:
+                self.handle(self._name("sum"), sum_call(summands, _total(values), values))
+                out = func(*args, **kwargs)
+                if any(u is a for u in summands):
+                    return out
+            else:
+                out = func(*args, **kwargs)
+                self.handle(self._name("sum"), sum_call(summands, out.detach(), values))
+            self._remember(out, summands)
+            return out
         # An in-place sum overwrites ``a``: the node needs its value from before.
         before = a.detach().clone() if in_place and any(u is a for u in summands) else None
         values = tuple(
             before if before is not None and u is a else u.detach() for u in summands
         )
-        total = values[0] + values[1]
-        for value in values[2:]:
-            total = total + value
-        out = self.handle(self._name("sum"), sum_call(summands, total, values))
+        out = self.handle(self._name("sum"), sum_call(summands, _total(values), values))
         if out is None:
             out = func(*args, **kwargs)
         elif in_place:
@@ -438,6 +472,11 @@ class NodeTracker(TorchFunctionMode):
             out = a
         if before is not None:  # ``a`` now holds the sum: it cannot stand for its summand
             return out
+        self._remember(out, summands)
+        return out
+
+    def _remember(self, out: Tensor, summands: tuple[Tensor, ...]) -> None:
+        """Keep ``out`` as a sum of ``summands`` while it lives unchanged (chains merge)."""
         key = id(out)
         self._sums[key] = (
             weakref.ref(out, lambda _, key=key, sums=self._sums: sums.pop(key, None)),
@@ -445,7 +484,14 @@ class NodeTracker(TorchFunctionMode):
             summands,
             tuple(u._version for u in summands),
         )
-        return out
+
+
+def _total(values: tuple[Tensor, ...]) -> Tensor:
+    """``values[0] + values[1] + …`` in the order the model adds them."""
+    total = values[0] + values[1]
+    for value in values[2:]:
+        total = total + value
+    return total
 
 
 @contextmanager

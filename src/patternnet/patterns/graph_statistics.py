@@ -31,44 +31,145 @@ from torch import Tensor
 
 from ..engine.nodes import NodeCall, NodeTracker, fixed_weight, graph_recording, node_kind
 from . import estimators
-from .statistics import LayerStatistics, Statistics, required_sums
+from .statistics import LayerStatistics, Statistics, _Shift, required_sums
 
 __all__ = ["node_patterns", "recording", "update_channelwise"]
 
 
 @torch.no_grad()
-def update_channelwise(
-    stats: LayerStatistics, x: Tensor, y: Tensor, precision: str = "float64"
-) -> None:
-    """Add one batch of a channelwise node: input ``x (U, D, M)``, output ``y (U, M)``.
+def update_channelwise(stats: LayerStatistics, call: NodeCall, precision: str = "float64") -> None:
+    """Add one batch of a channelwise node (a sum or a mean) to its sums.
 
-    ``M`` samples (images × positions) per unit, unit-major. The sums are those of a
-    convolution with ``groups = U`` whose every unit reads ``D`` inputs (method.md §2 with
-    ``y = wᵀx``, no bias, mask ``y > 0``): one batched product of ``x`` with the stacked
-    ``[1, y, m, y·m(, 1 − m, y − y·m)]`` gives them all (a single pass over ``x``).
+    The node input unit-major ``x (U, D, M)`` and output ``y (U, M)``: ``M`` samples (images ×
+    positions) per unit. The sums are those of a convolution with ``groups = U`` whose every
+    unit reads ``D`` inputs (method.md §2 with ``y = wᵀx``, no bias, mask ``y > 0``): one
+    batched product of ``x`` with the stacked ``[1, y, m, y·m]`` gives them all (a single pass
+    over ``x``).
+
+    ``precision="float32"`` (the default fit) follows the layers' scheme (method.md §11): the
+    product is formed in float32 of *shifted* data ``x' = x − x₀``, ``y' = y − y₀`` (``x₀`` per
+    unit and input, ``y₀`` per unit: the means of the node's first batch, kept in
+    ``stats._shift`` so that checkpoints and merged fits use the same ones), with the active
+    and inactive sides as separate columns ``[1, m, y'·m, y'·(1 − m)]``; the batch's ``(U, D)``
+    product is turned back into the sums of ``x`` and ``y`` in float64 at once::
+
+        Σ m x y = Σ m x'y' + y₀ Σ m x' + x₀ Σ m y        Σ m x = Σ m x' + x₀ Σ m
+        Σ x y   = Σ x'y'   + y₀ Σ x'   + x₀ Σ y          Σ x   = Σ x'   + x₀ M
+
+    ``precision="float64"``: every product in float64 (the reference).
     """
-    dtype = torch.float64 if precision == "float64" else torch.float32
-    x, y = x.to(dtype), y.to(dtype)
     need = stats.tensors
-    need["count"] += y.shape[1]
-    need["sum_y"] += y.sum(1).to(torch.float64)
-    columns: dict[str, Tensor] = {}
-    if "sum_x" in need:
-        columns["sum_x"] = torch.ones_like(y)
-    if "sum_xy" in need:
-        columns["sum_xy"] = y
-    if "count_plus" in need:
-        m = (y > 0).to(dtype)
-        need["count_plus"] += m.sum(1).to(torch.float64)
-        ym = y * m
-        columns["sum_x_plus"], columns["sum_xy_plus"] = m, ym
-        if "sum_x_minus" in need:
-            columns["sum_x_minus"], columns["sum_xy_minus"] = 1 - m, y - ym
-    if not columns:
+    if precision == "float64":
+        x, y = call.unit_major(torch.float64, None)
+        shift = None
+    else:
+        shift = stats._shift
+        if shift is None:
+            x, y = call.unit_major(torch.float32, None)
+            shift = stats._shift = _first_shift(x, y)
+            x.sub_(shift.channel.view(x.shape[0], x.shape[1], 1))
+        else:
+            x, y = call.unit_major(torch.float32, shift.channel.view(_unit_shape(stats)))
+    samples = y.shape[1]
+    need["count"] += samples
+    sum_y = y.sum(1, dtype=torch.float64)
+    need["sum_y"] += sum_y
+    plus = "count_plus" in need
+    names = (["x"] if "sum_x" in need else []) + (
+        ["m", "ym"] + (["y_minus"] if "sum_xy" in need else []) if plus
+        else (["y"] if "sum_xy" in need else [])
+    )  # fmt: skip
+    if not names:
         return
-    product = torch.bmm(x, torch.stack(list(columns.values()), 2))  # (U, D, k)
-    for k, name in enumerate(columns):
-        need[name] += product[:, :, k].to(torch.float64)
+    # The columns written in place, unit-major (U, k, M): no stacked copy of y.
+    stacked = y.new_empty((y.shape[0], len(names), samples))
+    columns = dict(zip(names, stacked.unbind(1)))
+    if "x" in columns:
+        columns["x"].fill_(1.0)
+    target = columns["ym"] if plus else columns.get("y")
+    if target is not None:  # y' = y − y₀ (y itself in float64)
+        if shift is None:
+            target.copy_(y)
+        else:
+            torch.sub(y, shift.offsets[""].view(-1, 1), out=target)
+    if plus:
+        m = columns["m"]
+        torch.heaviside(y, y.new_zeros(()), out=m)  # [y > 0]
+        count_plus = m.sum(1, dtype=torch.float64)
+        need["count_plus"] += count_plus
+        if "y_minus" in columns:  # y'·(1 − m) = y' − y'·m
+            columns["y_minus"].copy_(target)
+        target.mul_(m)
+        if "y_minus" in columns:
+            columns["y_minus"].sub_(target)
+        ym = target
+    product = torch.bmm(x, stacked.transpose(1, 2)).to(torch.float64)  # (U, D, k)
+    p = {name: product[:, :, k] for k, name in enumerate(names)}  # each (U, D)
+    if "sum_xy" in need:  # Σ x y over all samples: both sides, or the one column
+        p["y"] = p["ym"] + p["y_minus"] if plus else p["y"]
+    if shift is None:
+        for name, key in (("sum_x", "x"), ("sum_x_plus", "m"), ("sum_xy_plus", "ym"),
+                          ("sum_xy", "y")):  # fmt: skip
+            if name in need:
+                need[name] += p[key]
+        return
+    x0, y0 = shift.x0, shift.y0[""].view(-1, 1)  # (U, D), (U, 1) float64
+    if "sum_x" in need:
+        need["sum_x"] += p["x"] + samples * x0
+    if plus:
+        sum_y_plus = ym.sum(1, dtype=torch.float64) + shift.y0[""] * count_plus  # Σ m y
+        need["sum_x_plus"] += p["m"] + x0 * count_plus.view(-1, 1)
+        need["sum_xy_plus"] += p["ym"] + y0 * p["m"] + x0 * sum_y_plus.view(-1, 1)
+    if "sum_xy" in need:
+        need["sum_xy"] += p["y"] + y0 * p["x"] + x0 * sum_y.view(-1, 1)
+
+
+def _unit_shape(stats: LayerStatistics) -> tuple[int, int]:
+    """``(U, D)``: a channelwise node's units and inputs per unit."""
+    return stats.out_features, stats.patch_size
+
+
+def _first_shift(x: Tensor, y: Tensor) -> _Shift:
+    """The shifts of a channelwise node from its first batch: ``x₀ (U, D)``, ``y₀ (U,)``.
+
+    ``x₀`` is the mean of each unit's input over the batch, except for inputs that were never
+    negative (:func:`_keep_zeros`). Held as a
+    :class:`~patternnet.patterns.statistics._Shift` of a convolution with ``groups = U`` and
+    ``D`` inputs per unit (``channel`` = ``x₀`` flattened), so that checkpoints, copies and
+    moves keep it like a layer's.
+    """
+    units, inputs, samples = x.shape
+    x0 = (x.sum(2, dtype=torch.float64) / samples).to(torch.float32)
+    x0 = _keep_zeros(x0, x.amin(2))
+    y0 = (y.sum(1, dtype=torch.float64) / samples).to(torch.float32)
+    state = {"channel": x0.reshape(-1)}
+    for side in _Shift.SIDES:
+        state["offset" + side], state["y0" + side] = y0, y0.to(torch.float64)
+    return _Shift(state, units, inputs)
+
+
+def _keep_zeros(x0: Tensor, minimum: Tensor) -> Tensor:
+    """``x₀`` with 0 where the first batch's input was never negative (ReLU outputs).
+
+    A non-negative input's zeros must stay exact zeros in the float32 products: an average
+    pool or mean of ReLU outputs is ≤ 0 exactly where its whole window is 0, so its inactive
+    side holds nothing but zeros and its pattern a₋ is 0 (degenerate). Shifted, those zeros
+    become ``−x₀`` and their float32 sums leave rounding noise that the estimator divides by
+    rounding noise (measured: a₋ of 6 of 16 pool units of magnitude ~7 instead of 0). Such
+    inputs have spreads comparable to their means, where an unshifted product loses little;
+    ``y`` is shifted regardless.
+    """
+    return torch.where(minimum >= 0, torch.zeros_like(x0), x0)
+
+
+def _window_shift(call: NodeCall) -> _Shift:
+    """The shift of an average pool (a depthwise convolution) from its first batch: the
+    layers' :meth:`_Shift.first`, with :func:`_keep_zeros` applied to the input channels."""
+    x, out = call.arrange()
+    state = _Shift.first(x, out, None, call.units, call.width).state()
+    dims = [0, *range(2, x.dim())]
+    state["channel"] = _keep_zeros(state["channel"], x.amin(dims).to(torch.float32))
+    return _Shift(state, call.units, call.width)
 
 
 @contextmanager
@@ -97,15 +198,16 @@ def recording(stats: Statistics, precision: str) -> Iterator[NodeTracker]:
             )
         if call.layout == "window":
             assert call.geometry is not None
+            if precision == "float32" and layer._shift is None:
+                layer._shift = _window_shift(call)
             x, out = call.arrange()
             layer.update(call.geometry, x, out, None, call.weight_shape(), precision)
         else:
             assert call.unit_major is not None
-            dtype = torch.float64 if precision == "float64" else torch.float32
-            update_channelwise(layer, *call.unit_major(dtype), precision)
+            update_channelwise(layer, call, precision)
         return None
 
-    tracker = NodeTracker(handle)
+    tracker = NodeTracker(handle, records=True)
     with graph_recording(), tracker:
         yield tracker
 
