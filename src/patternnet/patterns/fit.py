@@ -466,6 +466,7 @@ def compute_patterns(
     if estimator == "two_component":
         smooth = linear_pattern_layers(model, statistics.negative)
     nodes: dict[str, dict[str, Tensor]] = {}
+    workspace = estimators.Workspace()  # float64 buffers of one block, reused by every layer
     for name, layer_stats in statistics.items():
         if is_node_name(name):  # a sum, pool or mean (graph_statistics)
             broken = sorted(k for k, t in layer_stats.tensors.items()
@@ -488,8 +489,10 @@ def compute_patterns(
             kind = estimator
             if estimator == "two_component" and name in smooth:
                 kind = "linear"
-            # finite checks, per block of rows, inside _solve
-            tensors, rep = _solve(name, kind, layer_stats, weight, statistics.negative, dtype)
+            with estimators.one_thread():
+                tensors, rep = _solve(
+                    name, kind, layer_stats, weight, statistics.negative, dtype, workspace
+                )
             layers[name] = {
                 key: t.reshape(weight.shape).to(weight.device) for key, t in tensors.items()
             }
@@ -521,75 +524,34 @@ def compute_patterns(
     return Patterns(layers, estimator=estimator, metadata=metadata, nodes=nodes)
 
 
-#: Rows of a layer's ``(O, D)`` sums solved at a time: a chunk's float64 temporaries (a few
-#: megabytes) stay in the cache, where the whole of VGG16's fc6 (0.8 GB per sum) took one
-#: pass through memory per operation.
-ROW_CHUNK_ELEMENTS = 1 << 19
-
-
 def _solve(
     name: str, kind: str, stats: LayerStatistics, weight: Tensor, negative: bool,
-    dtype: torch.dtype,
+    dtype: torch.dtype, workspace: estimators.Workspace,
 ) -> tuple[dict[str, Tensor], estimators.LayerReport]:
     """The patterns of one layer by ``kind`` (``dtype``, ``(O, D)``) and their report.
 
-    Every estimator is per unit (row), so large layers are solved a block of rows at a time
-    and the blocks' reports merged.
+    The estimators solve a block of rows at a time in float64 in ``workspace``'s buffers and
+    round each block once into ``dtype``.
     """
-    O, D = stats.out_features, stats.patch_size
-    rows = max(1, ROW_CHUNK_ELEMENTS // max(1, D))
-    if stats.groups != 1 or kind == "filter":
-        rows = O
-    w = weight.reshape(O, -1)
-    out: dict[str, Tensor] = {}
-    reports = []
     stats.flush()
-    for start in range(0, O, rows):
-        stop = min(O, start + rows)
-        part = stats if (start, stop) == (0, O) else stats.rows(start, stop)
-        broken = sorted(k for k, t in part.tensors.items() if not torch.isfinite(t).all())
-        if broken:
-            raise ValueError(
-                f"the statistics of layer {name!r} hold NaN or Inf ({', '.join(broken)}): the "
-                "model produced non-finite values there (NaN/Inf weights, or overflow in low "
-                "precision: fit a float32 copy of the model)"
-            )
+    try:
         if kind == "filter":
-            a, rep = estimators.filter_pattern(w)
-            tensors = {"a": a}
-        elif kind == "linear":
-            a, rep = estimators.linear_pattern(part, w[start:stop])
-            tensors = {"a": a}
-        elif kind == "two_component":
-            tensors, rep = estimators.two_component_patterns(part, w[start:stop], negative)
-        else:  # pragma: no cover - validated by required_sums
-            raise ValueError(f"unknown estimator {kind!r}")
-        for key, t in tensors.items():
-            if key not in out:
-                out[key] = torch.empty((O, t.shape[1]), dtype=dtype, device=t.device)
-            out[key][start:stop] = t
-        reports.append((start, rep))
-    return out, _merge_reports(reports, O)
-
-
-def _merge_reports(
-    reports: list[tuple[int, estimators.LayerReport]], units: int
-) -> estimators.LayerReport:
-    """One layer's report from the reports of its blocks of rows (starting at each offset)."""
-    if len(reports) == 1:
-        return reports[0][1]
-    first = reports[0][1]
-    dead = {k: sum(r.dead[k] for _, r in reports) for k in first.dead}
-    degenerate = {k: sum(r.degenerate[k] for _, r in reports) for k in first.degenerate}
-    fraction = None
-    if first.active_fraction is not None:
-        fraction = sum(r.active_fraction * r.units for _, r in reports) / units
-    fallback = None
-    if first.fallback is not None:
-        fallback = {k: [start + i for start, r in reports for i in r.fallback[k]]
-                    for k in first.fallback}  # fmt: skip
-    return estimators.LayerReport(first.samples, units, dead, degenerate, fraction, fallback,
-                                  first.fallback_to)
+            a, rep = estimators.filter_pattern(weight.reshape(stats.out_features, -1))
+            return {"a": a.to(dtype)}, rep
+        if kind == "linear":
+            a, rep = estimators.linear_pattern(stats, weight, dtype=dtype, workspace=workspace)
+            return {"a": a}, rep
+        if kind == "two_component":
+            return estimators.two_component_patterns(
+                stats, weight, negative, dtype=dtype, workspace=workspace
+            )
+    except estimators.NonFiniteStatisticsError as error:
+        raise ValueError(
+            f"the statistics of layer {name!r} hold NaN or Inf ({', '.join(error.names)}): the "
+            "model produced non-finite values there (NaN/Inf weights, or overflow in low "
+            "precision: fit a float32 copy of the model)"
+        ) from None
+    raise ValueError(f"unknown estimator {kind!r}")  # pragma: no cover - see required_sums
 
 
 def fit_patterns(
