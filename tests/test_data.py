@@ -11,14 +11,20 @@ import torch
 from PIL import Image
 
 from patternnet.data import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
     PRESETS,
+    DataNotFoundError,
     ImageFiles,
     Preset,
+    find_fashion_mnist,
     find_idx,
     image_paths,
     load_data,
+    load_fashion_mnist,
     load_idx,
     load_image,
+    one_per_class,
     preset_for,
     read_idx,
 )
@@ -251,3 +257,29 @@ def test_weights_preset_reads_class_folders_with_torchvision_image_folder(tmp_pa
     with Image.open(tmp_path / "dog" / "a.png") as raw:
         expected = ResNet50_Weights.IMAGENET1K_V2.transforms()(raw.convert("RGB"))
     assert label == 1 and torch.equal(image, expected)
+
+
+def test_fashion_mnist_is_found_in_torchvision_layout_and_normalised(tmp_path, monkeypatch):
+    raw = tmp_path / "tv" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    images, labels = make_mnist_folder(raw)
+    assert find_fashion_mnist(tmp_path / "tv") == raw
+    monkeypatch.setenv("PATTERNNET_DATA", str(tmp_path / "tv"))
+    assert find_fashion_mnist() == raw
+    (train_x, train_y), (test_x, test_y), folder = load_fashion_mnist(tmp_path / "tv")
+    assert folder == raw and train_x.shape == (6, 1, 28, 28) and test_y.tolist() == labels.tolist()
+    pixels = torch.from_numpy(images).double()[:, None] / 255
+    expected = (pixels - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    torch.testing.assert_close(train_x.double(), expected, rtol=0, atol=1e-5)
+    with pytest.raises(DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        find_fashion_mnist(tmp_path / "empty")
+    assert issubclass(DataNotFoundError, FileNotFoundError)
+
+
+def test_one_per_class_takes_the_first_of_each_class_in_class_order():
+    labels = torch.tensor([3, 1, 1, 0, 3, 2, 0])
+    assert one_per_class(labels, 3).tolist() == [3, 1, 5]
+    assert one_per_class(labels, 4).tolist() == [3, 1, 5, 0]
+    # fewer classes than asked for: the first samples instead
+    assert one_per_class(labels, 5).tolist() == [0, 1, 2, 3, 4]
+    assert one_per_class(labels, 2, classes=2).tolist() == [3, 1]

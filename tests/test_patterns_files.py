@@ -410,3 +410,29 @@ def test_node_patterns_round_trip(tmp_path: Path) -> None:
     for key, tensor in patterns.nodes["mean#0"].items():
         assert torch.equal(loaded.nodes["mean#0"][key], tensor)
     assert loaded.metadata["nodes"] == {"mean#0": {"kind": "mean", "units": 2, "inputs": 64}}
+
+
+def test_cached_patterns_fit_once_and_refit_for_another_key_or_other_weights(tmp_path) -> None:
+    path, fits = tmp_path / "cache.safetensors", []
+
+    def fit(net: nn.Module) -> Patterns:
+        fits.append(1)
+        return fit_patterns(net, X, progress=False)
+
+    net = model()
+    first, cached = store.cached_patterns(path, net, {"images": 16}, lambda: fit(net))
+    assert not cached and path.is_file() and first.metadata["cache_key"] == {"images": 16}
+    again, cached = store.cached_patterns(path, net, {"images": 16}, lambda: fit(net))
+    assert cached and len(fits) == 1
+    for name in first:
+        assert torch.equal(again[name]["a_plus"], first[name]["a_plus"])
+    _, cached = store.cached_patterns(path, net, {"images": 8}, lambda: fit(net))
+    assert not cached and len(fits) == 2
+    other = model()
+    with torch.no_grad():
+        other[0].weight.mul_(2)
+    _, cached = store.cached_patterns(path, other, {"images": 8}, lambda: fit(other))
+    assert not cached and len(fits) == 3
+    path.write_bytes(b"damaged")
+    _, cached = store.cached_patterns(path, other, {"images": 8}, lambda: fit(other))
+    assert not cached and len(fits) == 4

@@ -19,7 +19,14 @@ from patternnet.demo import run_demo
 from patternnet.evaluate import estimator_quality, region_perturbation
 from patternnet.methods.registry import get_method
 from patternnet.patterns.fit import fit_patterns
-from patternnet.report import ExplanationGrid, Report, curve_summary, method_kind, write_report
+from patternnet.report import (
+    ExplanationGrid,
+    Report,
+    curve_summary,
+    explanation_grid,
+    method_kind,
+    write_report,
+)
 from test_demo import small_config, synthetic_fashion
 
 
@@ -130,6 +137,26 @@ def test_grid_columns_follow_the_method_kind(full_report):
         assert f'<input type="checkbox" id="show-m{i}" data-method="{name}" checked>' in text
         assert f"#show-m{i}:not(:checked) ~ .grid-wrap .m{i} {{ display: none; }}" in text
         assert text.count(f'<td class="m{i}">') == 6
+
+
+def test_explanation_grid_builds_methods_by_name_and_draws_them_by_kind(tmp_path):
+    model = tiny_model()
+    x = torch.randn(12, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    patterns = fit_patterns(model, x, progress=False)
+    grid = explanation_grid(model, x[:3], {"pattern_net": "PatternNet", "lrp_epsilon": "LRP"},
+                            patterns=patterns, row_titles=["a", "b", "c"])  # fmt: skip
+    assert [(c.key, c.title, c.kind) for c in grid.columns] == [
+        ("pattern_net", "PatternNet", "signal"), ("lrp_epsilon", "LRP", "attribution")]
+    signal = get_method("pattern_net", model, patterns=patterns).attribute(x[:3])
+    expected = ExplanationGrid.from_explanations(x[:3], {"pattern_net": signal})
+    np.testing.assert_array_equal(grid.columns[0].pictures[1], expected.columns[0].pictures[1])
+    seen = []
+    explain = lambda method, inputs: seen.append(method.name) or method.attribute(inputs)  # noqa: E731
+    explanation_grid(model, x[:2], ["gradient"], explain=explain)
+    assert seen == ["gradient"]
+    path = grid.save(tmp_path / "grid.png", title="t", row_titles=["a\n(x)", "b", "c"])
+    with Image.open(path) as image:
+        assert min(image.size) > 100
 
 
 def test_method_kind_reads_the_method_first():

@@ -37,14 +37,21 @@ from torch.utils.data import Dataset, TensorDataset
 from .models import _is_file_spec
 
 __all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
     "IMAGE_SUFFIXES",
     "PRESETS",
+    "DataNotFoundError",
     "ImageFiles",
     "Preset",
+    "find_fashion_mnist",
     "find_idx",
     "image_paths",
     "load_data",
+    "load_fashion_mnist",
     "load_idx",
+    "one_per_class",
     "load_image",
     "preset_for",
     "read_idx",
@@ -282,6 +289,108 @@ def load_idx(
     else:
         labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
     return images, labels
+
+
+# ---------------------------------------------------------------------------- Fashion-MNIST
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+#: Fashion-MNIST's training-set pixel mean and standard deviation (pixels in [0, 1]).
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
+_HOW_TO_GET_FASHION_MNIST = """\
+Fashion-MNIST was not found (looked in: {looked}).
+Get the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,
+t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in one of these ways:
+  - Debian/Ubuntu:  sudo apt-get install dataset-fashion-mnist   (then run the demo again)
+  - download them from https://github.com/zalandoresearch/fashion-mnist (data/fashion/)
+    into a folder and run:  patternnet demo --data FOLDER
+  - with torchvision and internet access:
+      python -c "import torchvision; torchvision.datasets.FashionMNIST('data', download=True)"
+    then:  patternnet demo --data data/FashionMNIST/raw"""
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set could not be found; the message says how to get it."""
+
+
+def find_fashion_mnist(data: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding the Fashion-MNIST IDX files (train and t10k).
+
+    Looks in ``data`` (also its ``FashionMNIST/raw`` and ``raw`` sub-folders, torchvision's
+    layout), else in ``$PATTERNNET_DATA``, ``/usr/share/datasets/fashion-mnist`` (the Debian
+    package ``dataset-fashion-mnist``) and ``~/.cache/patternnet/fashion-mnist``.
+
+    Raises
+    ------
+    DataNotFoundError
+        With instructions to get the data.
+    """
+    if data is not None:
+        roots = [Path(data)]
+    else:
+        roots = [FASHION_MNIST_SYSTEM, Path.home() / ".cache" / "patternnet" / "fashion-mnist"]
+        if os.environ.get("PATTERNNET_DATA"):
+            roots.insert(0, Path(os.environ["PATTERNNET_DATA"]))
+    looked = []
+    for root in roots:
+        for folder in (root, root / "FashionMNIST" / "raw", root / "raw"):
+            looked.append(str(folder))
+            try:
+                find_idx(folder, "train")
+                find_idx(folder, "t10k")
+            except (FileNotFoundError, OSError):
+                continue
+            return folder
+    raise DataNotFoundError(_HOW_TO_GET_FASHION_MNIST.format(looked=", ".join(looked[:3])))
+
+
+def load_fashion_mnist(
+    data: str | os.PathLike[str] | None = None,
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Path]:
+    """Fashion-MNIST normalised with its training-set mean and standard deviation.
+
+    Parameters
+    ----------
+    data:
+        A folder with the IDX files, or None to search (:func:`find_fashion_mnist`).
+
+    Returns
+    -------
+    (train_images, train_labels), (test_images, test_labels), folder
+        Images ``(N, 1, 28, 28)`` float32, ``(x - 0.2860) / 0.3530``; the folder read.
+
+    Raises
+    ------
+    DataNotFoundError
+        If the files cannot be found (the message says how to get them).
+    """
+    folder = find_fashion_mnist(data)
+    train_x, train_y = load_idx(folder, "train")
+    test_x, test_y = load_idx(folder, "t10k")
+    train_x = (train_x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    test_x = (test_x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    return (train_x, train_y), (test_x, test_y), folder
+
+
+def one_per_class(labels: Tensor, count: int, classes: int | None = None) -> Tensor:
+    """Indices of the first sample of each class, classes in order, ``count`` of them.
+
+    Falls back to the first ``count`` samples when fewer than ``count`` classes occur.
+    ``classes`` bounds the class indices looked at (default: ``labels.max() + 1``).
+    """
+    classes = int(labels.max()) + 1 if classes is None and labels.numel() else classes or 0
+    picks: list[int] = []
+    for cls in range(classes):
+        hits = (labels == cls).nonzero()
+        if hits.numel():
+            picks.append(int(hits[0]))
+        if len(picks) == count:
+            break
+    if len(picks) < count:
+        picks = list(range(min(count, labels.shape[0])))
+    return torch.tensor(picks, dtype=torch.long)
 
 
 def _to_float(array: np.ndarray) -> Tensor:

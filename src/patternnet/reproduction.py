@@ -192,12 +192,11 @@ def reproduce(
     from . import evaluate, viz
     from .data import load_data, preset_for
     from .methods.pattern import PatternAttribution
-    from .methods.registry import get_method
     from .models import load
     from .patterns import distributed
     from .patterns.fit import fit_patterns
     from .patterns.store import Patterns, atomic_write
-    from .report import ExplanationGrid, Report, curve_summary, degradation_figure
+    from .report import Report, curve_summary, degradation_figure, explanation_grid
 
     for name, value in (("fit_images", fit_images), ("val_images", val_images),
                         ("quality_images", quality_images), ("grid_images", grid_images),
@@ -321,25 +320,15 @@ def reproduce(
 
         # ------------------------------------------------------------ 4. Figure 7
         shown, labels = _stack(val, val_order[:grid_images])
-        explained = {}
-        for name, _ in FIGURE7_METHODS:
-            options = {"patterns": fitted["two_component"]} if name.startswith("pattern") else {}
-            explained[name] = _attribute(get_method(name, net, **options), shown, batch_size,
-                                         device)  # fmt: skip
         classes = getattr(val, "classes", None) or []
         row_titles = [classes[int(c)] if 0 <= int(c) < len(classes) else f"#{i + 1}"
                       for i, c in enumerate(labels)]  # fmt: skip
-        grid = ExplanationGrid.from_explanations(
-            shown, explained, titles=dict(FIGURE7_METHODS), mean=preset.mean, std=preset.std,
-            row_titles=row_titles,
+        grid = explanation_grid(
+            net, shown, dict(FIGURE7_METHODS), patterns=fitted["two_component"],
+            explain=lambda method, x: _attribute(method, x, batch_size, device),
+            mean=preset.mean, std=preset.std, row_titles=row_titles,
         )  # fmt: skip
-        files["figure7"] = out / "figure7-explanations.png"
-        viz.grid(
-            [[picture, *(c.pictures[r] for c in grid.columns)]
-             for r, picture in enumerate(grid.inputs)],
-            column_titles=["Input", *(c.title for c in grid.columns)],
-            row_titles=row_titles, path=files["figure7"],
-        )  # fmt: skip
+        files["figure7"] = grid.save(out / "figure7-explanations.png")
         now = lap("Figure 7: explanations", now)
         log(f"  Figure 7 ({grid_images} images) → {files['figure7']}")
 

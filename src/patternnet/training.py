@@ -4,6 +4,7 @@ ground-truth benchmarks, the tests), its accuracy, and a cache for what it train
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .patterns.store import atomic_write
 
-__all__ = ["accuracy", "cached_model", "train_classifier"]
+__all__ = ["accuracy", "cached_model", "set_threads", "train_classifier"]
 
 
 def train_classifier(
@@ -144,3 +145,17 @@ def cached_model(
     atomic_write(info, lambda tmp: Path(tmp).write_text(json.dumps({"key": key,
                                                                    "accuracy": score})))
     return model.eval(), score, False
+
+
+def set_threads(threads: int | None = None) -> int:
+    """``torch.set_num_threads``: ``threads``, or every core this process may run on (None).
+
+    Returns the number of threads torch now uses.
+    """
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not Linux
+            threads = os.cpu_count() or 1
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()

@@ -19,7 +19,7 @@ import stat
 import tempfile
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from ..layers import geometry, is_linear_layer
 from .estimators import ESTIMATORS
 
-__all__ = ["Patterns", "architecture", "atomic_write", "fingerprint", "weight_summary"]
+__all__ = [
+    "Patterns",
+    "architecture",
+    "atomic_write",
+    "cached_patterns",
+    "fingerprint",
+    "weight_summary",
+]
 
 #: 2: patterns of sums, pools and means (``"sum#0/a_plus"`` ...) and the safe two-component
 #: normaliser (method.md §10-11). Files of format 1 are refused with a request to refit: their
@@ -471,3 +478,46 @@ class Patterns(Mapping[str, dict[str, Tensor]]):
         if model is not None:
             patterns.check(model)
         return patterns
+
+
+def cached_patterns(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    key: Mapping[str, Any],
+    fit: Callable[[], Patterns],
+) -> tuple[Patterns, bool]:
+    """Patterns kept in ``path``: read when they fit ``model`` and were made under ``key``,
+    else fitted with ``fit()`` and saved (atomically).
+
+    Parameters
+    ----------
+    path:
+        The ``.safetensors`` file.
+    model:
+        The model the patterns must fit: a file fitted on another architecture or other
+        weights (:meth:`Patterns.check`) is fitted again.
+    key:
+        What the fit depended on (images, estimator, settings; JSON values), stored as
+        ``metadata["cache_key"]``: a file with another key is fitted again.
+    fit:
+        Fits the patterns.
+
+    Returns
+    -------
+    patterns, cached:
+        The patterns and whether they came from the file.
+    """
+    key = json.loads(json.dumps(dict(key)))  # the form it has after a round trip
+    if Path(path).is_file():
+        try:
+            with warnings.catch_warnings(record=True) as moved:  # other weights: a warning
+                warnings.simplefilter("always")
+                patterns = Patterns.load(path, model=model)
+            if patterns.metadata.get("cache_key") == key and not moved:
+                return patterns, True
+        except (OSError, ValueError):
+            pass  # a stale or damaged file is fitted again
+    patterns = fit()
+    patterns.metadata["cache_key"] = key
+    patterns.save(path)
+    return patterns, False

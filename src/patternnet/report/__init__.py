@@ -15,6 +15,7 @@ from .build import (
     Report,
     curve_summary,
     degradation_figure,
+    explanation_grid,
     method_kind,
     write_report,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Report",
     "curve_summary",
     "degradation_figure",
+    "explanation_grid",
     "method_kind",
     "write_report",
 ]

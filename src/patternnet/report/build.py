@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import __version__, viz
-from ..methods.registry import method_info
+from ..methods.registry import build_method, method_info
 from ..patterns.store import atomic_write
 from . import page
 
@@ -44,6 +44,7 @@ __all__ = [
     "Report",
     "curve_summary",
     "degradation_figure",
+    "explanation_grid",
     "method_kind",
     "write_report",
 ]
@@ -176,6 +177,74 @@ class ExplanationGrid:
             columns.append(GridColumn(name, (titles or {}).get(name, name), kind, pictures))
         rows = list(row_titles[:count]) if row_titles is not None else None
         return cls(shown, columns, rows)
+
+    def save(
+        self,
+        path: str | Path,
+        *,
+        title: str | None = None,
+        row_titles: Sequence[str] | None = None,
+    ) -> Path:
+        """Draw the grid as one image file (:func:`patternnet.viz.grid`): the input, then
+        one column per method.
+
+        Parameters
+        ----------
+        path:
+            The file (PNG, PDF or SVG by the suffix).
+        title:
+            A title above the grid.
+        row_titles:
+            Labels left of the rows (default: :attr:`row_titles`); may hold line breaks.
+        """
+        rows = [[picture, *(column.pictures[r] for column in self.columns)]
+                for r, picture in enumerate(self.inputs)]  # fmt: skip
+        viz.grid(rows, column_titles=["Input", *(column.title for column in self.columns)],
+                 row_titles=row_titles if row_titles is not None else self.row_titles,
+                 title=title, path=path)  # fmt: skip
+        return Path(path)
+
+
+def explanation_grid(
+    model: torch.nn.Module,
+    inputs: Tensor,
+    methods: Mapping[str, str] | Sequence[str],
+    *,
+    patterns: Any = None,
+    explain: Callable[[Any, Tensor], Tensor] | None = None,
+    **grid_options: Any,
+) -> ExplanationGrid:
+    """Explain ``inputs`` with each registered method and draw the results as a grid.
+
+    Each method is built by name (:func:`~patternnet.methods.registry.build_method`: the
+    methods that need patterns get ``patterns``) and drawn as its ``kind`` says.
+
+    Parameters
+    ----------
+    model:
+        The classifier.
+    inputs:
+        ``(N, C, H, W)`` inputs, one row each.
+    methods:
+        Registry names, or ``{name: column title}``.
+    patterns:
+        Fitted patterns for PatternNet, PatternAttribution and their kin.
+    explain:
+        ``explain(method, inputs) -> explanation`` (default ``method.attribute(inputs)``, the
+        predicted class), e.g. to split a large batch.
+    **grid_options:
+        ``mean``, ``std``, ``row_titles``, ``max_rows`` of
+        :meth:`ExplanationGrid.from_explanations`.
+    """
+    titles = dict(methods) if isinstance(methods, Mapping) else {name: name for name in methods}
+    explained, kinds = {}, {}
+    for name in titles:
+        method = build_method(name, model, patterns)
+        kinds[name] = method.kind
+        explained[name] = (explain(method, inputs) if explain is not None
+                           else method.attribute(inputs)).detach()  # fmt: skip
+    return ExplanationGrid.from_explanations(inputs, explained, kinds=kinds, titles=titles,
+                                             **grid_options)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- curves
