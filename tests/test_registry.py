@@ -79,11 +79,15 @@ def test_unknown_names_and_options_are_refused() -> None:
         get_method("pattern_net", model)
 
 
-def test_the_package_is_callable_and_still_a_package() -> None:
-    """``patternnet.methods()`` lists the methods; ``patternnet.methods`` stays the package."""
+def test_available_methods_is_public_and_methods_stays_a_package() -> None:
+    """``patternnet.available_methods()`` lists the methods; ``patternnet.methods`` is the
+    package (no longer callable: see CHANGELOG.md)."""
     import importlib
 
-    assert patternnet.methods() == methods()
+    assert patternnet.available_methods() == methods()
+    assert patternnet.methods.available_methods() == methods()
     package = importlib.import_module("patternnet.methods")
     assert package is patternnet.methods and hasattr(package, "__path__")
+    assert type(package) is type(importlib)  # a plain module, not a module subclass
+    assert not callable(package)
     assert patternnet.methods.lrp.LRP is LRP

@@ -22,6 +22,7 @@ from .methods.guided import DeConvNet, GuidedBackprop
 from .methods.lrp import LRP, DeepTaylor
 from .methods.pattern import PatternAttribution, PatternNet
 from .methods.registry import get_method
+from .methods.registry import methods as available_methods
 from .patterns.fit import FitOptions, collect_statistics, compute_patterns, fit_patterns
 from .patterns.statistics import Statistics
 from .patterns.store import Patterns
@@ -46,6 +47,7 @@ __all__ = [
     "Statistics",
     "UnsupportedModuleError",
     "aopc",
+    "available_methods",
     "check_supported",
     "classify",
     "collect_statistics",

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from ..engine.canonize import Canonical, Canonizer
@@ -421,10 +422,6 @@ def _total_samples(data: Any, batch_size: int | None, limit: int | None) -> int 
 def _progress(enabled: bool, total: int | None, initial: int = 0) -> Any:
     """A tqdm bar in images (it shows images/s, and the ETA when the total is known)."""
     if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
     return tqdm(
         total=total, initial=initial, unit="img", desc="fitting patterns", leave=False,

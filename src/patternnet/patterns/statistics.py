@@ -53,6 +53,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -489,8 +490,6 @@ class LayerStatistics:
 
     def all_reduce_(self, group: object | None = None) -> LayerStatistics:
         """Sum these statistics over all processes of ``torch.distributed`` (in place)."""
-        import torch.distributed as dist
-
         self.flush()
         for name in SUM_NAMES:
             if name in self.tensors:
@@ -724,8 +723,6 @@ class Statistics(Mapping[str, LayerStatistics]):
 
     def all_reduce_(self, group: object | None = None) -> Statistics:
         """Sum over all ``torch.distributed`` processes (in place); counts included."""
-        import torch.distributed as dist
-
         self.flush()
         for name in sorted(self.layers):
             self.layers[name].all_reduce_(group)
