@@ -14,7 +14,7 @@ import patternnet
 from baseline_models import images, vgg
 from patternnet.captum import CaptumAttribution
 
-NAMES = list(patternnet.methods())
+NAMES = list(patternnet.available_methods())
 
 
 @pytest.fixture(scope="module")
