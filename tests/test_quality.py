@@ -375,3 +375,27 @@ def test_singular_inputs_give_finite_values_in_range():
     table = estimator_quality(model, fit, regression, evaluation)
     values = torch.cat([v for v in table.per_neuron.values()])
     assert torch.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()
+
+
+def test_quality_over_splits_is_the_mean_with_its_standard_error():
+    from patternnet.evaluate import quality_over_splits
+
+    model = _small_cnn(4)
+    data = _smooth_images(260, 11)
+    fitted = {"two_component": fit_patterns(model, data[:80], progress=False),
+              "linear": fit_patterns(model, data[:80], estimator="linear", progress=False)}
+    splits = [(data[80 + 60 * i : 110 + 60 * i], data[110 + 60 * i : 140 + 60 * i])
+              for i in range(3)]  # fmt: skip
+    options = {"patterns": fitted, "estimators": ("random", "filter", "linear", "two_component")}
+    tables = [estimator_quality(model, None, r, e, **options) for r, e in splits]
+    combined = quality_over_splits(model, splits, **options)
+    rho = torch.stack([t.rho for t in tables]).double()
+    torch.testing.assert_close(combined.rho.double(), rho.mean(0))
+    # exact tables: the error is the spread over the pairs divided by sqrt(pairs)
+    std = rho.std(0)
+    torch.testing.assert_close(combined.spread.double(), std)
+    torch.testing.assert_close(combined.stderr.double(), std / math.sqrt(3))
+    assert combined.stderr.max() > 0 and all(v["splits"] == 3 for v in combined.info.values())
+    assert "±" in combined.to_markdown()
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        quality_over_splits(model, splits[:1], **options)

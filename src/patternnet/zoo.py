@@ -1,17 +1,18 @@
 """Small models the demos train: named, seeded by the caller, for 1×28×28 inputs.
 
-:func:`fashion_cnn` is the built-in demo's VGG-style network (``patternnet demo``). Each
-builder is also reachable by name through :func:`patternnet.models.load`
-(``"patternnet.zoo:fashion_cnn"``).
+:func:`fashion_cnn` is the built-in demo's VGG-style network (``patternnet demo``),
+:func:`fashion_vit` its Vision Transformer (``patternnet demo --model vit``). Each builder is
+also reachable by name through :func:`patternnet.models.load` (``"patternnet.zoo:fashion_vit"``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["fashion_cnn"]
+__all__ = ["FashionViT", "fashion_cnn", "fashion_vit"]
 
 
 def fashion_cnn(classes: int = 10) -> nn.Sequential:
@@ -36,3 +37,54 @@ def fashion_cnn(classes: int = 10) -> nn.Sequential:
             ]
         )
     )
+
+
+class FashionViT(nn.Module):
+    """A small Vision Transformer: patch embedding → class token + position embedding →
+    ``depth`` pre-norm ``nn.TransformerEncoderLayer`` blocks → LayerNorm → linear head on the
+    class token.
+
+    Parameters
+    ----------
+    image_size, patch, channels:
+        Square images ``(channels, image_size, image_size)`` cut into ``patch × patch``
+        patches (a strided convolution, ``patch_embedding``).
+    dim, heads, depth, mlp:
+        Token width, attention heads, blocks, hidden units of each block's ReLU MLP.
+    classes:
+        Outputs of the head.
+    """
+
+    def __init__(self, image_size: int = 28, patch: int = 7, channels: int = 1,
+                 dim: int = 64, heads: int = 4, depth: int = 2, mlp: int = 128,
+                 classes: int = 10) -> None:  # fmt: skip
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")
+        tokens = (image_size // patch) ** 2
+        self.patch_embedding = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, tokens + 1, dim))
+        nn.init.normal_(self.class_token, std=0.02)
+        nn.init.normal_(self.pos_embedding, std=0.02)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, batch_first=True,
+                                       norm_first=True)  # fmt: skip
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(x.shape[0], -1, -1), tokens], 1)
+        tokens = tokens + self.pos_embedding
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.head(self.norm(tokens)[:, 0])
+
+
+def fashion_vit(classes: int = 10, depth: int = 2) -> FashionViT:
+    """The demo's Vision Transformer for 1×28×28 inputs: 7×7 patches (16 tokens and a class
+    token), width 64, 4 heads, ``depth`` blocks with a 128-unit ReLU MLP."""
+    return FashionViT(classes=classes, depth=depth)

@@ -91,6 +91,7 @@ __all__ = [
     "collect_moments",
     "estimator_quality",
     "layer_quality",
+    "quality_over_splits",
 ]
 
 #: The estimators ρ(S) is computed for, in the paper's order (identity first).
@@ -886,6 +887,46 @@ def estimator_quality(
                     for size, v in zip(sizes, by_size)
                 ]  # fmt: skip
     return QualityTable(names, list(estimators), rho, per_neuron, info, spread, stderr, convergence)
+
+
+def quality_over_splits(
+    model: nn.Module,
+    splits: Sequence[tuple[Any, Any]],
+    **options: Any,
+) -> QualityTable:
+    """:func:`estimator_quality` on several disjoint (regression, evaluation) pairs of data:
+    the mean ρ(S) and its error over the pairs.
+
+    Parameters
+    ----------
+    model:
+        The trained model.
+    splits:
+        ``[(regression_data, eval_data), ...]``, at least two pairs, disjoint from each other
+        and from the data the patterns were fitted on.
+    **options:
+        Keyword arguments of :func:`estimator_quality` (``patterns`` should hold every fitted
+        estimator, so that nothing is refitted per pair).
+
+    Returns
+    -------
+    QualityTable
+        ``rho``: the mean over the pairs; ``spread``: their standard deviation; ``stderr``: the
+        standard error of the mean, ``sqrt(spread²/n + mean of each pair's stderr²)``;
+        ``info[layer]["splits"]``: the number of pairs; ``per_neuron`` of the first pair.
+    """
+    if len(splits) < 2:
+        raise ValueError(f"quality_over_splits needs at least 2 pairs of data, got {len(splits)}")
+    tables = [estimator_quality(model, None, regression, evaluation, **options)
+              for regression, evaluation in splits]  # fmt: skip
+    rho = torch.stack([table.rho for table in tables])
+    within = torch.stack([table.stderr for table in tables]).pow(2).mean(0)
+    spread = rho.std(0)
+    first = tables[0]
+    info = {layer: {**values, "splits": len(splits)} for layer, values in first.info.items()}
+    return QualityTable(first.layers, first.estimators, rho.mean(0), first.per_neuron, info,
+                        spread, (spread.pow(2) / len(splits) + within).sqrt(),
+                        first.convergence)  # fmt: skip
 
 
 def _draw_quality(
