@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from .attention import attention_projections
 from .graph import BATCHNORMS, ModelGraph, is_batchnorm, probed_batchnorm_pairs
 
 __all__ = [
@@ -101,6 +102,8 @@ class Canonical:
         for canonizer in default_canonizers() if canonizers is None else canonizers:
             self.form.update(canonizer(model, self.form))
         self._modules = dict(model.named_modules())
+        # the virtual Q/K/V projections of attention modules (engine/attention.py)
+        self._modules.update(attention_projections(model))
 
     def parameter(self, name: str) -> Tensor | None:
         """The canonical value of a parameter (e.g. ``"features.0.weight"``), or None."""

@@ -33,11 +33,18 @@ Every module of a model falls into one of these kinds (:func:`classify`):
     input, crossed by the gradient.
 ``container``
     Modules that only call children (``Sequential``, blocks).
+``attention``
+    ``nn.MultiheadAttention`` (self-attention, ``in_proj_weight``): run step by step
+    (:mod:`patternnet.engine.attention`): its Q/K/V projection is a virtual Linear layer
+    ``"<name>.in_proj"``, ``out_proj`` a Linear layer, the weighted sum over tokens a node with
+    fitted patterns (method.md §12). ``nn.TransformerEncoderLayer`` is a container of it.
 ``unsupported``
     Modules with weights of their own that are not a Linear/Conv/BatchNorm/PReLU: LSTM/GRU,
-    ``MultiheadAttention``, ``Embedding``, transposed convolutions,
+    ``MultiheadAttention`` with separate key/value dimensions, ``add_bias_kv`` or
+    ``add_zero_attn``, ``Embedding``, transposed convolutions,
     BatchNorm without running statistics, uninitialised lazy layers, and blocks holding a
-    parameter directly (e.g. a class token). :func:`check_supported` raises one
+    parameter directly other than class tokens and position embeddings
+    (:data:`ADDITIVE_PARAMETERS`, biases). :func:`check_supported` raises one
     :class:`UnsupportedModuleError` naming all of them. A user who knows that a module of
     theirs is a pure per-element function may declare it with :func:`register_passthrough`.
 """
@@ -52,6 +59,7 @@ import torch
 from torch import nn
 
 from ..layers import is_linear_layer
+from .attention import attention_support
 from .backward import product_rules
 from .canonize import batchnorm_scale_shift
 from .graph import SMOOTH_ACTIVATIONS, ModelGraph, is_batchnorm
@@ -74,7 +82,8 @@ __all__ = [
     "standalone_batchnorm_rules",
 ]
 
-KINDS = ("linear", "batchnorm", "norm", "activation", "passthrough", "container", "unsupported")
+KINDS = ("linear", "batchnorm", "norm", "attention", "activation", "passthrough", "container",
+         "unsupported")
 
 #: Element-wise activation modules (weight-free, except PReLU's slope).
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -154,6 +163,11 @@ def _kind(module: nn.Module) -> tuple[str, str]:
         return "batchnorm", ""
     if is_norm(module):
         return "norm", ""
+    if isinstance(module, nn.MultiheadAttention):
+        reason = attention_support(module)
+        if reason is not None:
+            return "unsupported", reason
+        return "attention", "decomposed: in_proj and out_proj Linear, weighted sum a node"
     scale = LAYER_SCALES.get(f"{type(module).__module__}.{type(module).__qualname__}")
     if scale is not None and direct == [scale]:
         return "container", f"{scale}: a fixed per-channel scale s (pattern 1/s)"
@@ -161,11 +175,27 @@ def _kind(module: nn.Module) -> tuple[str, str]:
         return "passthrough", "registered"
     if isinstance(module, ACTIVATIONS):
         return "activation", ""
+    additive = [n for n in direct if _additive_parameter(n, getattr(module, n))]
+    if direct and len(additive) == len(direct):
+        return "container", f"{', '.join(additive)}: added to activations (biases)"
     if direct:
         return "unsupported", f"holds weights {', '.join(direct[:4])} with no PatternNet rule"
     if next(module.children(), None) is not None:
         return "container", ""
     return "passthrough", ""
+
+
+#: Names of parameters that a block adds to (or concatenates with) its activations: class
+#: tokens and position embeddings. Like biases they carry no signal back (method.md §10); a
+#: parameter counts as one only with a leading dimension of 1 (shared by the batch).
+ADDITIVE_PARAMETERS = frozenset({
+    "class_token", "cls_token", "dist_token", "pos_embedding", "pos_embed",
+    "position_embedding", "position_embeddings", "register_tokens", "mask_token",
+})
+
+
+def _additive_parameter(name: str, value: Any) -> bool:
+    return name in ADDITIVE_PARAMETERS and value.dim() >= 2 and value.shape[0] == 1
 
 
 def classify(model: nn.Module, *, folding: bool = True) -> dict[str, ModuleSupport]:

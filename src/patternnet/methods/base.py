@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..borrow import borrowed, forward_checked, model_device, model_dtype
+from ..engine.attention import AttentionHandler, decomposed
 from ..engine.backward import Rule, rules_applied
 from ..engine.canonize import Canonical, Canonizer, default_canonizers
 from ..engine.graph import ModelGraph
@@ -259,6 +260,16 @@ class Attribution:
         :func:`~patternnet.engine.support.check_supported`)."""
         check_supported(self.model)
 
+    def attention_handler(self, canonical: Canonical) -> AttentionHandler:
+        """What this method does at attention's softmax and weighted sum (default: the plain
+        operations, i.e. the gradient's full Jacobian).
+
+        Attention always runs decomposed (:mod:`patternnet.engine.attention`), so that its
+        input and output projections are Linear layers with rules; a method with its own
+        rule for attention returns its :class:`~patternnet.engine.attention.AttentionHandler`.
+        """
+        return AttentionHandler()
+
     def finish(self, inputs: Tensor, grad: Tensor) -> Tensor:
         """Turn what arrived at the input into the explanation (default: unchanged)."""
         return grad
@@ -300,7 +311,9 @@ class Attribution:
             x = inputs.detach().to(device=device, dtype=dtype).requires_grad_(True)
             with torch.enable_grad(), canonical.active(), rules_applied(
                 module_rules, function_rules
-            ), self.graph_context(canonical):
+            ), self.graph_context(canonical), decomposed(
+                self.model, self.attention_handler(canonical)
+            ):
                 output = forward_checked(canonical, x)
                 logits = self._logits(output)
                 _check_logits(logits, x)

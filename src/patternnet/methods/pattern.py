@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..engine.attention import AttentionHandler
 from ..engine.backward import Rule
 from ..engine.canonize import Canonical, Canonizer
 from ..engine.gates import RELU, SUM, relu_gates
@@ -33,6 +34,7 @@ from ..engine.rules import (
     elementwise_product,
     identity_estimator_rules,
 )
+from ..engine.rules.attention import AttentionPatterns
 from ..engine.support import layer_scale_rules, norm_rules, standalone_batchnorm_rules
 from ..patterns.estimators import filter_pattern
 from ..patterns.fit import linear_layers
@@ -195,6 +197,10 @@ class _PatternMethod(Attribution):
             self.patterns, self.estimator, attribution=self._attribution
         ).tracker()
 
+    def attention_handler(self, canonical: Canonical) -> AttentionHandler:
+        """Attention's weighted sum passes its fitted pattern, probabilities held (§12)."""
+        return AttentionPatterns(self.patterns, self.estimator, attribution=self._attribution)
+
     def start(self, logits: Tensor, target: Tensor) -> Tensor:
         """Start from the selected logit's value ``y_c`` (zeros elsewhere)."""
         start = logits.new_zeros(logits.shape)
@@ -300,3 +306,8 @@ class PatternAttribution(_PatternMethod):
         if self.estimator == "identity":  # LRP-z: its own sum and pool rules
             return super(_PatternMethod, self).graph_context(canonical)
         return super().graph_context(canonical)
+
+    def attention_handler(self, canonical: Canonical) -> AttentionHandler:
+        if self.estimator == "identity":  # LRP-z: the gradient through attention for now
+            return AttentionHandler()
+        return super().attention_handler(canonical)

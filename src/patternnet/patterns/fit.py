@@ -20,12 +20,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..borrow import borrowed, forward_checked, model_device, model_dtype
+from ..engine.attention import decomposed, named_linear_layers
 from ..engine.canonize import Canonical, Canonizer
 from ..engine.nodes import is_node_name
 from ..engine.support import check_supported, linear_pattern_layers
-from ..layers import geometry, is_linear_layer
+from ..layers import geometry
 from . import distributed as distributed_mod
 from . import estimators, graph_statistics
+from .attention_statistics import AttentionRecorder
 from .batches import DEFAULT_BATCH_SIZE, iter_batches
 from .checkpoint import (
     Checkpointer,
@@ -158,8 +160,12 @@ class FitOptions:
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's Linear/Conv modules by qualified name (each once, even if reused)."""
-    return {name: module for name, module in model.named_modules() if is_linear_layer(module)}
+    """The model's Linear/Conv modules by qualified name (each once, even if reused).
+
+    Includes the virtual Q/K/V input projection ``"<attention>.in_proj"`` of every
+    ``nn.MultiheadAttention`` (:func:`patternnet.engine.attention.named_linear_layers`).
+    """
+    return dict(named_linear_layers(model))
 
 
 def _new_statistics(
@@ -295,6 +301,7 @@ def collect_statistics(
         o.progress and rank == 0, _total_samples(data, batch_size, limit), initial=skip[1]
     )
     handles = []
+    attention_recorder = AttentionRecorder(stats, precision)
     with borrowed(model, warn_train=TRAIN_MODE_WARNING):
         try:
             handles += _register_hooks(model, stats, precision)
@@ -308,7 +315,9 @@ def collect_statistics(
                         non_blocking=target_device.type == "cuda" and batch.is_pinned(),
                     ).requires_grad_(True)
                     nodes.new_pass()
-                    forward_checked(canonical, batch)
+                    # attention runs step by step: its projections, weighted sums recorded
+                    with decomposed(model, attention_recorder):
+                        forward_checked(canonical, batch)
                     stats.images += batch.shape[0]
                     stats.batches += 1
                     if stats.batches % flush_every == 0:

@@ -230,6 +230,9 @@ def node_patterns(
     """
     weight = fixed_weight(node_kind(name), stats.out_features, stats.patch_size)
     weight = weight.to(stats.tensors["count"].device) if stats.tensors else weight
+    if node_kind(name) == "attention" and estimator != "filter":
+        # no ReLU reads the weighted sum: the linear pattern (attention_statistics)
+        estimator = "linear"
     if estimator == "filter":
         a, report = estimators.filter_pattern(weight)
         return {"a": a}, report

@@ -28,7 +28,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from ..layers import geometry, is_linear_layer
+from ..engine.attention import named_linear_layers
+from ..layers import geometry
 from .estimators import ESTIMATORS
 
 __all__ = [
@@ -50,9 +51,7 @@ PATTERN_NAMES = ("a", "a_plus", "a_minus")
 def architecture(model: nn.Module) -> list[dict[str, Any]]:
     """Describe every Linear/Conv layer of ``model``: name, type, weight shape, geometry."""
     layers = []
-    for name, module in model.named_modules():
-        if not is_linear_layer(module):
-            continue
+    for name, module in named_linear_layers(model):
         g = geometry(module)
         layers.append(
             {
@@ -83,15 +82,14 @@ def weight_summary(model: nn.Module) -> dict[str, list[float]]:
     without its trained weights) are then recognised by :meth:`Patterns.check`.
     """
     summary = {}
-    for name, module in model.named_modules():
-        if is_linear_layer(module):
-            w = module.weight.detach().reshape(-1)
-            total, squares = 0.0, 0.0
-            for part in w.split(1 << 20):  # float64 a megabyte at a time, not a copy of w
-                part = part.double()
-                total += float(part.sum())
-                squares += float(part.dot(part))
-            summary[name] = [total, squares]
+    for name, module in named_linear_layers(model):
+        w = module.weight.detach().reshape(-1)
+        total, squares = 0.0, 0.0
+        for part in w.split(1 << 20):  # float64 a megabyte at a time, not a copy of w
+            part = part.double()
+            total += float(part.sum())
+            squares += float(part.dot(part))
+        summary[name] = [total, squares]
     return summary
 
 

@@ -1,0 +1,353 @@
+"""Attention decomposed into explicit steps, so that every method sees its linear maps.
+
+``nn.MultiheadAttention`` keeps Q, K and V in one raw ``in_proj_weight`` (no module is called
+for them), never calls ``out_proj.forward``, and in eval mode without gradients runs one fused
+kernel (so does ``nn.TransformerEncoderLayer``, which then calls none of its submodules);
+``F.scaled_dot_product_attention`` is one opaque function. None of them shows a backward
+rule or a statistics hook what it needs. This module is the **one place** where attention is
+taken apart, for the fit and for every method of the registry, without changing the user's
+model:
+
+- :class:`Decomposition`, a :class:`~torch.overrides.TorchFunctionMode` active around the
+  fit's and the explanation's forward passes, catches ``F.multi_head_attention_forward``
+  (which ``nn.MultiheadAttention.forward`` calls; any active mode also turns the fused fast
+  paths of ``MultiheadAttention`` and ``TransformerEncoderLayer`` off, so their submodules
+  run) and ``F.scaled_dot_product_attention``, and computes them step by step:
+
+  1. ``q, k, v = in_proj(x)``: one **virtual** ``nn.Linear`` per ``MultiheadAttention``
+     (:class:`InputProjection`, named ``"<attention>.in_proj"``) whose weight and bias *are*
+     the module's ``in_proj_weight``/``in_proj_bias`` parameters (the same objects, not
+     copies; the module itself is not touched). It is listed with the model's Linear layers
+     (:func:`named_linear_layers`), so it gets statistics, patterns and rules like any
+     Linear: one ``(3E, E)`` layer whose rows are Q, K and V.
+  2. ``scores = q kᵀ · scale`` plus the masks, ``probs = handler.softmax(name, scores)``;
+  3. ``out = handler.weighted_sum(name, probs, v)``: the attention's weighted sum over tokens,
+     ``out[n, h, i, c] = Σ_j probs[n, h, i, j] · v[n, h, j, c]``;
+  4. heads merged, ``out_proj(out)`` **called as a module** (hooks and rules apply).
+
+- **The hook for rules** is the :class:`AttentionHandler` given to the decomposition: its
+  :meth:`~AttentionHandler.softmax` and :meth:`~AttentionHandler.weighted_sum` receive every
+  attention call of the forward pass, named ``"attention#k"`` (``k``: order of the call in
+  the pass, like the nodes of :mod:`patternnet.engine.nodes`), with tensors laid out
+  ``(N, H, L, S)`` (probabilities) and ``(N, H, S, C)`` (values). The default handler
+  computes the plain operations (the gradient, the full Jacobian); the fit records
+  statistics (:mod:`patternnet.patterns.attention_statistics`), the pattern methods pass
+  their patterns (:mod:`patternnet.engine.rules.attention`), and an LRP rule for attention
+  (AttnLRP) is one more handler returned by a method's ``attention_handler``.
+
+Both steps compute the same values as PyTorch (the tests compare the gradient of a model with
+and without the decomposition in float64).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..layers import is_linear_layer
+
+__all__ = [
+    "AttentionHandler",
+    "Decomposition",
+    "InputProjection",
+    "UnsupportedAttentionError",
+    "attention_projections",
+    "attention_support",
+    "decomposed",
+    "named_linear_layers",
+]
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+               "enable_gqa")  # fmt: skip
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                  "enable_gqa": False}  # fmt: skip
+
+
+class UnsupportedAttentionError(TypeError):
+    """An attention call that the decomposition does not cover (raised during the forward
+    pass: only then are its arguments known, e.g. cross-attention)."""
+
+
+class InputProjection(nn.Linear):
+    """The Q/K/V input projection of a ``MultiheadAttention`` as a Linear layer of its own.
+
+    Its ``weight`` and ``bias`` are the attention module's ``in_proj_weight`` and
+    ``in_proj_bias`` parameters themselves (shared, so training, ``load_state_dict`` and
+    in-place edits are seen); it is not registered as a child of the attention module (the
+    user's model is never changed). Rows ``0:E`` are Q, ``E:2E`` K and ``2E:3E`` V.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        nn.Module.__init__(self)
+        weight = attention.in_proj_weight
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0]
+        self.weight = weight
+        self.bias = attention.in_proj_bias
+        self.attention = weakref.ref(attention)
+
+    def current(self) -> bool:
+        """Whether this projection still holds its attention module's parameters."""
+        attention = self.attention()
+        return (
+            attention is not None
+            and self.weight is attention.in_proj_weight
+            and self.bias is attention.in_proj_bias
+        )
+
+
+_PROJECTIONS: weakref.WeakKeyDictionary[nn.Module, InputProjection] = weakref.WeakKeyDictionary()
+
+
+def attention_support(module: nn.Module) -> str | None:
+    """Why a ``MultiheadAttention`` cannot be decomposed, or None when it can."""
+    if not module._qkv_same_embed_dim:
+        return "kdim/vdim differ from embed_dim (separate q/k/v_proj_weight): not decomposed yet"
+    if module.bias_k is not None:
+        return "add_bias_kv=True (learned key/value biases appended to the sequence)"
+    if module.add_zero_attn:
+        return "add_zero_attn=True"
+    return None
+
+
+def _projection(attention: nn.MultiheadAttention) -> InputProjection:
+    projection = _PROJECTIONS.get(attention)
+    if projection is None or not projection.current():
+        projection = InputProjection(attention)
+        _PROJECTIONS[attention] = projection
+    return projection
+
+
+def attention_projections(model: nn.Module) -> dict[str, InputProjection]:
+    """``{"<attention>.in_proj": InputProjection}`` for every decomposable attention module.
+
+    The same projection object is returned on every call while the attention module keeps
+    its parameters (rules and caches keyed on modules recognise it).
+    """
+    return {
+        f"{name}.in_proj" if name else "in_proj": _projection(module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention) and attention_support(module) is None
+    }
+
+
+def named_linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The model's Linear/Conv layers with the virtual input projections of its attention.
+
+    In ``named_modules`` order; an attention module's ``in_proj`` comes right before its
+    ``out_proj``.
+    """
+    for name, module in model.named_modules():
+        if is_linear_layer(module):
+            yield name, module
+        elif isinstance(module, nn.MultiheadAttention) and attention_support(module) is None:
+            yield (f"{name}.in_proj" if name else "in_proj"), _projection(module)
+
+
+class AttentionHandler:
+    """What a method does at the two non-linear steps of attention (the documented hook).
+
+    Subclasses override either method; the defaults compute the plain operations, so the
+    backward pass is the gradient (the full Jacobian of softmax and of the product).
+
+    Both receive the call's name (``"attention#k"``) and ``(N, H, L, S)`` scores or
+    probabilities: ``N`` samples, ``H`` heads, ``L`` queries, ``S`` keys.
+    """
+
+    def softmax(self, name: str, scores: Tensor) -> Tensor:
+        """The attention probabilities from the masked, scaled scores (softmax over keys)."""
+        return torch.softmax(scores, dim=-1)
+
+    def weighted_sum(self, name: str, probs: Tensor, values: Tensor) -> Tensor:
+        """``out[n, h, i, c] = Σ_j probs[n, h, i, j] · values[n, h, j, c]``."""
+        return torch.matmul(probs, values)
+
+
+def _additive_mask(mask: Tensor | None, like: Tensor, allowed_if_true: bool) -> Tensor | None:
+    """A float mask to add to the scores (−inf where attention is not allowed)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        blocked = ~mask if allowed_if_true else mask
+        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+            blocked, float("-inf")
+        )
+    return mask.to(like.dtype)
+
+
+def _causal(length: int, source: int, like: Tensor) -> Tensor:
+    blocked = torch.ones(length, source, dtype=torch.bool, device=like.device).triu(1)
+    return torch.zeros(length, source, dtype=like.dtype, device=like.device).masked_fill(
+        blocked, float("-inf")
+    )
+
+
+class Decomposition(TorchFunctionMode):
+    """Run ``MultiheadAttention`` and ``scaled_dot_product_attention`` step by step.
+
+    See the module docstring. Enter it around one forward pass, *after* (inside) every other
+    torch-function mode whose rules should see the steps (the node tracker, the rules of
+    :func:`~patternnet.engine.backward.rules_applied`): the steps run with this mode
+    suspended and pass through the modes below it.
+
+    Parameters
+    ----------
+    model:
+        The model whose ``MultiheadAttention`` modules are recognised (by their
+        ``in_proj_weight``).
+    handler:
+        The :class:`AttentionHandler` of the softmax and the weighted sum (default: plain).
+    """
+
+    def __init__(self, model: nn.Module, handler: AttentionHandler | None = None) -> None:
+        super().__init__()
+        self.handler = handler or AttentionHandler()
+        self.count = 0
+        self._modules: dict[int, nn.MultiheadAttention] = {
+            id(m.in_proj_weight): m
+            for m in model.modules()
+            if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None
+        }
+
+    def _name(self) -> str:
+        name = f"attention#{self.count}"
+        self.count += 1
+        return name
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is F.multi_head_attention_forward:
+            return self._multi_head(args, kwargs)
+        if func is F.scaled_dot_product_attention:
+            return self._scaled_dot_product(args, kwargs)
+        return func(*args, **kwargs)
+
+    # ------------------------------------------------------------------ the two steps
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                scale: float, dropout: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """``(N, H, L, d)`` queries etc. → ``(out (N, H, L, dv), probs (N, H, L, S))``."""
+        name = self._name()
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))
+        if mask is not None:
+            scores = scores + mask
+        probs = self.handler.softmax(name, scores)
+        if dropout > 0.0:
+            probs = F.dropout(probs, p=dropout)
+        return self.handler.weighted_sum(name, probs, v), probs
+
+    # ------------------------------------------------------------------ MultiheadAttention
+    def _multi_head(self, args: tuple, kwargs: dict) -> Any:
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        query, key, value = a["query"], a["key"], a["value"]
+        module = self._modules.get(id(a["in_proj_weight"]))
+        reason = None
+        if module is None:
+            reason = "called with an in_proj_weight of no nn.MultiheadAttention of the model"
+        elif attention_support(module) is not None:
+            reason = attention_support(module)
+        elif a["use_separate_proj_weight"] or a["static_k"] is not None or \
+                a["static_v"] is not None:  # fmt: skip
+            reason = "separate projection weights or static keys/values"
+        elif not (query is key and key is value):
+            reason = (
+                "cross-attention (query, key and value are different tensors): patternnet "
+                "decomposes self-attention, where one input feeds Q, K and V"
+            )
+        if reason is not None:
+            raise UnsupportedAttentionError(
+                f"patternnet cannot explain this nn.MultiheadAttention call: {reason}. Explain "
+                "a model whose attention is self-attention on one input (ViT, "
+                "TransformerEncoderLayer)"
+            )
+        assert module is not None
+        unbatched = query.dim() == 2
+        x = query.unsqueeze(1) if unbatched else query  # (L, N, E)
+        length, batch, embed = x.shape
+        heads = a["num_heads"]
+        head_dim = embed // heads
+        qkv = _projection(module)(x)  # the virtual Linear: hooks and rules apply
+
+        def split(t: Tensor) -> Tensor:  # (L, N, E) → (N, H, L, d)
+            return t.reshape(length, batch, heads, head_dim).permute(1, 2, 0, 3)
+
+        q, k, v = (split(t) for t in qkv.chunk(3, dim=-1))
+        mask = _additive_mask(a["attn_mask"], q, allowed_if_true=False)
+        if mask is None and a["is_causal"]:
+            mask = _causal(length, length, q)
+        if mask is not None:
+            mask = mask.reshape(batch, heads, length, length) if mask.dim() == 3 else mask
+        padding = _additive_mask(a["key_padding_mask"], q, allowed_if_true=False)
+        if padding is not None:
+            padding = padding.reshape(batch, 1, 1, length)
+            mask = padding if mask is None else mask + padding
+        dropout = a["dropout_p"] if a["training"] else 0.0
+        out, probs = self._attend(q, k, v, mask, 1.0 / math.sqrt(head_dim), dropout)
+        merged = out.permute(2, 0, 1, 3).reshape(length, batch, embed)
+        result = module.out_proj(merged)  # called as a module: hooks and rules apply
+        weights = None
+        if a["need_weights"]:
+            weights = probs.mean(1) if a["average_attn_weights"] else probs
+            weights = weights.detach() if not torch.is_grad_enabled() else weights
+        if unbatched:
+            result = result.squeeze(1)
+            weights = None if weights is None else weights.squeeze(0)
+        return result, weights
+
+    # ------------------------------------------------------------------ scaled dot product
+    def _scaled_dot_product(self, args: tuple, kwargs: dict) -> Tensor:
+        a = dict(_SDPA_DEFAULTS)
+        a.update(zip(_SDPA_NAMES, args))
+        a.update(kwargs)
+        query, key, value = a["query"], a["key"], a["value"]
+        lead = query.shape[:-2]
+        if query.dim() < 2 or lead != key.shape[:-2] and not a["enable_gqa"]:
+            raise UnsupportedAttentionError(
+                "scaled_dot_product_attention with broadcast batch dimensions is not "
+                f"decomposed (query {tuple(query.shape)}, key {tuple(key.shape)})"
+            )
+
+        def four(t: Tensor) -> Tensor:  # (..., L, d) → (N, H, L, d)
+            if t.dim() == 2:
+                return t[None, None]
+            if t.dim() == 3:
+                return t[:, None]
+            return t.reshape(t.shape[0], -1, *t.shape[-2:])
+
+        q, k, v = four(query), four(key), four(value)
+        if a["enable_gqa"] and k.shape[1] != q.shape[1]:
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+        length, source = q.shape[-2], k.shape[-2]
+        scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+        mask = _additive_mask(a["attn_mask"], q, allowed_if_true=True)
+        if a["is_causal"]:
+            causal = _causal(length, source, q)
+            mask = causal if mask is None else mask + causal
+        if mask is not None and mask.dim() > 4:
+            mask = mask.reshape(mask.shape[0], -1, length, source)
+        out, _ = self._attend(q, k, v, mask, scale, float(a["dropout_p"]))
+        return out.reshape(*lead, length, value.shape[-1])
+
+
+@contextmanager
+def decomposed(
+    model: nn.Module, handler: AttentionHandler | None = None
+) -> Iterator[Decomposition]:
+    """Within this block, attention in ``model`` runs decomposed (see :class:`Decomposition`)."""
+    mode = Decomposition(model, handler)
+    with mode:
+        yield mode
