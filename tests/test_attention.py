@@ -217,9 +217,10 @@ def _explicit(net: TinyAttention, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _reference_pattern(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``a[h, i, j] = cov(v_j, y_i) / var(y_i)`` over samples and channels (float64)."""
-    vc = v - v.mean((0, 3), keepdim=True)
-    yc = y - y.mean((0, 3), keepdim=True)
+    """``a[h, i, j] = Σ_c cov(v_jc, y_ic) / Σ_c var(y_ic)``, each channel about its own mean
+    over the samples (float64)."""
+    vc = v - v.mean(0, keepdim=True)
+    yc = y - y.mean(0, keepdim=True)
     cov = torch.einsum("nhjc,nhic->hij", vc, yc)
     var = (yc * yc).sum((0, 3))
     return cov / var[:, :, None]
@@ -233,9 +234,9 @@ def test_fitted_attention_pattern_is_covariance_over_output_variance() -> None:
     ref = _explicit(net, data)
     expected = _reference_pattern(ref["v"], ref["y"])
     fitted = patterns.nodes["attention#0"]["a"]
-    assert fitted.shape == (H * (T + 1), T + 2)
-    torch.testing.assert_close(fitted[:, :-1].reshape(H, T + 1, T + 1), expected,
-                               rtol=1e-9, atol=1e-12)  # fmt: skip
+    assert fitted.shape == (H * (T + 1), T + 1)
+    torch.testing.assert_close(fitted.reshape(H, T + 1, T + 1), expected, rtol=1e-9,
+                               atol=1e-12)  # fmt: skip
     assert set(patterns) >= {"embed", "attention.in_proj", "attention.out_proj", "head"}
 
 
@@ -267,7 +268,7 @@ def test_pattern_methods_through_attention_match_the_written_out_backward(
         g_out[:, 0] = g_token
         g_merged = back("attention.out_proj", net.attention.out_proj.weight, g_out)
         g_y = g_merged.reshape(n, T + 1, H, d).transpose(1, 2)
-        a = patterns.nodes["attention#0"]["a"][:, :-1].reshape(H, T + 1, T + 1)
+        a = patterns.nodes["attention#0"]["a"].reshape(H, T + 1, T + 1)
         coefficient = ref["probs"] * a if attribution else a.expand_as(ref["probs"])
         g_v = coefficient.transpose(-2, -1) @ g_y  # nothing to Q and K: probabilities held
         g_qkv = torch.cat(

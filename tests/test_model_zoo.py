@@ -262,16 +262,20 @@ def test_more_torchvision_architectures(name: str, size: int, options: dict) -> 
     assert torch.isfinite(result).all()
 
 
-def test_vision_transformer_is_refused_naming_every_module() -> None:
+def test_vision_transformer_fits_and_explains() -> None:
+    """Attention is decomposed, the class token and position embedding are biases (§12)."""
     torchvision = pytest.importorskip("torchvision")
-    from patternnet.engine.support import UnsupportedModuleError
+    from patternnet.engine.support import classify
 
-    model = torchvision.models.VisionTransformer(
+    torch.manual_seed(0)
+    model = lively(torchvision.models.VisionTransformer(
         image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16
-    )
-    with pytest.raises(UnsupportedModuleError) as info:
-        pn.fit_patterns(model, torch.randn(2, 3, 32, 32), progress=False)
-    names = {name for name, _, _ in info.value.modules}
-    assert {"<model>", "encoder", "encoder.layers.encoder_layer_1.self_attention"} <= names
-    assert "encoder.ln" not in names  # LayerNorm has a rule (test_norms)
-    assert "2 MultiheadAttention" in str(info.value)
+    )).eval()  # fmt: skip
+    kinds = classify(model)
+    assert kinds["encoder.layers.encoder_layer_1.self_attention"].kind == "attention"
+    assert "class_token" in kinds[""].note and "pos_embedding" in kinds["encoder"].note
+    patterns = pn.fit_patterns(model, torch.randn(8, 3, 32, 32), progress=False)
+    assert "encoder.layers.encoder_layer_1.self_attention.in_proj" in set(patterns)
+    assert {"attention#0", "attention#1"} <= set(patterns.nodes)
+    result = pn.PatternNet(model, patterns).attribute(torch.randn(2, 3, 32, 32))
+    assert result.shape == (2, 3, 32, 32) and torch.isfinite(result).all()

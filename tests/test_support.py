@@ -70,7 +70,7 @@ def test_every_unsupported_module_is_named_once() -> None:
     model = nn.ModuleDict(
         {
             "embed": nn.Embedding(10, 4),
-            "attn": nn.MultiheadAttention(4, 2),
+            "attn": nn.MultiheadAttention(4, 2, kdim=3, vdim=3),  # separate Q/K/V weights
             "norm": nn.LayerNorm(4),  # supported: a per-element unit γ/σ (test_norms)
             "up": nn.ConvTranspose2d(2, 2, 2),
             "bn": nn.BatchNorm2d(3, track_running_stats=False),

@@ -97,16 +97,7 @@ def node_kind(name: str) -> str:
 
 
 def fixed_weight(kind: str, units: int, inputs: int) -> Tensor:
-    """The ``(U, D)`` float64 fixed weight of a node: ones for sums, ``1/D`` otherwise.
-
-    An ``"attention"`` node (:mod:`patternnet.patterns.attention_statistics`) reads its
-    ``D − 1`` values and, as its last input, its own output ``y``: the weight ``[0, …, 0, 1]``
-    makes the linear estimator's normaliser ``wᵀcov[x, y] = var(y)``.
-    """
-    if kind == "attention":
-        weight = torch.zeros((units, inputs), dtype=torch.float64)
-        weight[:, -1] = 1.0
-        return weight
+    """The ``(U, D)`` float64 fixed weight of a node: ones for sums, ``1/D`` otherwise."""
     value = NODE_KINDS[kind]
     return torch.full((units, inputs), 1.0 / inputs if value is None else value,
                       dtype=torch.float64)  # fmt: skip

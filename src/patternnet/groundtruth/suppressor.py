@@ -48,6 +48,7 @@ def suppressor_simple(
     distractor_std: float = 1.0,
     noise_std: float = 0.2,
     noise_smoothing: float = 0.0,
+    offset: int = 1,
     seed: int = 0,
 ) -> GroundTruthData:
     """Generate the simplified suppressor benchmark (module docstring for how it differs).
@@ -68,6 +69,10 @@ def suppressor_simple(
     noise_std, noise_smoothing:
         ``σ_n`` and the standard deviation (pixels) of the Gaussian filter that correlates the
         noise (0: white noise).
+    offset:
+        Distance of ``A`` from the top-left corner and of ``B`` from the bottom-right one
+        (pixels; 1 by default). A patch-based model (a ViT) sees blocks aligned with its
+        patches when ``offset`` and ``block`` are multiples of the patch size.
     seed:
         Seed of the generator.
 
@@ -78,15 +83,17 @@ def suppressor_simple(
         ``signal_mask`` is ``A``, ``regions`` holds ``"suppressor"`` (``B``) and
         ``"distractor"`` (``A ∪ B``).
     """
-    if size < 2 * block + 2:
+    if offset < 0 or size < 2 * block + 2 * offset:
         raise ValueError(
-            f"size {size} is too small for two blocks of {block}: use ≥ {2 * block + 2}"
+            f"size {size} is too small for two blocks of {block} at offset {offset}: use "
+            f"≥ {2 * block + 2 * offset} (and offset ≥ 0)"
         )
     generator = seeded_generator(seed)
     a = torch.zeros(size, size)
-    a[1 : 1 + block, 1 : 1 + block] = 1.0
+    a[offset : offset + block, offset : offset + block] = 1.0
     b = torch.zeros(size, size)
-    b[size - 1 - block : size - 1, size - 1 - block : size - 1] = 1.0
+    far = size - offset
+    b[far - block : far, far - block : far] = 1.0
     d = a + b
     labels = torch.randint(0, 2, (n,), generator=generator)
     z = signal_strength * (2 * labels.float() - 1) + signal_jitter * torch.randn(
@@ -118,6 +125,7 @@ def suppressor_simple(
             "distractor_std": distractor_std,
             "noise_std": noise_std,
             "noise_smoothing": noise_smoothing,
+            "offset": offset,
             "seed": seed,
         },
     )

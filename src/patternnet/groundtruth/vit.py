@@ -31,8 +31,10 @@ class SmallViT(nn.Module):
         Outputs of the head.
     """
 
-    def __init__(self, image_size: int = 8, patch: int = 2, channels: int = 1, dim: int = 16,
-                 heads: int = 2, depth: int = 2, mlp: int = 32, classes: int = 2) -> None:  # fmt: skip
+    def __init__(
+        self, image_size: int = 8, patch: int = 2, channels: int = 1, dim: int = 16,
+        heads: int = 2, depth: int = 2, mlp: int = 32, classes: int = 2,
+    ) -> None:  # fmt: skip
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")

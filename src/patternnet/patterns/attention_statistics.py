@@ -5,21 +5,21 @@ values ``v`` with the attention probabilities ``P`` as weights. Following the pa
 (method.md §10: linear operations get patterns, data-dependent factors are held), ``P`` is
 held on the way back and the sum gets a **fitted pattern per head, query and key**,
 
-    a[h, i, j] = cov(v_j, y_i) / var(y_i),
+    a[h, i, j] = Σ_c cov(v_jc, y_ic) / Σ_c var(y_ic),
 
-the paper's linear estimator ``a = cov[x, y] / σ²_y`` (with a fixed weight
+the paper's linear estimator ``a = cov[x, y] / σ²_y`` (for a fixed weight
 ``wᵀcov[x, y] = var(y)``; here the weight changes from sample to sample, and ``var(y)`` is
-what it normalises by). The covariances pool the samples and the head's channels ``c`` (the
-channels share the pattern, as a convolution's positions do), so a ViT-B/16 block holds
-``12 × 197 × 197`` pattern entries rather than 64 times as many.
+what it normalises by). Covariances are taken per channel ``c`` (each channel about its own
+mean over the samples) and pooled over the head's channels, which share the pattern: a
+ViT-B/16 block holds ``12 × 197 × 197`` pattern entries rather than 64 times as many. Means
+pooled over channels instead would count the channels' different means (position
+embedding, biases) as covariance: on the small ViT of the ground-truth test that moved most
+of PatternNet's signal onto background tokens.
 
-The node is stored like the nodes of :mod:`patternnet.engine.nodes`: one
-:class:`~patternnet.patterns.statistics.LayerStatistics` named ``"attention#k"`` (merged,
-all-reduced and checkpointed with the layers) with ``U = H·L`` units and ``D = S + 1`` inputs,
-the last input being ``y`` itself. With the fixed weight ``[0, …, 0, 1]``
-(:func:`patternnet.engine.nodes.fixed_weight`) the library's linear estimator returns exactly
-``cov(x, y) / var(y)`` (its last entry 1, unused), safe normaliser included: a unit whose
-output does not vary gets the pattern 0.
+The node is one :class:`~patternnet.patterns.statistics.LayerStatistics` named
+``"attention#k"`` (merged, all-reduced and copied with the layers) holding float64 sums
+``count`` (samples), ``sum_v (H, S, C)``, ``sum_y (H, L, C)``, ``sum_vy (H, L, S)`` and
+``sum_yy (H, L)``; :func:`attention_pattern` turns them into ``a``, ``(H·L, S)``.
 """
 
 from __future__ import annotations
@@ -28,12 +28,30 @@ import torch
 from torch import Tensor
 
 from ..engine.attention import AttentionHandler
+from .estimators import RELATIVE_TOLERANCE, LayerReport
 from .statistics import LayerStatistics, Statistics
 
-__all__ = ["AttentionRecorder", "ATTENTION_SUMS", "update_attention"]
+__all__ = ["ATTENTION_SUMS", "AttentionRecorder", "attention_pattern", "update_attention"]
 
-#: The sums of an attention node (those of the linear estimator).
-ATTENTION_SUMS = frozenset({"count", "sum_y", "sum_x", "sum_xy"})
+#: The float64 sums of an attention node.
+ATTENTION_SUMS = frozenset({"count", "sum_v", "sum_y", "sum_vy", "sum_yy"})
+
+
+def new_attention_statistics(heads: int, length: int, source: int, channels: int,
+                             device: torch.device | str) -> LayerStatistics:  # fmt: skip
+    """Empty sums of an attention node (``out_features = H·L``, ``groups = H``, ``D = S``)."""
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=device)
+
+    tensors = {
+        "count": zeros(),
+        "sum_v": zeros(heads, source, channels),
+        "sum_y": zeros(heads, length, channels),
+        "sum_vy": zeros(heads, length, source),
+        "sum_yy": zeros(heads, length),
+    }
+    return LayerStatistics(heads * length, heads, source, ATTENTION_SUMS, device, tensors)
 
 
 @torch.no_grad()
@@ -45,16 +63,36 @@ def update_attention(stats: LayerStatistics, values: Tensor, out: Tensor) -> Non
     """
     v = values.detach().to(torch.float64)
     y = out.detach().to(torch.float64)
-    heads, length, source = y.shape[1], y.shape[2], v.shape[2]
     t = stats.tensors
-    t["count"] += y.shape[0] * y.shape[3]
-    sum_y = y.sum((0, 3)).reshape(-1)  # (H·L,)
-    t["sum_y"] += sum_y
-    sum_v = v.sum((0, 3))  # (H, S)
-    t["sum_x"][:, :source] += sum_v[:, None, :].expand(heads, length, source).reshape(-1, source)
-    t["sum_x"][:, source] += sum_y
-    t["sum_xy"][:, :source] += torch.einsum("nhjc,nhic->hij", v, y).reshape(-1, source)
-    t["sum_xy"][:, source] += (y * y).sum((0, 3)).reshape(-1)
+    t["count"] += y.shape[0]
+    t["sum_v"] += v.sum(0)
+    t["sum_y"] += y.sum(0)
+    t["sum_vy"] += torch.einsum("nhjc,nhic->hij", v, y)
+    t["sum_yy"] += (y * y).sum((0, 3))
+
+
+def attention_pattern(stats: LayerStatistics) -> tuple[Tensor, LayerReport]:
+    """``a (H·L, S)`` from an attention node's sums (module docstring), with its report.
+
+    Units whose output does not vary (``Σ_c var(y_ic)`` below rounding noise of the
+    uncentred sum) get the pattern 0 and count as degenerate.
+    """
+    t = stats.tensors
+    n = t["count"]
+    units = stats.out_features
+    if n.item() == 0:
+        zero = torch.zeros(units, stats.patch_size, dtype=torch.float64)
+        return zero, LayerReport(0, units, {"a": units}, {"a": 0})
+    channels = t["sum_v"].shape[-1]
+    cross = torch.einsum("hjc,hic->hij", t["sum_v"], t["sum_y"]) / n
+    cov = (t["sum_vy"] - cross) / (n * channels)
+    var = (t["sum_yy"] - (t["sum_y"] ** 2).sum(-1) / n) / (n * channels)
+    reference = t["sum_yy"] / (n * channels)
+    degenerate = (var <= RELATIVE_TOLERANCE * reference) | (var <= 0) | ~torch.isfinite(var)
+    a = cov / torch.where(degenerate, torch.ones_like(var), var)[..., None]
+    a[degenerate] = 0.0
+    report = LayerReport(int(n.item()), units, {"a": 0}, {"a": int(degenerate.sum())})
+    return a.reshape(units, -1), report
 
 
 class AttentionRecorder(AttentionHandler):
@@ -65,29 +103,26 @@ class AttentionRecorder(AttentionHandler):
     stats:
         The fit's :class:`~patternnet.patterns.statistics.Statistics`; each call
         ``"attention#k"`` becomes (or adds to) ``stats.layers["attention#k"]``.
-    precision:
-        Unused (attention sums are float64 products); kept for symmetry with the layers.
     """
 
-    def __init__(self, stats: Statistics, precision: str = "float64") -> None:
+    def __init__(self, stats: Statistics) -> None:
         self.stats = stats
-        self.precision = precision
 
     def weighted_sum(self, name: str, probs: Tensor, values: Tensor) -> Tensor:
         out = torch.matmul(probs, values)
         heads, length, source = probs.shape[1], probs.shape[2], probs.shape[3]
-        units, width = heads * length, source + 1
+        channels = values.shape[-1]
         layer = self.stats.layers.get(name)
         if layer is None:
-            device = out.device
-            layer = LayerStatistics(units, units, width, ATTENTION_SUMS, device)
+            layer = new_attention_statistics(heads, length, source, channels, out.device)
             self.stats.layers[name] = layer
-        elif (layer.out_features, layer.patch_size) != (units, width):
+        elif tuple(layer.tensors["sum_vy"].shape) != (heads, length, source) or \
+                layer.tensors["sum_v"].shape[-1] != channels:  # fmt: skip
             raise ValueError(
                 f"{name} (attention) has {heads} heads × {length} queries × {source} keys in "
-                f"this batch but {layer.out_features} units with {layer.patch_size - 1} keys "
-                "before: its patterns are per query and key, so fit with sequences of one "
-                "length (images of one size)"
+                f"this batch but {tuple(layer.tensors['sum_vy'].shape)} before: its patterns "
+                "are per query and key, so fit with sequences of one length (images of one "
+                "size)"
             )
         update_attention(layer, values, out)
         return out

@@ -301,7 +301,7 @@ def collect_statistics(
         o.progress and rank == 0, _total_samples(data, batch_size, limit), initial=skip[1]
     )
     handles = []
-    attention_recorder = AttentionRecorder(stats, precision)
+    attention_recorder = AttentionRecorder(stats)
     with borrowed(model, warn_train=TRAIN_MODE_WARNING):
         try:
             handles += _register_hooks(model, stats, precision)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..engine.nodes import NodeCall, NodeTracker, fixed_weight, graph_recording, node_kind
 from . import estimators
+from .attention_statistics import attention_pattern
 from .statistics import LayerStatistics, Statistics, _Shift, required_sums
 
 __all__ = ["node_patterns", "recording", "update_channelwise"]
@@ -228,11 +229,11 @@ def node_patterns(
         ``{"a_plus"[, "a_minus"]}`` (split by the node's output ``y > 0``), ``"filter"``
         ``{"a"} = w / wᵀw``.
     """
+    if node_kind(name) == "attention":  # its own sums and estimator (attention_statistics)
+        a, report = attention_pattern(stats)
+        return {"a": a}, report
     weight = fixed_weight(node_kind(name), stats.out_features, stats.patch_size)
     weight = weight.to(stats.tensors["count"].device) if stats.tensors else weight
-    if node_kind(name) == "attention" and estimator != "filter":
-        # no ReLU reads the weighted sum: the linear pattern (attention_statistics)
-        estimator = "linear"
     if estimator == "filter":
         a, report = estimators.filter_pattern(weight)
         return {"a": a}, report

@@ -76,13 +76,13 @@ class AttentionPatterns(AttentionHandler):
                 "them on this model with patternnet.fit_patterns(model, data)"
             )
         a = tensors["a"]
-        if tuple(a.shape) != (heads * length, source + 1):
+        if tuple(a.shape) != (heads * length, source):
             raise ValueError(
                 f"the pattern of {name} is {tuple(a.shape)} but the model's {what} needs "
-                f"({heads * length}, {source + 1}): fitted on sequences of another length "
+                f"({heads * length}, {source}): fitted on sequences of another length "
                 "(images of another size) or another model; fit them again"
             )
-        return a[:, :source].reshape(heads, length, source)
+        return a.reshape(heads, length, source)
 
     def weighted_sum(self, name: str, probs: Tensor, values: Tensor) -> Tensor:
         if not torch.is_grad_enabled() or not values.requires_grad:
