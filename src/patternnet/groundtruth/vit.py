@@ -10,12 +10,18 @@ eval path, LayerNorm, residual sums.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from ..engine.rules.attention import AttentionPatterns, _HeldWeightedSum
+from ..engine.rules.norms import NormScale, norm_scale
+from ..methods.pattern import PatternNet
+from ..patterns.store import Patterns
 from .base import seeded_generator
 
-__all__ = ["SmallViT", "small_vit"]
+__all__ = ["SmallViT", "small_vit", "treatment", "treatment_table"]
 
 
 class SmallViT(nn.Module):
@@ -70,3 +76,99 @@ def small_vit(seed: int = 0, **options: int) -> SmallViT:
             model.class_token.normal_(0.0, 0.02)
             model.pos_embedding.normal_(0.0, 0.02)
     return model
+
+
+# ------------------------------------------------------------------ the treatment table
+
+
+class _GateAttention(AttentionPatterns):
+    """§10's first hypothesis: the probabilities held as a gate, ``Pᵀ s`` to the values."""
+
+    def weighted_sum(self, name: str, probs: Tensor, values: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() or not values.requires_grad:
+            return torch.matmul(probs, values)
+        held = probs.detach()
+        return _HeldWeightedSum.apply(held, values, held)
+
+
+class _WeightNormScale(NormScale):
+    """LayerNorm passed as its weight ``γ/σ`` (σ held) instead of the pattern ``σ/γ``."""
+
+    def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
+        assert module is not None
+        with torch.no_grad():
+            return norm_scale(module, x.detach())
+
+
+def treatment(model: nn.Module, patterns: Patterns, *, attention: str = "pattern",
+              norm: str = "sigma/gamma") -> PatternNet:  # fmt: skip
+    """PatternNet with another treatment of attention (``"gate"``) or of LayerNorm
+    (``"gamma/sigma"``), for the comparison of method.md §12; the defaults are PatternNet."""
+
+    class Variant(PatternNet):
+        def attention_handler(self, canonical: Any) -> Any:
+            if attention == "gate":
+                return _GateAttention(self.patterns, self.estimator, attribution=False)
+            return super().attention_handler(canonical)
+
+        def rules(self, canonical: Any) -> Any:
+            module_rules, function_rules = super().rules(canonical)
+            if norm == "gamma/sigma":
+                for module, rule in module_rules.items():
+                    if isinstance(rule, NormScale):
+                        module_rules[module] = _WeightNormScale(attribution=False)
+            return module_rules, function_rules
+
+    return Variant(model, patterns)
+
+
+def treatment_table(seeds: tuple[int, ...] = (0, 1, 2), *, n: int = 1500, epochs: int = 10,
+                    estimator: str = "linear") -> list[dict[str, Any]]:  # fmt: skip
+    """Signal cosines of PatternNet's treatments on the ground-truth ViT (method.md §12).
+
+    For each seed: suppressor data with patch-aligned blocks (``size=8, block=2,
+    offset=2``, ``n`` images to train and fit on, 500 to test), a :func:`small_vit` trained
+    ``epochs`` epochs, patterns fitted with ``estimator``; then the mean signal cosine
+    (:func:`~patternnet.evaluate.groundtruth.ground_truth_metrics`) of the gradient and of
+    PatternNet with attention held as a gate or given patterns, LayerNorm passed as σ/γ or
+    γ/σ. Run ``python -m patternnet.groundtruth.vit``.
+    """
+    from ..evaluate.groundtruth import ground_truth_metrics
+    from ..methods.gradient import Gradient
+    from ..patterns.fit import fit_patterns
+    from .suppressor import suppressor_simple
+    from .train import accuracy, train_classifier
+
+    rows = []
+    for seed in seeds:
+        torch.manual_seed(0)
+        data = suppressor_simple(n + 500, size=8, block=2, offset=2, seed=seed)
+        fit, test = data.subset(slice(0, n)), data.subset(slice(n, n + 500))
+        model = small_vit(seed)
+        train_classifier(model, fit, epochs=epochs, lr=3e-3, seed=seed)
+        patterns = fit_patterns(model, fit.inputs, estimator=estimator, progress=False)
+        row: dict[str, Any] = {"seed": seed,
+                               "accuracy": accuracy(model, test.inputs, test.targets)}  # fmt: skip
+        gradient = Gradient(model).attribute(test.inputs, target=test.targets)
+        row["gradient"] = ground_truth_metrics(gradient, test)["signal_cosine"]
+        for attention in ("gate", "pattern"):
+            for norm in ("gamma/sigma", "sigma/gamma"):
+                method = treatment(model, patterns, attention=attention, norm=norm)
+                signal = method.attribute(test.inputs, target=test.targets)
+                metrics = ground_truth_metrics(signal, test)
+                row[f"{attention}, {norm}"] = metrics["signal_cosine"]
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover - a measurement, printed
+    import sys
+
+    chosen = tuple(int(s) for s in sys.argv[1:]) or (0, 1, 2)
+    table = treatment_table(chosen)
+    keys = [k for k in table[0] if k != "seed"]
+    print("| seed | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for line in table:
+        values = " | ".join(f"{line[k]:.3f}" for k in keys)
+        print(f"| {line['seed']} | {values} |")
