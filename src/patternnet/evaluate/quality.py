@@ -78,6 +78,7 @@ import torch
 from torch import Tensor, nn
 
 from ..borrow import borrowed, model_device, model_dtype
+from ..engine.attention import decomposed
 from ..engine.canonize import Canonical, Canonizer
 from ..layers import geometry
 from ..patterns.fit import fit_patterns, iter_batches, linear_layers
@@ -273,7 +274,8 @@ def collect_moments(
                 for moments in entry if isinstance(entry, list) else [entry]:
                     collector = _LayerCollector(modules[name], moments, positions, generator)
                     handles.append(modules[name].register_forward_hook(collector))
-            with torch.no_grad(), canonical.active():
+            # attention step by step, so that its projections' hooks see their inputs
+            with torch.no_grad(), canonical.active(), decomposed(model):
                 for batch in iter_batches(data, batch_size, limit=limit):
                     canonical(batch.to(device=device, dtype=dtype))
         finally:
