@@ -9,6 +9,7 @@ PatternNet/PatternAttribution must be the backward pass of §12 written out by h
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -313,3 +314,26 @@ def test_gradient_method_through_decomposed_attention_is_the_gradient() -> None:
     xr = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(net(xr)[:, 1].sum(), xr)
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_two_component_fit_of_attention_without_rectifiers_is_linear(activation: str) -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Linear(FEAT, E),
+        nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, batch_first=True,
+                                   activation=activation),
+        nn.Flatten(), nn.Linear(T * E, C),
+    ).double().eval()  # fmt: skip
+    data = torch.randn(64, T, FEAT, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patterns = pn.fit_patterns(model, data, progress=False)
+    linear = activation == "gelu"  # a ReLU MLP keeps the two-component split
+    assert any("no rectifier" in str(w.message) for w in caught) == linear
+    assert ("a" in patterns["3"]) == linear and ("a_plus" in patterns["3"]) != linear
+    sums = [name for name in patterns.nodes if name.startswith("sum#")]
+    assert sums and all(("a" in patterns.nodes[n]) == linear for n in sums)
+    if linear:
+        reference = pn.fit_patterns(model, data, estimator="linear", progress=False)
+        torch.testing.assert_close(patterns["3"]["a"], reference["3"]["a"])

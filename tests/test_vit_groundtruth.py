@@ -29,7 +29,9 @@ def trained_vit():
     model = small_vit(0, depth=2)
     train_classifier(model, fit, epochs=10, lr=3e-3, seed=0)
     assert accuracy(model, test.inputs, test.targets) > 0.9
-    patterns = pn.fit_patterns(model, fit.inputs, estimator="linear", progress=False)
+    with pytest.warns(UserWarning, match="attention and no rectifier"):
+        patterns = pn.fit_patterns(model, fit.inputs, progress=False)  # the default fit
+    assert "a" in patterns["head"]  # no rectifier: linear patterns everywhere
     return model, patterns, test
 
 
@@ -42,8 +44,7 @@ def test_patternnet_recovers_the_signal_through_attention(trained_vit) -> None:
     baseline = ground_truth_metrics(gradient, test)["signal_cosine"]
     assert metrics["signal_cosine"] >= 0.9, metrics
     assert baseline <= metrics["signal_cosine"] - 0.2, (baseline, metrics)
-    # the sign: the signal of the predicted class points along a·z (no flip at the head,
-    # which reads a LayerNorm output with a large mean)
+    # the sign on this net: along a·z (on seeds 1 and 2 it is flipped, method.md §12)
     signed = F.cosine_similarity(signal.flatten(1).double(), test.signal.flatten(1).double())
     assert float(signed.median()) > 0.8
 

@@ -74,7 +74,10 @@ __all__ = [
     "UnsupportedModuleError",
     "check_supported",
     "classify",
+    "RECTIFIERS",
+    "attention_linear_patterns",
     "linear_pattern_layers",
+    "rectifier_free",
     "register_passthrough",
     "smooth_activation_layers",
     "layer_scale_rules",
@@ -280,6 +283,56 @@ def smooth_activation_layers(model: nn.Module) -> dict[str, str]:
         split is meaningless: the fit gives them the linear pattern.
     """
     return ModelGraph.of(model).smooth_activations()
+
+
+#: Piecewise-linear activations with a kink at 0: a unit they read is a ReLU-like neuron, the
+#: model the two-component estimator is made for.
+RECTIFIERS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Threshold,
+)
+
+
+def rectifier_free(model: nn.Module) -> bool:
+    """Whether ``model`` certainly has no rectifier (ReLU, LeakyReLU, PReLU ... anywhere).
+
+    Checks the modules, the activation of ``nn.Transformer*Layer`` (its ``F.relu`` is hidden
+    from the graph) and the functions of the traced graph. False when unsure (the model
+    cannot be traced, or a transformer layer has an activation other than ReLU or GELU).
+    """
+    for module in model.modules():
+        if isinstance(module, RECTIFIERS):
+            return False
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            if getattr(module, "activation_relu_or_gelu", 0) != 2:  # 1: ReLU, 0: unknown
+                return False
+    graph = ModelGraph.of(model)
+    if not graph.traced or graph.graph is None:
+        return False
+    for node in graph.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            name = getattr(node.target, "__name__", str(node.target))
+            if "relu" in name or "threshold" in name:
+                return False
+    return True
+
+
+def attention_linear_patterns(model: nn.Module, negative: bool, attention: bool) -> bool:
+    """Whether a two-component fit gives every layer and node the linear pattern.
+
+    So for attention models without rectifiers (ViTs with GELU): no unit is read by a ReLU,
+    so the split at ``y > 0`` has no meaning, and on a ViT trained on ground-truth data it
+    flipped PatternNet's sign (method.md §12). Warns, naming the reason; needs the sums of the
+    linear pattern (``negative=True``).
+    """
+    if not (attention and negative and rectifier_free(model)):
+        return False
+    warnings.warn(
+        "the model has attention and no rectifier (ReLU, LeakyReLU ...): no unit has an "
+        "active/inactive split, so the two-component fit gives every layer and node the "
+        "linear pattern (method.md §12)",
+        stacklevel=3,
+    )
+    return True
 
 
 def linear_pattern_layers(model: nn.Module, negative: bool = True) -> set[str]:

@@ -23,7 +23,11 @@ from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from ..engine.attention import decomposed, named_linear_layers
 from ..engine.canonize import Canonical, Canonizer
 from ..engine.nodes import is_node_name
-from ..engine.support import check_supported, linear_pattern_layers
+from ..engine.support import (
+    attention_linear_patterns,
+    check_supported,
+    linear_pattern_layers,
+)
 from ..layers import geometry
 from . import distributed as distributed_mod
 from . import estimators, graph_statistics
@@ -469,8 +473,12 @@ def compute_patterns(
     fallback: dict[str, dict[str, list[int]]] = {}
     statistics.flush()
     smooth = set()
+    all_linear = False
     if estimator == "two_component":
         smooth = linear_pattern_layers(model, statistics.negative)
+        all_linear = attention_linear_patterns(
+            model, statistics.negative, any(n.startswith("attention#") for n in statistics)
+        )
     nodes: dict[str, dict[str, Tensor]] = {}
     workspace = estimators.Workspace()  # float64 buffers of one block, reused by every layer
     for name, layer_stats in statistics.items():
@@ -484,7 +492,7 @@ def compute_patterns(
                     "in low precision: fit a float32 copy of the model)"
                 )
             tensors, rep = graph_statistics.node_patterns(
-                name, layer_stats, estimator, statistics.negative
+                name, layer_stats, "linear" if all_linear else estimator, statistics.negative
             )
             nodes[name] = {key: t.to(dtype=dtype) for key, t in tensors.items()}
         else:
@@ -493,7 +501,7 @@ def compute_patterns(
                 layers[name] = {}
                 continue
             kind = estimator
-            if estimator == "two_component" and name in smooth:
+            if estimator == "two_component" and (name in smooth or all_linear):
                 kind = "linear"
             with estimators.one_thread():
                 tensors, rep = _solve(
