@@ -1,5 +1,6 @@
 # patternnet: two commands on a fresh machine.
 #   make demo   set up, then run the built-in Fashion-MNIST demo (figures in demo-output/)
+#   make demo-vit   the same demo on a small Vision Transformer (figures in demo-output-vit/)
 #   make test   set up, then lint and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_WITH_VISION ?= torch==2.14.1 torchvision==0.29.1
 TORCH_PLAIN ?= torch==2.13.0
 
-.PHONY: venv test lint demo fashion-mnist browser opencv-libs bench clean
+.PHONY: venv test lint demo demo-vit fashion-mnist browser opencv-libs bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -61,8 +62,11 @@ test: venv browser opencv-libs
 demo: venv fashion-mnist
 	$(BIN)/patternnet demo
 
+demo-vit: venv fashion-mnist
+	$(BIN)/patternnet demo --model vit
+
 bench: venv
 	$(BIN)/python -m perf.run
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output demo-output-vit .pytest_cache

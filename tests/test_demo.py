@@ -134,3 +134,44 @@ def test_demo_command_quick_run(fake_data, tmp_path, capsys, monkeypatch):
     assert "demo done" in capsys.readouterr().out
     for name in ("explanations.png", "degradation.png", "summary.md"):
         assert (out / name).is_file(), name
+
+
+def test_vit_variant_writes_the_same_figures_with_rho_errors(fake_data, tmp_path):
+    out = tmp_path / "vit"
+    summary = run_demo(small_config(fake_data, out, model="vit", quality_splits=2,
+                                    eval_samples=40))  # fmt: skip
+    for name in ("explanations.png", "quality.png", "degradation.png", "report.html",
+                 "summary.md"):  # fmt: skip
+        assert (out / name).is_file(), name
+    table = summary["quality"]
+    assert "blocks.0.self_attn.in_proj" in table.layers and "head" in table.layers
+    assert table.layers[0] == "patch_embedding"
+    assert all(info["splits"] == 2 for info in table.info.values())
+    assert float(table.stderr.max()) > 0
+    assert len(summary["aopc"]) == 5
+    text = (out / "summary.md").read_text()
+    assert "self_attn.out_proj" in text and "±" in text
+    with pytest.raises(ValueError, match="model must be one of"):
+        run_demo(small_config(fake_data, tmp_path / "x", model="resnet"))
+
+
+def test_demo_command_vit_settings(monkeypatch, tmp_path):
+    """--model vit picks the ViT variant's settings and output folder; --out still wins."""
+    from patternnet import demo as demo_module
+    from patternnet.cli import main
+
+    seen = []
+
+    def fake_run(config):
+        seen.append(config)
+        return {"timings": {"total": 0.0}}
+
+    monkeypatch.setattr("patternnet.cli.demo.run_demo", fake_run)
+    assert main(["demo", "--model", "vit", "--quiet"]) == 0
+    vit = demo_module.DemoConfig.vit()
+    assert seen[-1].model == "vit" and seen[-1].out == vit.out
+    assert seen[-1].fit_limit == vit.fit_limit and seen[-1].quality_splits == vit.quality_splits
+    assert main(["demo", "--model", "vit", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    assert seen[-1].out == tmp_path and seen[-1].fit_limit == DemoConfig.quick().fit_limit
+    assert main(["demo", "--quiet"]) == 0
+    assert seen[-1].model == "cnn" and seen[-1].out == DemoConfig().out

@@ -1,4 +1,4 @@
-"""The built-in demo: PatternNet and its baselines on a small VGG-style Fashion-MNIST network.
+"""The built-in demo: PatternNet and its baselines on a small network trained on Fashion-MNIST.
 
 ``patternnet demo`` (``make demo``) runs :func:`run_demo`, composed from the library: it
 reads Fashion-MNIST (:func:`patternnet.data.load_fashion_mnist`; a clear message says how to
@@ -6,8 +6,10 @@ get it), trains :func:`patternnet.zoo.fashion_cnn` for three epochs (:mod:`patte
 ≈ 91 % test accuracy), fits two-component patterns on the first half of the training set,
 and writes to the output folder ``explanations.png`` (the paper's Figures 6/7), ρ(S) per
 layer (Figure 3), the image-degradation curves (Figure 4), ``report.html`` and ``summary.md``
-(also printed). Everything is seeded; the model and the patterns are cached in the output
-folder, so a second run only redraws.
+(also printed). :meth:`DemoConfig.vit` (``--model vit``) does the same with the Vision
+Transformer :func:`patternnet.zoo.fashion_vit`, and gives ρ(S) with its error over three
+disjoint pairs of data. Everything is seeded; the model and the patterns are cached in the
+output folder, so a second run only redraws.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .patterns.store import cached_patterns
 from .report import Report, explanation_grid
 from .training import accuracy, cached_model, set_threads, train_classifier
 from .zoo import fashion_cnn as demo_model
+from .zoo import fashion_vit
 
 __all__ = ["CLASSES", "DemoConfig", "DemoDataError", "demo_model", "find_fashion_mnist",
            "run_demo", "summary_table"]  # fmt: skip
@@ -38,6 +41,8 @@ __all__ = ["CLASSES", "DemoConfig", "DemoDataError", "demo_model", "find_fashion
 #: Fashion-MNIST could not be found (:class:`patternnet.data.DataNotFoundError`).
 DemoDataError = DataNotFoundError
 MODEL_VERSION = 1
+#: The demo's networks by ``--model`` name.
+MODELS = {"cnn": demo_model, "vit": fashion_vit}
 #: (registry name, column title): the paper's Figure 7 columns, each drawn as its kind says.
 FIGURE_METHODS = {"pattern_net": "PatternNet", "pattern_attribution": "PatternAttr.",
                   "gradient": "Gradient", "deconvnet": "DeConvNet",
@@ -64,7 +69,9 @@ class DemoConfig:
     ``degradation_patch``: test images of the degradation curves and the side of the square
     regions replaced (4 px: 49 regions); ``batch_size``: of the training; ``seed``: weights,
     shuffling, random baselines; ``threads``: CPU threads (None: every core this process may
-    use); ``progress``: progress bars; ``log``: where one-line messages go.
+    use); ``progress``: progress bars; ``log``: where one-line messages go; ``model``: a key of
+    :data:`MODELS`; ``quality_splits``: disjoint (regression, evaluation) pairs ρ(S) is
+    averaged over (≥ 2 gives its error, :func:`patternnet.evaluate.quality_over_splits`).
     """
 
     data: Path | None = None
@@ -85,6 +92,8 @@ class DemoConfig:
     threads: int | None = None
     progress: bool = True
     log: Callable[[str], None] = field(default=print, repr=False)
+    model: str = "cnn"
+    quality_splits: int = 1
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -93,6 +102,16 @@ class DemoConfig:
                                     "test_limit": 500, "eval_samples": 300,
                                     "quality_neurons": 16, "quality_positions": 8,
                                     "degradation_images": 50}  # fmt: skip
+        return cls(**{**settings, **overrides})
+
+    @classmethod
+    def vit(cls, **overrides: Any) -> DemoConfig:
+        """The Vision Transformer variant (``--model vit``): patterns (two-component and
+        linear) fitted on 5000 training images (17 tokens each), ρ(S) over three disjoint
+        pairs of 2000 + 2000 images, written to ``demo-output-vit``."""
+        settings: dict[str, Any] = {"model": "vit", "out": Path("demo-output-vit"),
+                                    "fit_limit": 5000, "linear_fit_limit": 5000,
+                                    "quality_splits": 3}  # fmt: skip
         return cls(**{**settings, **overrides})
 
 
@@ -108,6 +127,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     """
     config = config or DemoConfig()
     log, out, seed = config.log, Path(config.out), config.seed
+    if config.model not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, not {config.model!r}")
     out.mkdir(parents=True, exist_ok=True)
     threads = set_threads(config.threads)
     timings: dict[str, float] = {}
@@ -126,11 +147,11 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     lap("load data")
 
     key = {"version": MODEL_VERSION, "epochs": config.epochs, "train_limit": config.train_limit,
-           "batch_size": config.batch_size, "seed": seed}  # fmt: skip
+           "batch_size": config.batch_size, "seed": seed, "model": config.model}  # fmt: skip
 
     def build() -> torch.nn.Module:
         torch.manual_seed(seed)
-        return demo_model()
+        return MODELS[config.model]()
 
     def train(model: torch.nn.Module) -> float:
         train_classifier(model, train_x, train_y, epochs=config.epochs, lr=1e-3, max_lr=3e-3,
@@ -170,14 +191,18 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     # ρ(S) per layer (method.md §5, Figure 3) on held-out training and test images
     linear = fit("linear", fit_x[: config.linear_fit_limit], False)
     fitted = {"two_component": patterns, "linear": linear}
-    regression, n_eval = held_out[: config.eval_samples], min(config.eval_samples, len(test_x))
-    quality = evaluate.estimator_quality(
-        model, None, regression, test_x[:n_eval], patterns=fitted, batch_size=256, seed=seed,
-        estimators=("random", "filter", "linear", "two_component"),
-        max_neurons=config.quality_neurons, positions=config.quality_positions)  # fmt: skip
+    n, n_eval = config.eval_samples, min(config.eval_samples, len(test_x) // config.quality_splits)
+    splits = [(held_out[i * n : (i + 1) * n], test_x[i * n_eval : (i + 1) * n_eval])
+              for i in range(config.quality_splits)]  # fmt: skip
+    options = {"patterns": fitted, "batch_size": 256, "seed": seed,
+               "estimators": ("random", "filter", "linear", "two_component"),
+               "max_neurons": config.quality_neurons, "positions": config.quality_positions}
+    quality = (evaluate.quality_over_splits(model, splits, **options) if len(splits) > 1
+               else evaluate.estimator_quality(model, None, *splits[0], **options))  # fmt: skip
     files["quality"] = out / "quality.png"
     quality.plot(files["quality"])
-    log(f"estimator quality ρ(S) on {regression.shape[0]} + {n_eval} images")
+    log(f"estimator quality ρ(S) on {len(splits[0][0])} + {len(splits[0][1])} images"
+        + (f", mean ± error over {len(splits)} disjoint pairs" if len(splits) > 1 else ""))
     lap("estimator quality")
 
     # image degradation (method.md §6, Figure 4): PatternAttribution's estimator views
@@ -207,7 +232,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     settings = {k: v for k, v in summary["config"].items() if k != "progress"}
     settings.update(test_accuracy=f"{acc:.2%}", threads=threads, fit_images=len(fit_x))
     files["report"] = Report(
-        title="patternnet demo: Fashion-MNIST", grid=grid, quality=quality, degradation=curves,
+        title="patternnet demo: Fashion-MNIST" + (" (ViT)" if config.model == "vit" else ""),
+        grid=grid, quality=quality, degradation=curves,
         settings=settings, timings=dict(timings)).write(out / "report.html")  # fmt: skip
     lap("report")
     timings["total"] = sum(timings.values())
