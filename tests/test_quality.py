@@ -399,3 +399,21 @@ def test_quality_over_splits_is_the_mean_with_its_standard_error():
     assert "±" in combined.to_markdown()
     with pytest.raises(ValueError, match="at least 2 pairs"):
         quality_over_splits(model, splits[:1], **options)
+
+
+def test_every_linear_of_a_vit_gets_rho_including_the_attention_projections():
+    """The Q/K/V projection (inside ``in_proj_weight``) and ``out_proj`` are never called as
+    modules by PyTorch: ρ(S) sees them through the attention's decomposition, as the fit does."""
+    from patternnet.groundtruth.vit import small_vit
+
+    model = small_vit(seed=1).eval()
+    data = torch.randn(180, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    fitted = {"linear": fit_patterns(model, data[:60], estimator="linear", progress=False)}
+    table = estimator_quality(model, None, data[60:120], data[120:], patterns=fitted,
+                              estimators=("random", "filter", "linear"))  # fmt: skip
+    assert "blocks.0.self_attn.in_proj" in table.layers
+    assert "blocks.1.self_attn.out_proj" in table.layers and "blocks.0.linear1" in table.layers
+    assert torch.isfinite(table.rho).all()
+    for layer in table.layers:
+        assert table[layer, "linear"] > table[layer, "random"], layer
+    assert table.info["blocks.0.self_attn.in_proj"]["out_features"] == 3 * 16
