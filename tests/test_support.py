@@ -335,8 +335,10 @@ def test_smooth_activations_get_the_linear_pattern_with_one_warning() -> None:
     with pytest.warns(UserWarning, match="linear pattern") as record:
         patterns = pn.fit_patterns(model, data, progress=False)
     assert len([w for w in record if "smooth" in str(w.message)]) == 1
-    assert "a (→ GELU)" in str(record[0].message)
-    assert set(patterns["a"]) == {"a"} and set(patterns["c"]) == {"a_plus", "a_minus"}
+    # GELU: both the linear pattern (smooth="derivative") and a₊/a₋ (smooth="gate")
+    assert "b (→ tanh)" in str(record[0].message) and "GELU" not in str(record[0].message)
+    assert set(patterns["a"]) == {"a", "a_plus", "a_minus"}
+    assert set(patterns["b"]) == {"a"} and set(patterns["c"]) == {"a_plus", "a_minus"}
     linear = pn.fit_patterns(model, data, estimator="linear", progress=False)
     for name in ("a", "b", "d"):
         torch.testing.assert_close(patterns[name]["a"], linear[name]["a"])

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["Rule", "rules_applied", "relu_rules", "addition_rules", "ACTIVATION_FUNCTIONS",
-           "ADDITION_FUNCTIONS", "MULTIPLICATION_FUNCTIONS", "product_rules"]
+           "ADDITION_FUNCTIONS", "GATED_SMOOTH_FUNCTIONS", "MULTIPLICATION_FUNCTIONS",
+           "product_rules", "smooth_gate_rules"]
 
 
 class Rule:
@@ -169,6 +170,12 @@ ACTIVATION_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.relu_: torch.relu,
 }
 _RELU_FAMILY = frozenset(ACTIVATION_FUNCTIONS)
+#: Smooth activations that approach ReLU away from zero (``nn.GELU`` calls ``F.gelu``,
+#: ``nn.SiLU`` ``F.silu``): what :func:`smooth_gate_rules` names.
+GATED_SMOOTH_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.gelu: F.gelu, F.silu: F.silu,
+}
+ACTIVATION_FUNCTIONS.update(GATED_SMOOTH_FUNCTIONS)
 
 #: Spellings of a tensor addition (``a + b`` calls ``Tensor.add``, ``a += b`` ``Tensor.add_``).
 ADDITION_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
@@ -296,6 +303,11 @@ class _FunctionRules(TorchFunctionMode):
 def relu_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:
     """The same rule for every spelling of ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu`` ...)."""
     return {func: rule for func in _RELU_FAMILY}
+
+
+def smooth_gate_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:
+    """The same rule for GELU and SiLU (``nn.GELU``, ``F.gelu``, ``nn.SiLU``, ``F.silu``)."""
+    return {func: rule for func in GATED_SMOOTH_FUNCTIONS}
 
 
 def addition_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:

@@ -24,9 +24,14 @@ Every module of a model falls into one of these kinds (:func:`classify`):
 ``activation``
     Element-wise non-linearities (ReLU, LeakyReLU, PReLU, ELU, GELU, SiLU, sigmoid, tanh ...):
     the gradient's gate/derivative passes. The two-component estimator splits each unit by the
-    sign of its pre-activation, so LeakyReLU/PReLU pass ``a₋`` on their negative side; for
-    layers that feed a smooth activation (:data:`SMOOTH_ACTIVATIONS`), where the split has no
-    meaning, the fit uses the linear pattern instead (:func:`smooth_activation_layers`).
+    sign of its pre-activation, so LeakyReLU/PReLU pass ``a₋`` on their negative side. GELU
+    and SiLU: the pattern methods pass ``f′(z)`` with the linear patterns of the layers
+    feeding them (``smooth="derivative"``, the default, chosen by measurement, method.md
+    §10), or gate them at ``z > 0`` with those layers' two-component patterns
+    (``smooth="gate"``); the fit stores both. For
+    layers that feed another smooth activation (sigmoid, tanh ...; :data:`SMOOTH_ACTIVATIONS`),
+    where the split has no meaning, the fit uses the linear pattern instead
+    (:func:`linear_pattern_layers`).
 ``passthrough``
     Weight-free modules (pooling with its switches, Flatten, Dropout in eval mode, Identity,
     Upsample, padding, any parameter-free module of the user's): pure functions of their
@@ -76,6 +81,8 @@ __all__ = [
     "classify",
     "RECTIFIERS",
     "attention_linear_patterns",
+    "GATED_SMOOTH_ACTIVATIONS",
+    "gated_smooth_layers",
     "linear_pattern_layers",
     "rectifier_free",
     "register_passthrough",
@@ -335,15 +342,37 @@ def attention_linear_patterns(model: nn.Module, negative: bool, attention: bool)
     return True
 
 
-def linear_pattern_layers(model: nn.Module, negative: bool = True) -> set[str]:
-    """Layers a two-component fit gives the linear pattern; warns once, naming them.
+#: Smooth activations that approach ReLU away from zero (as :func:`smooth_activation_layers`
+#: names them): a two-component fit gives the layers feeding them both their linear and
+#: their two-component patterns (the pattern methods' ``smooth`` option, method.md §10).
+GATED_SMOOTH_ACTIVATIONS = frozenset({"GELU", "SiLU", "gelu", "silu"})
 
-    These are the layers of :func:`smooth_activation_layers`. Their linear pattern
-    ``a = cov[x, y] / wᵀcov[x, y]`` comes from the sums a two-component fit with
-    ``negative=True`` already holds (``count, sum_x, sum_y, sum_xy``). With ``negative=False``
-    those sums are missing and the layers keep ``a₊`` (the warning says so).
+
+def gated_smooth_layers(model: nn.Module) -> set[str]:
+    """Layers whose output feeds only GELU/SiLU (:data:`GATED_SMOOTH_ACTIVATIONS`).
+
+    A two-component fit gives them both their linear pattern ``a`` (used with the default
+    ``smooth="derivative"``, where the activation passes ``f′(z)``) and their two-component
+    patterns ``a₊``/``a₋`` (split at ``z > 0``, used with ``smooth="gate"``).
     """
-    layers = smooth_activation_layers(model)
+    return {layer for layer, act in smooth_activation_layers(model).items()
+            if act in GATED_SMOOTH_ACTIVATIONS}  # fmt: skip
+
+
+def linear_pattern_layers(model: nn.Module, negative: bool = True) -> set[str]:
+    """Layers a two-component fit gives the linear pattern only; warns once, naming them.
+
+    These are the layers of :func:`smooth_activation_layers` other than those feeding GELU
+    or SiLU (:func:`gated_smooth_layers`): sigmoid, tanh, softplus ... have no linear piece
+    to gate. Their linear pattern ``a = cov[x, y] / wᵀcov[x, y]`` comes from the sums a
+    two-component fit with ``negative=True`` already holds (``count, sum_x, sum_y, sum_xy``).
+    With ``negative=False`` those sums are missing and the layers keep ``a₊`` (the warning
+    says so).
+    """
+    smooth = smooth_activation_layers(model)
+    # GELU/SiLU layers keep a₊/a₋ and get a too, where the fit holds its sums (negative=True)
+    layers = {layer: act for layer, act in smooth.items()
+              if act not in GATED_SMOOTH_ACTIVATIONS or not negative}  # fmt: skip
     if not layers:
         return set()
     names = ", ".join(f"{layer} (→ {act})" for layer, act in layers.items())

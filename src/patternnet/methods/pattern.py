@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.attention import AttentionHandler
-from ..engine.backward import Rule
+from ..engine.backward import Rule, smooth_gate_rules
 from ..engine.canonize import Canonical, Canonizer
 from ..engine.gates import RELU, SUM, relu_gates
 from ..engine.rules import (
+    Gate,
     NodePatterns,
     WeightSwap,
     as_dtype,
@@ -56,6 +57,13 @@ def _pattern_pair(patterns: Patterns, name: str) -> tuple[Tensor, Tensor | None]
     )
 
 
+#: What GELU and SiLU pass backward in the pattern methods (method.md §10, measured there):
+#: ``"derivative"`` (default) the gradient's ``g·f′(z)`` with the linear pattern of the layer
+#: feeding them; ``"gate"`` ``g·[z > 0]`` with that layer's two-component patterns, as for a
+#: ReLU (it recovered the ground-truth signal worse on every benchmark measured).
+SMOOTH_RULES = ("gate", "derivative")
+
+
 class _PatternMethod(Attribution):
     _attribution = False
     #: ReLUs pass the gradient's gate backward (no ReLU rule is installed), so layers read
@@ -70,8 +78,14 @@ class _PatternMethod(Attribution):
         estimator: str | None = None,
         canonizers: Sequence[Canonizer] | None = None,
         output_selector: Callable[[Any], Tensor] | None = None,
+        smooth: str = "derivative",
     ) -> None:
         super().__init__(model, canonizers=canonizers, output_selector=output_selector)
+        if smooth not in SMOOTH_RULES:
+            raise ValueError(
+                f"smooth must be one of {', '.join(map(repr, SMOOTH_RULES))}, not {smooth!r}"
+            )
+        self.smooth = smooth
         if patterns is not None and not isinstance(patterns, Patterns):
             raise TypeError(
                 f"patterns must be a Patterns object, not {type(patterns).__name__}: fit them "
@@ -116,6 +130,9 @@ class _PatternMethod(Attribution):
             a, _ = filter_pattern(weight)
             return a.reshape(weight.shape), None
         assert self.patterns is not None
+        tensors = self.patterns[name]
+        if self.smooth == "derivative" and "a" in tensors and "a_plus" in tensors:
+            return tensors["a"], None  # a layer feeding GELU/SiLU: its linear pattern
         positive, negative = _pattern_pair(self.patterns, name)
         return positive, negative
 
@@ -189,7 +206,10 @@ class _PatternMethod(Attribution):
         # LayerNorm/GroupNorm: per-element units γ/σ with 1/σ held, pattern σ/γ (method.md §10).
         module_rules.update(norm_rules(self.model, attribution=self._attribution))
         # ConvNeXt's layer scale s * x: per-element units with fixed weight s, pattern 1/s.
-        return module_rules, layer_scale_rules(self.model, attribution=self._attribution)
+        function_rules = dict(layer_scale_rules(self.model, attribution=self._attribution))
+        if self.smooth == "gate":  # GELU/SiLU pass g·[z > 0], as a ReLU (method.md §10)
+            function_rules.update(smooth_gate_rules(Gate()))
+        return module_rules, function_rules
 
     def graph_context(self, canonical: Canonical) -> Any:
         """Sums, average pools and means pass their patterns back (method.md §10)."""
@@ -220,6 +240,11 @@ class PatternNet(_PatternMethod):
         From :func:`patternnet.fit_patterns` or :meth:`Patterns.load`, fitted on ``model``.
     estimator:
         Defaults to the patterns' estimator; ``"filter"`` needs no patterns (``a = w/wᵀw``).
+    smooth:
+        GELU and SiLU: ``"derivative"`` (default) passes the gradient's ``g·f′(z)`` and uses
+        the linear pattern of the layer feeding them; ``"gate"`` passes ``g·[z > 0]`` and
+        uses that layer's two-component patterns, as for a ReLU (a two-component fit stores
+        both; method.md §10 has the measurements that chose the default).
     canonizers, output_selector:
         See :class:`~patternnet.methods.base.Attribution`.
 
@@ -271,6 +296,11 @@ class PatternAttribution(_PatternMethod):
         Fitted patterns (not needed for ``"filter"`` and ``"identity"``).
     estimator:
         Defaults to the patterns' estimator.
+    smooth:
+        GELU and SiLU: ``"derivative"`` (default) passes the gradient's ``g·f′(z)`` and uses
+        the linear pattern of the layer feeding them; ``"gate"`` passes ``g·[z > 0]`` and
+        uses that layer's two-component patterns, as for a ReLU (a two-component fit stores
+        both; method.md §10 has the measurements that chose the default).
     canonizers, output_selector:
         See :class:`~patternnet.methods.base.Attribution`.
 

@@ -26,6 +26,7 @@ from ..engine.nodes import is_node_name
 from ..engine.support import (
     attention_linear_patterns,
     check_supported,
+    gated_smooth_layers,
     linear_pattern_layers,
 )
 from ..layers import geometry
@@ -472,13 +473,16 @@ def compute_patterns(
     report: dict[str, Any] = {}
     fallback: dict[str, dict[str, list[int]]] = {}
     statistics.flush()
-    smooth = set()
+    smooth, gated = set(), set()
     all_linear = False
     if estimator == "two_component":
         smooth = linear_pattern_layers(model, statistics.negative)
         all_linear = attention_linear_patterns(
             model, statistics.negative, any(n.startswith("attention#") for n in statistics)
         )
+        # GELU/SiLU: a₊/a₋ for smooth="gate" and a for smooth="derivative" (method.md §10)
+        if statistics.negative and not all_linear:
+            gated = gated_smooth_layers(model)
     nodes: dict[str, dict[str, Tensor]] = {}
     workspace = estimators.Workspace()  # float64 buffers of one block, reused by every layer
     for name, layer_stats in statistics.items():
@@ -507,6 +511,11 @@ def compute_patterns(
                 tensors, rep = _solve(
                     name, kind, layer_stats, weight, statistics.negative, dtype, workspace
                 )
+                if estimator == "two_component" and name in gated:  # GELU/SiLU: a too
+                    tensors = {key: t.clone() for key, t in tensors.items()}
+                    tensors["a"] = _solve(
+                        name, "linear", layer_stats, weight, True, dtype, workspace
+                    )[0]["a"]
             layers[name] = {
                 key: t.reshape(weight.shape).to(weight.device) for key, t in tensors.items()
             }

@@ -35,12 +35,12 @@ from .pattern import (
     elementwise_product,
     identity_estimator_rules,
 )
-from .relu import DeconvNetReLU, GuidedReLU, Pass
+from .relu import DeconvNetReLU, Gate, GuidedReLU, Pass
 from .sums import ChannelScale, NodePatterns, ProportionalSum, SumState
 
 __all__ = [
     "Rule", "LayerRule", "LayerState", "Share", "Term", "layer_of",
-    "WeightSwap", "SwapState", "DeconvNetReLU", "GuidedReLU",
+    "WeightSwap", "SwapState", "DeconvNetReLU", "Gate", "GuidedReLU",
     "Epsilon", "Z", "AlphaBeta", "ZPlus", "Gamma", "WSquare", "Flat", "ZBox", "Norm", "Pass",
     "AVERAGE_POOLS", "identity_estimator_rules", "stabilize", "relevance_ratio",
     "ProportionalSum", "ChannelScale", "SumState", "NodePatterns", "as_dtype",
