@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_WITH_VISION ?= torch==2.14.1 torchvision==0.29.1
 TORCH_PLAIN ?= torch==2.13.0
 
-.PHONY: venv test lint demo demo-vit fashion-mnist browser opencv-libs bench clean
+.PHONY: venv test lint demo demo-vit fashion-mnist browser opencv-libs bench bench-all clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -65,7 +65,17 @@ demo: venv fashion-mnist
 demo-vit: venv fashion-mnist
 	$(BIN)/patternnet demo --model vit
 
+# The headline (README and perf/README): the whole default fit against forward and the
+# floor, VGG16 and ResNet-50, 64 images, batch 16, 2 threads (about an hour on 2 busy
+# cores), the fixed cost of one call, then the table both READMEs show.
 bench: venv
+	$(BIN)/python -m perf.fit --whole --model vgg16 --images 64 --batch 16 --threads 2 --repeats 2
+	$(BIN)/python -m perf.fit --whole --model resnet50 --images 64 --batch 16 --threads 2 --repeats 2
+	$(BIN)/python -m perf.setup --model vgg16 --images 2 --threads 2 --repeats 2
+	$(BIN)/python -m perf.table
+
+# Every other benchmark (explain, fit per batch, precision, scaling, checkpoints).
+bench-all: venv
 	$(BIN)/python -m perf.run
 
 clean:

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .table import headline_table
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 
@@ -54,7 +56,8 @@ def plan(quick: bool, threads: int) -> dict[str, list[list[str]]]:
 
 
 def summary() -> str:
-    lines = []
+    lines = ["### The headline: the whole default fit (README.md shows the same table)", "",
+             headline_table()]
     for path in sorted(RESULTS.glob("explain_*.json")):
         r = json.loads(path.read_text())
         where = (r["machine"].get("cuda") or "CPU") if r.get("device", "cpu") != "cpu" else "CPU"
@@ -63,16 +66,6 @@ def summary() -> str:
                   "| method | median ms | × gradient |", "|---|---|---|"]
         lines += [f"| {row['method']} | {1000 * row['median_s']:.1f} | "
                   f"{row['ratio_to_gradient']:.2f} |" for row in r["rows"]]
-    wholes = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("fit_whole_*.json"))]
-    if wholes:
-        lines += ["\n### Fit: the whole default call (wall time, everything included)", "",
-                  "| model | images | batch | fit s | forward s | × forward | load |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in wholes:
-            for pair in r["pairs"]:
-                lines.append(f"| {r['model']} {r['size']}² | {r['images']} | {r['batch']} | "
-                             f"{pair['fit_s']:.1f} | {pair['forward_s']:.1f} | "
-                             f"{pair['ratio']:.2f} | {pair['load_average'][0]:.1f} |")
     fits = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("fit_*.json"))
             if not p.name.startswith("fit_whole_")]
     if fits:

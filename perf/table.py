@@ -49,7 +49,12 @@ def headline_table(results: Path = RESULTS) -> str:
         "floor ÷ forward | load | date |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in _load("fit_whole_*.json", results):
+    wholes = _load("fit_whole_*.json", results)
+    machines = sorted({f"{r['machine']['cpu']}, {r['machine']['cores']} cores, torch "
+                       f"{r['machine']['torch']}" for r in wholes})  # fmt: skip
+    if machines:
+        lines[0] += f" Machine: {'; '.join(machines)}."
+    for r in wholes:
         pairs = r["pairs"]
         fits = ", ".join(f"{p['fit_s']:.1f}" for p in pairs)
         forwards = ", ".join(f"{p['forward_s']:.1f}" for p in pairs)
@@ -65,8 +70,11 @@ def headline_table(results: Path = RESULTS) -> str:
         )
     setups = _load("setup_*.json", results)
     if setups:
-        lines += ["", "Fixed cost of one default call (goal ≤ 2 s for VGG16), wall s per repeat "
-                  "(CPU s in brackets):", "",
+        first = setups[0]
+        lines += ["", f"Fixed cost of one default call (goal ≤ 2 s for VGG16), from `perf.setup`: "
+                  f"the call's parts timed one by one on {first['images']} image(s) at "
+                  f"{first['size']}², {first['machine']['torch_threads']} threads, wall s per "
+                  "repeat (CPU s in brackets); setup = every part but the statistics pass:", "",
                   "| model | part | " + " | ".join(f"repeat {i + 1}" for i in
                                                   range(max(len(s["runs"]) for s in setups)))
                   + " |", "|---|---|" + "---|" * max(len(s["runs"]) for s in setups)]
