@@ -62,6 +62,8 @@ def headline_table(results: Path = RESULTS) -> str:
         floors = ", ".join(f"{p['floor_ratio']:.2f}" for p in pairs if "floor_ratio" in p)
         loads = ", ".join(f"{p['load_average'][0]:.1f}" for p in pairs)
         met = "met" if r["ratio_median"] <= GOAL else "not met"
+        if len(pairs) < 2:  # no spread, no error: no verdict
+            met = "one repeat: no error estimate, no verdict"
         lines.append(
             f"| {r['model']} | {r['images']} × {r['size']}² | {r['batch']} | "
             f"{r.get('threads', '?')} | {fits} | {forwards} | **{r['ratio_median']:.2f}** "
