@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -295,3 +296,50 @@ def test_refusals_name_what_is_missing() -> None:
 
     with pytest.raises(UnsupportedModuleError, match="scale"):
         AttnLRP(Holder().double()).attribute(torch.randn(2, 4, dtype=torch.float64), target=0)
+
+
+class Encoder(nn.Module):
+    """Token embedding, one nn.TransformerEncoderLayer, mean over tokens, a linear head."""
+
+    def __init__(self, norm_first: bool, activation: Any) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True,
+                                                norm_first=norm_first, activation=activation)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(x))[:, 0])
+
+
+class GeluModule(nn.Module):
+    """``nn.GELU`` behind a plain module call: the identity rule then comes from the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer_functional_gelu_gets_identity(norm_first: bool) -> None:
+    """nn.TransformerEncoderLayer (activation="gelu" calls F.gelu) gets the identity rule on
+    GELU as a model with nn.GELU does; with every bias 0 (LayerNorm's β too) CP-LRP conserves
+    relevance exactly through embedding, attention, LayerNorm, GELU, residual sums and head."""
+    torch.manual_seed(5)
+    functional = Encoder(norm_first, "gelu").double().eval()
+    module = Encoder(norm_first, GeluModule()).double().eval()
+    module.load_state_dict(functional.state_dict(), strict=False)
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    a = AttnLRP(functional).attribute(x, target=1)
+    b = AttnLRP(module).attribute(x, target=1)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        for name, p in functional.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+        logit = functional(x)[:, 1]
+    cp = AttnLRP(functional, conservative=True).attribute(x, target=1)
+    torch.testing.assert_close(cp.sum((1, 2)), logit, rtol=1e-8, atol=1e-10)

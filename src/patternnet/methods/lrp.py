@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.backward import Rule, addition_rules, relu_rules
@@ -480,6 +481,16 @@ class AttnLRP(LRP):
                 self.assignment[module] = norm
             elif isinstance(module, IDENTITY_ACTIVATIONS):
                 self.assignment[module] = identity
+        # Activations called as functions (nn.TransformerEncoderLayer's activation="gelu").
+        self.identity_functions = {F.gelu: identity, F.silu: identity}
+
+    def rules(
+        self, canonical: Canonical
+    ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
+        """LRP's rules plus the identity rule on functional GELU/SiLU."""
+        modules, functions = super().rules(canonical)
+        functions.update(self.identity_functions)
+        return modules, functions
 
     def check_model(self, module_rules: dict[nn.Module, Rule]) -> None:
         """Refuse modules with weights that no AttnLRP rule covers (clear error, all named)."""
