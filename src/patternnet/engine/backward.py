@@ -21,9 +21,9 @@ installs rules on a borrowed model and removes them afterwards:
   ``backward`` returns ``(to_a, to_b)``. Without an addition rule the sum passes the same
   quantity to both summands, as the gradient does. An addition rule with a ``constant_rule``
   also gets ``x + c`` where only ``x`` carries the graph (a position embedding as a bias).
-- **whole calls** of a module whose rule sets ``reads_call = True`` (AttnLRP's
-  ``nn.MultiheadAttention`` rule): ``save`` receives ``(args, kwargs)``, a tuple output has its
-  first element wrapped, and what flows back goes to the first argument.
+- **whole calls** of a function whose rule sets ``replaces_call = True`` (AttnLRP's rule for
+  ``F.multi_head_attention_forward``): the rule computes the call itself (``rule.call``) and
+  keeps what its ``backward`` needs.
 
 Nothing is stored on the user's modules; hooks and modes live inside :func:`rules_applied`.
 """
@@ -132,29 +132,6 @@ def _module_hook(rule: Rule) -> Callable[..., Any]:
         if not args:
             return None
         return _wrap(rule, module, args[0], output)
-
-    return hook
-
-
-def _call_hook(rule: Rule) -> Callable[..., Any]:
-    """The hook of a rule that reads the whole call (``rule.reads_call``): ``save`` gets
-    ``x = (args, kwargs)``; a tuple output (``nn.MultiheadAttention``'s ``(out, weights)``)
-    has its first element wrapped, the rest passes unchanged. What flows back goes to
-    ``args[0]``."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict, output: Any) -> Any:
-        first = output[0] if isinstance(output, tuple) and output else output
-        x = args[0] if args else None
-        if not (
-            torch.is_grad_enabled()
-            and isinstance(x, Tensor)
-            and isinstance(first, Tensor)
-            and x.requires_grad
-        ):
-            return None
-        state = rule.save(module, (args, kwargs), first)
-        wrapped = _Swapped.apply(rule, module, state, x, [first.detach()])
-        return (wrapped, *output[1:]) if isinstance(output, tuple) else wrapped
 
     return hook
 
@@ -272,6 +249,18 @@ def _sum(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
     return _SwappedSum.apply(rule, state, a, b, [values])
 
 
+def _replaced_call(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
+    """A rule that computes the whole call itself (``rule.replaces_call``): ``rule.call``
+    returns ``(x, state, output, rest)`` — what flows back goes to ``x``, ``output`` is
+    wrapped, ``rest`` (a tuple or None) follows it — or None to run ``func`` as usual."""
+    result = rule.call(func, args, kwargs)
+    if result is None:
+        return func(*args, **kwargs)
+    x, state, output, rest = result
+    wrapped = _Swapped.apply(rule, None, state, x, [output.detach()])
+    return wrapped if rest is None else (wrapped, *rest)
+
+
 class _FunctionRules(TorchFunctionMode):
     """Apply rules to activation functions called anywhere during the forward pass."""
 
@@ -286,6 +275,8 @@ class _FunctionRules(TorchFunctionMode):
         rule = self.rules.get(func)
         if rule is None:
             return func(*args, **kwargs)
+        if getattr(rule, "replaces_call", False):
+            return _replaced_call(rule, func, args, kwargs)
         if func in ADDITION_FUNCTIONS:
             return _sum(rule, func, args, kwargs)
         if func in MULTIPLICATION_FUNCTIONS:
@@ -337,10 +328,7 @@ def rules_applied(
     """
     with ExitStack() as stack:
         for module, rule in module_rules.items():
-            if getattr(rule, "reads_call", False):
-                handle = module.register_forward_hook(_call_hook(rule), with_kwargs=True)
-            else:
-                handle = module.register_forward_hook(_module_hook(rule))
+            handle = module.register_forward_hook(_module_hook(rule))
             stack.callback(handle.remove)
         if function_rules:
             stack.enter_context(_FunctionRules(function_rules))

@@ -475,27 +475,29 @@ class AttnLRP(LRP):
         attention = AttentionLRP(epsilon, conservative=conservative)
         norm, identity = NormIdentity(epsilon), Identity()
         for module in model.modules():
-            if isinstance(module, nn.MultiheadAttention):
-                self.assignment[module] = attention
-            elif isinstance(module, NORMS):
+            if isinstance(module, NORMS):
                 self.assignment[module] = norm
             elif isinstance(module, IDENTITY_ACTIVATIONS):
                 self.assignment[module] = identity
-        # Activations called as functions (nn.TransformerEncoderLayer's activation="gelu").
-        self.identity_functions = {F.gelu: identity, F.silu: identity}
+        # nn.MultiheadAttention calls F.multi_head_attention_forward, which the rule runs
+        # decomposed; activations called as functions (TransformerEncoderLayer's "gelu").
+        self.call_rules: dict[Callable[..., Any], Rule] = {
+            F.multi_head_attention_forward: attention, F.gelu: identity, F.silu: identity,
+        }
 
     def rules(
         self, canonical: Canonical
     ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
-        """LRP's rules plus the identity rule on functional GELU/SiLU."""
+        """LRP's rules plus attention and the identity rule on functional GELU/SiLU."""
         modules, functions = super().rules(canonical)
-        functions.update(self.identity_functions)
+        functions.update(self.call_rules)
         return modules, functions
 
     def check_model(self, module_rules: dict[nn.Module, Rule]) -> None:
         """Refuse modules with weights that no AttnLRP rule covers (clear error, all named)."""
         modules = dict(self.model.named_modules())
-        covered = [name for name, module in modules.items() if module in module_rules]
+        covered = [name for name, module in modules.items()
+                   if module in module_rules or isinstance(module, nn.MultiheadAttention)]
         bad = []
         for name, support in classify(self.model, folding=False).items():
             if support.kind != "unsupported":

@@ -24,9 +24,9 @@ vision transformers, holds the attention probabilities fixed: the softmax gets n
 ``A V`` passes all of its relevance to ``V`` (``R_V = V ⊙ Aᵀ(R / stab(AV))``).
 
 :class:`AttentionLRP` applies these rules to a whole ``nn.MultiheadAttention`` call (self
-attention: query, key and value the same tensor): its in-projections (ε rule), the product
-``q kᵀ``, the softmax, the product ``A V`` and the output projection (ε rule), recomputed on the
-way back from the saved input. With ``ε = 0`` every rule above equals the gradient × input
+attention: query, key and value the same tensor), which it runs decomposed: its
+in-projections (ε rule), the product ``q kᵀ``, the softmax, the product ``A V`` and the output
+projection (ε rule). With ``ε = 0`` every rule above equals the gradient × input
 form that ``lxt`` implements (identity rules as ``f(x)/x`` factors on the gradient, ``1/σ``
 detached, the gradient at ``q``, ``k``, ``v`` divided by 4, 4, 2), up to units with ``z = 0``
 (here they pass nothing; there the gradient still flows). tests/test_attnlrp.py checks that
@@ -35,11 +35,13 @@ against ``lxt`` on a torchvision ViT in float64.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backward import Rule
@@ -193,31 +195,35 @@ class ResidualAndBiasSum(ProportionalSum):
 
 @dataclass
 class _AttentionState:
+    """What :class:`AttentionLRP` keeps of one attention call (batch first, per head)."""
+
     x: Tensor
+    weights: tuple[Tensor, Tensor, Tensor]
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    logits: Tensor
+    attention: Tensor
+    heads_out: Tensor
+    merged: Tensor
+    out_weight: Tensor
+    out: Tensor
     batch_first: bool
 
 
-def _projections(module: nn.MultiheadAttention) -> list[tuple[Tensor, Tensor | None]]:
-    """``[(W_q, b_q), (W_k, b_k), (W_v, b_v)]`` of ``module`` (packed or separate weights)."""
-    e = module.embed_dim
-    if module._qkv_same_embed_dim:
-        weights = module.in_proj_weight.detach().split(e)
-    else:
-        weights = (module.q_proj_weight.detach(), module.k_proj_weight.detach(),
-                   module.v_proj_weight.detach())
-    bias = module.in_proj_bias
-    biases = bias.detach().split(e) if bias is not None else (None, None, None)
-    return list(zip(weights, biases))
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
 class AttentionLRP(Rule):
-    """AttnLRP (or CP-LRP) through one ``nn.MultiheadAttention`` self-attention call.
+    """AttnLRP (or CP-LRP) through ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``).
 
-    The relevance arriving at the attention's output goes back through the output projection
-    (ε rule), ``O = A V`` (:func:`product_relevance`), the softmax
-    (:func:`softmax_relevance`), ``S = q kᵀ/√d`` (:func:`product_relevance`) and the three
-    in-projections (ε rule) to the input; the decomposed attention is recomputed from the
-    saved input on the way back (the module's own forward may run a fused kernel).
+    Installed as the function rule of ``F.multi_head_attention_forward`` (what
+    ``nn.MultiheadAttention`` calls when gradients are on; the engine hands the whole call to
+    :meth:`call`). The rule runs the attention decomposed — in-projections, ``S = q kᵀ/√d``,
+    ``A = softmax(S)``, ``O = A V``, output projection — keeps the intermediate values, and
+    on the way back sends the relevance through the output projection (ε rule), ``A V``
+    (:func:`product_relevance`), the softmax (:func:`softmax_relevance`), ``q kᵀ`` and the
+    three in-projections (ε rule) to the input.
 
     Parameters
     ----------
@@ -232,89 +238,114 @@ class AttentionLRP(Rule):
     ------
     NotImplementedError
         In the forward pass, for calls the rule does not cover: query, key and value not the
-        same tensor (cross-attention), attention masks, ``bias_k``/``bias_v``,
-        ``add_zero_attn``, unbatched inputs.
+        same tensor (cross-attention), attention masks or ``is_causal``, ``bias_k``/``bias_v``,
+        ``add_zero_attn``, static keys, dropout in training mode, unbatched inputs.
     """
 
-    reads_call = True
+    replaces_call = True
 
     def __init__(self, epsilon: float = 0.0, *, conservative: bool = False) -> None:
         self.epsilon = check_nonnegative("epsilon", epsilon)
         self.conservative = bool(conservative)
 
-    def save(self, module: nn.Module | None, x: Any, output: Tensor) -> Any:
-        if not isinstance(module, nn.MultiheadAttention):
-            raise TypeError("AttentionLRP is a rule for nn.MultiheadAttention modules")
-        args, kwargs = x
-        names = ("query", "key", "value")
-        given = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]):]]
-        query = given[0]
-        if any(t is not query for t in given):
-            raise NotImplementedError(
-                "the AttnLRP rule covers self-attention only (query, key and value the same "
-                "tensor); this nn.MultiheadAttention call has different ones"
-            )
-        masks = [n for n in ("key_padding_mask", "attn_mask") if kwargs.get(n) is not None]
-        masks += ["is_causal"] if kwargs.get("is_causal") else []
-        if len(args) > 3:
-            masks.append("positional mask arguments")
-        if masks:
-            raise NotImplementedError(
-                f"the AttnLRP rule does not support {', '.join(masks)} yet; call the attention "
-                "without masks"
-            )
-        if module.bias_k is not None or module.add_zero_attn:
-            raise NotImplementedError(
-                "the AttnLRP rule does not support bias_k/bias_v or add_zero_attn"
-            )
-        if query.dim() != 3:
-            raise NotImplementedError("the AttnLRP rule needs batched (3-d) attention inputs")
-        return _AttentionState(query.detach(), module.batch_first)
-
-    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
-        assert isinstance(module, nn.MultiheadAttention)
-        eps = self.epsilon
-        x, r_out = state.x, grad_output
-        if not state.batch_first:  # (L, N, E) → (N, L, E)
-            x, r_out = x.transpose(0, 1), r_out.transpose(0, 1)
-        n, length, _ = x.shape
-        heads, dim = module.num_heads, module.head_dim
-        dtype = x.dtype
-        projections = [(w.to(dtype), None if b is None else b.to(dtype))
-                       for w, b in _projections(module)]
+    def call(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Run one attention call decomposed: ``(input, state, output, rest)``, or None to
+        let the call run as usual (no gradient needed)."""
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        query = a["query"]
+        if not (torch.is_grad_enabled() and isinstance(query, Tensor) and query.requires_grad):
+            return None
+        _check_call(a)
+        # (L, N, E) as nn.MultiheadAttention passes it; batch first inside, contiguous so
+        # that the projections are plain matrix products.
+        x = query.detach().transpose(0, 1).contiguous()
+        n, length, e = x.shape
+        heads = a["num_heads"]
+        dim = e // heads
+        if a["use_separate_proj_weight"]:
+            weights = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
+        else:
+            weights = tuple(a["in_proj_weight"].split(e))
+        weights = tuple(w.detach() for w in weights)
+        bias = a["in_proj_bias"]
+        biases = bias.detach().split(e) if bias is not None else (None, None, None)
         with torch.no_grad():
-            q, k, v = (torch.nn.functional.linear(x, w, b) for w, b in projections)
+            q, k, v = (F.linear(x, w, b) for w, b in zip(weights, biases))
 
             def split(t: Tensor) -> Tensor:  # (N, L, E) → (N, h, L, d)
                 return t.reshape(n, length, heads, dim).transpose(1, 2)
 
             qh, kh, vh = split(q), split(k), split(v)
-            scale = 1.0 / math.sqrt(dim)
-            logits = (qh * scale) @ kh.transpose(-1, -2)
+            logits = (qh * (1.0 / math.sqrt(dim))) @ kh.transpose(-1, -2)
             attention = logits.softmax(-1)
             heads_out = attention @ vh
-            merged = heads_out.transpose(1, 2).reshape(n, length, heads * dim)
-            w_o = module.out_proj.weight.detach().to(dtype)
-            b_o = module.out_proj.bias
-            out = torch.nn.functional.linear(
-                merged, w_o, None if b_o is None else b_o.detach().to(dtype)
-            )
-            r_merged = _linear_relevance(merged, w_o, out, r_out, eps)
+            merged = heads_out.transpose(1, 2).reshape(n, length, e)
+            w_o = a["out_proj_weight"].detach()
+            b_o = a["out_proj_bias"]
+            out = F.linear(merged, w_o, None if b_o is None else b_o.detach())
+        state = _AttentionState(x, weights, q, k, v, logits, attention, heads_out, merged, w_o,
+                                out, False)
+        weights_out = None
+        if a["need_weights"]:
+            weights_out = attention.mean(1) if a["average_attn_weights"] else attention
+        # A copy of its own for the model: the state keeps ``out`` (a denominator) unchanged.
+        return query, state, out.transpose(0, 1).contiguous(), (weights_out,)
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        eps = self.epsilon
+        x, attention, logits = state.x, state.attention, state.logits
+        r_out = grad_output.transpose(0, 1)  # (L, N, E) → (N, L, E)
+        n, length, e = x.shape
+        heads = attention.shape[1]
+        dim = e // heads
+        with torch.no_grad():
+            r_merged = _linear_relevance(state.merged, state.out_weight, state.out, r_out, eps)
             r_heads = r_merged.reshape(n, length, heads, dim).transpose(1, 2)
+
+            def split(t: Tensor) -> Tensor:
+                return t.reshape(n, length, heads, dim).transpose(1, 2)
+
             share_a = 0.0 if self.conservative else 0.5
             share_v = 1.0 if self.conservative else 0.5
-            r_attention, r_v = product_relevance(attention, vh, r_heads, eps, share_a, share_v,
-                                                 out=heads_out)
-            relevance = []
+            r_attention, r_v = product_relevance(attention, split(state.v), r_heads, eps,
+                                                 share_a, share_v, out=state.heads_out)
+            w_q, w_k, w_v = state.weights
+            result = _linear_relevance(x, w_v, state.v, _merge(r_v), eps)
             if r_attention is not None:
                 r_logits = softmax_relevance(logits, attention, r_attention)
-                r_q, r_k = product_relevance(qh * scale, kh.transpose(-1, -2), r_logits, eps,
-                                             out=logits)
-                relevance += [(q, r_q), (k, r_k.transpose(-1, -2))]
-            relevance.append((v, r_v))
-            weights = dict(zip(("q", "k", "v"), (w for w, _ in projections)))
-            result = torch.zeros_like(x)
-            for (z, r), name in zip(relevance, ("q", "k", "v")[-len(relevance):]):
-                r = r.transpose(1, 2).reshape(n, length, heads * dim)
-                result += _linear_relevance(x, weights[name], z, r, eps)
-        return result if state.batch_first else result.transpose(0, 1)
+                scaled = split(state.q) * (1.0 / math.sqrt(dim))
+                r_q, r_k = product_relevance(scaled, split(state.k).transpose(-1, -2), r_logits,
+                                             eps, out=logits)
+                result += _linear_relevance(x, w_q, state.q, _merge(r_q), eps)
+                result += _linear_relevance(x, w_k, state.k, _merge(r_k.transpose(-1, -2)), eps)
+        return result.transpose(0, 1)
+
+
+def _merge(t: Tensor) -> Tensor:
+    """(N, h, L, d) → (N, L, h·d)."""
+    n, heads, length, dim = t.shape
+    return t.transpose(1, 2).reshape(n, length, heads * dim)
+
+
+def _check_call(a: dict) -> None:
+    """Refuse attention calls :class:`AttentionLRP` does not cover, naming what is missing."""
+    query, key, value = a["query"], a["key"], a["value"]
+    if key is not query or value is not query:
+        raise NotImplementedError(
+            "the AttnLRP rule covers self-attention only (query, key and value the same "
+            "tensor); this attention call has different ones"
+        )
+    missing = [name for name in ("key_padding_mask", "attn_mask", "bias_k", "bias_v",
+                                 "static_k", "static_v") if a[name] is not None]
+    missing += [name for name in ("is_causal", "add_zero_attn") if a[name]]
+    if a["training"] and a["dropout_p"] > 0:
+        missing.append("dropout in training mode")
+    if query.dim() != 3:
+        missing.append("unbatched (2-d) inputs")
+    if missing:
+        raise NotImplementedError(
+            f"the AttnLRP rule does not support {', '.join(missing)} yet; call the attention "
+            "without them (eval mode for dropout)"
+        )
