@@ -16,13 +16,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import patternnet as pn
+from patternnet.engine.attention import UnsupportedAttentionError, decomposed
 from patternnet.engine.backward import addition_rules, rules_applied
 from patternnet.engine.rules.lrp_attention import (
-    AttentionLRP,
     NormIdentity,
     ResidualAndBiasSum,
     product_relevance,
@@ -126,11 +125,28 @@ def attention_inputs(seed: int = 0) -> tuple[nn.MultiheadAttention, torch.Tensor
     return attention, x, relevance
 
 
-def rule_relevance(attention: nn.Module, rule: AttentionLRP, x: torch.Tensor,
-                   relevance: torch.Tensor, batch_first: bool = True) -> torch.Tensor:
+def rule_relevance(attention: nn.Module, x: torch.Tensor, relevance: torch.Tensor,
+                   epsilon: float = 0.0, conservative: bool = False) -> torch.Tensor:
+    """What the method ``rule`` installs (its rules and attention handler), through one
+    self-attention call of ``attention`` from the relevance at its output."""
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    model = Wrapper()
+    method = AttnLRP(model, epsilon=epsilon, conservative=conservative)
+    canonical = method._canonical()
+    modules, functions = method.rules(canonical)
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), rules_applied({}, {F.multi_head_attention_forward: rule}):
-        out, _ = attention(x, x, x, need_weights=False)
+    with torch.enable_grad(), rules_applied(modules, functions), decomposed(
+        model, method.attention_handler(canonical)
+    ):
+        out = model(x)
         (result,) = torch.autograd.grad(out, x, relevance)
     return result
 
@@ -183,8 +199,7 @@ def explicit_attention_relevance(
 @pytest.mark.parametrize("eps", [0.0, 0.05])
 def test_attention_rule_matches_written_out_formula(conservative: bool, eps: float) -> None:
     attention, x, relevance = attention_inputs()
-    rule = AttentionLRP(eps, conservative=conservative)
-    ours = rule_relevance(attention, rule, x, relevance)
+    ours = rule_relevance(attention, x, relevance, eps, conservative)
     expected = explicit_attention_relevance(attention, x, relevance, eps,
                                             (0.0, 1.0) if conservative else (0.5, 0.5))
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
@@ -192,10 +207,10 @@ def test_attention_rule_matches_written_out_formula(conservative: bool, eps: flo
 
 def test_attention_rule_sequence_first_layout() -> None:
     attention, x, relevance = attention_inputs()
-    expected = rule_relevance(attention, AttentionLRP(), x, relevance)
+    expected = rule_relevance(attention, x, relevance)
     seq_first = nn.MultiheadAttention(12, 3).double().eval()
     seq_first.load_state_dict(attention.state_dict())
-    ours = rule_relevance(seq_first, AttentionLRP(), x.transpose(0, 1), relevance.transpose(0, 1))
+    ours = rule_relevance(seq_first, x.transpose(0, 1), relevance.transpose(0, 1))
     torch.testing.assert_close(ours.transpose(0, 1), expected, rtol=1e-10, atol=1e-12)
 
 
@@ -206,7 +221,7 @@ def test_cp_lrp_conserves_relevance_without_biases() -> None:
         attention.in_proj_bias.zero_()
         attention.out_proj.bias.zero_()
         out, _ = attention(x, x, x, need_weights=False)
-    result = rule_relevance(attention, AttentionLRP(conservative=True), x, out)
+    result = rule_relevance(attention, x, out, conservative=True)
     torch.testing.assert_close(result.sum((1, 2)), out.sum((1, 2)), rtol=1e-10, atol=1e-12)
 
 
@@ -282,18 +297,19 @@ def test_fixed_summand_is_a_bias() -> None:
 
 
 def test_refusals_name_what_is_missing() -> None:
-    attention, x, relevance = attention_inputs()
-    y = x.clone()
-    with pytest.raises(NotImplementedError, match="self-attention"), rules_applied(
-        {}, {F.multi_head_attention_forward: AttentionLRP()}
-    ):
-        attention(x.requires_grad_(True), y, y, need_weights=False)
-    mask = torch.zeros(5, 5, dtype=torch.bool)
-    with pytest.raises(NotImplementedError, match="attn_mask"), rules_applied(
-        {}, {F.multi_head_attention_forward: AttentionLRP()}
-    ):
-        x = x.detach().requires_grad_(True)
-        attention(x, x, x, attn_mask=mask, need_weights=False)
+    attention, x, _ = attention_inputs()
+
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = attention
+            self.head = nn.Linear(12, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attention(x, 2 * x, 2 * x, need_weights=False)[0][:, 0])
+
+    with pytest.raises(UnsupportedAttentionError, match="cross-attention"):
+        AttnLRP(Cross().double()).attribute(x, target=0)
 
     class Holder(nn.Module):
         def __init__(self) -> None:

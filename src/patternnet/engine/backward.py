@@ -21,9 +21,9 @@ installs rules on a borrowed model and removes them afterwards:
   ``backward`` returns ``(to_a, to_b)``. Without an addition rule the sum passes the same
   quantity to both summands, as the gradient does. An addition rule with a ``constant_rule``
   also gets ``x + c`` where only ``x`` carries the graph (a position embedding as a bias).
-- **whole calls** of a function whose rule sets ``replaces_call = True`` (AttnLRP's rule for
-  ``F.multi_head_attention_forward``): the rule computes the call itself (``rule.call``) and
-  keeps what its ``backward`` needs.
+- **matrix products** of two tensors that both carry the graph (``torch.matmul``, ``a @ b``:
+  attention's ``q kᵀ``), opt-in through :func:`matmul_rules`: the rule's ``save`` receives
+  ``x = (a, b)`` and its ``backward`` returns ``(to_a, to_b)``, as for additions.
 
 Nothing is stored on the user's modules; hooks and modes live inside :func:`rules_applied`.
 """
@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["Rule", "rules_applied", "relu_rules", "addition_rules", "ACTIVATION_FUNCTIONS",
            "ADDITION_FUNCTIONS", "GATED_SMOOTH_FUNCTIONS", "MULTIPLICATION_FUNCTIONS",
-           "product_rules", "smooth_gate_rules"]
+           "product_rules", "smooth_gate_rules", "MATMUL_FUNCTIONS", "matmul_rules"]
 
 
 class Rule:
@@ -249,16 +249,24 @@ def _sum(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
     return _SwappedSum.apply(rule, state, a, b, [values])
 
 
-def _replaced_call(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
-    """A rule that computes the whole call itself (``rule.replaces_call``): ``rule.call``
-    returns ``(x, state, output, rest)`` — what flows back goes to ``x``, ``output`` is
-    wrapped, ``rest`` (a tuple or None) follows it — or None to run ``func`` as usual."""
-    result = rule.call(func, args, kwargs)
-    if result is None:
-        return func(*args, **kwargs)
-    x, state, output, rest = result
-    wrapped = _Swapped.apply(rule, None, state, x, [output.detach()])
-    return wrapped if rest is None else (wrapped, *rest)
+#: Spellings of a matrix product (``a @ b`` calls ``Tensor.__matmul__``).
+MATMUL_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
+    {torch.matmul, Tensor.matmul, Tensor.__matmul__}
+)
+
+
+def _matmul(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
+    """Apply a product rule to ``a @ b`` when both factors carry the graph, else multiply."""
+    out = func(*args, **kwargs)
+    if len(args) != 2 or kwargs or not torch.is_grad_enabled():
+        return out
+    a, b = args
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.requires_grad
+            and b.requires_grad and isinstance(out, Tensor)):
+        return out
+    values = out.detach()
+    state = rule.save(None, (a.detach(), b.detach()), values)
+    return _SwappedSum.apply(rule, state, a, b, [values])
 
 
 class _FunctionRules(TorchFunctionMode):
@@ -275,8 +283,8 @@ class _FunctionRules(TorchFunctionMode):
         rule = self.rules.get(func)
         if rule is None:
             return func(*args, **kwargs)
-        if getattr(rule, "replaces_call", False):
-            return _replaced_call(rule, func, args, kwargs)
+        if func in MATMUL_FUNCTIONS:
+            return _matmul(rule, func, args, kwargs)
         if func in ADDITION_FUNCTIONS:
             return _sum(rule, func, args, kwargs)
         if func in MULTIPLICATION_FUNCTIONS:
@@ -304,6 +312,11 @@ def smooth_gate_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:
 def addition_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:
     """The same rule for every spelling of a two-branch addition (see the module docstring)."""
     return {func: rule for func in ADDITION_FUNCTIONS}
+
+
+def matmul_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:
+    """The same rule for every spelling of a matrix product of two graph-carrying tensors."""
+    return {func: rule for func in MATMUL_FUNCTIONS}
 
 
 def product_rules(rule: Rule) -> dict[Callable[..., Any], Rule]:

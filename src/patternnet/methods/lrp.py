@@ -31,7 +31,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.backward import Rule, addition_rules, relu_rules
+from ..engine.attention import AttentionHandler, attention_projections
+from ..engine.backward import Rule, addition_rules, matmul_rules, product_rules, relu_rules
 from ..engine.canonize import Canonical, Canonizer
 from ..engine.rules import (
     AVERAGE_POOLS,
@@ -49,6 +50,8 @@ from ..engine.rules import (
 )
 from ..engine.rules.lrp_attention import (
     AttentionLRP,
+    BilinearProduct,
+    ConstantProduct,
     Identity,
     NormIdentity,
     ResidualAndBiasSum,
@@ -465,33 +468,41 @@ class AttnLRP(LRP):
         canonizers: Sequence[Canonizer] | None = None,
         output_selector: Callable[[Any], Tensor] | None = None,
     ) -> None:
+        self.linear_rule = Epsilon(epsilon)
         super().__init__(
-            model, {LINEAR_AND_CONV: Epsilon(epsilon)}, epsilon=epsilon, stabilizer=epsilon,
+            model, {LINEAR_AND_CONV: self.linear_rule}, epsilon=epsilon, stabilizer=epsilon,
             canonizers=canonizers, output_selector=output_selector,
         )
         self.preset = "attnlrp_cp" if conservative else "attnlrp"
         self.conservative = bool(conservative)
         self.sum_rule = ResidualAndBiasSum(stabilizer=epsilon)
-        attention = AttentionLRP(epsilon, conservative=conservative)
+        self.handler = AttentionLRP(epsilon, conservative=conservative)
+        self.product_rule = BilinearProduct(epsilon)
         norm, identity = NormIdentity(epsilon), Identity()
         for module in model.modules():
             if isinstance(module, NORMS):
                 self.assignment[module] = norm
             elif isinstance(module, IDENTITY_ACTIVATIONS):
                 self.assignment[module] = identity
-        # nn.MultiheadAttention calls F.multi_head_attention_forward, which the rule runs
-        # decomposed; activations called as functions (TransformerEncoderLayer's "gelu").
-        self.call_rules: dict[Callable[..., Any], Rule] = {
-            F.multi_head_attention_forward: attention, F.gelu: identity, F.silu: identity,
-        }
+        # Activations called as functions (TransformerEncoderLayer's activation="gelu").
+        self.call_rules: dict[Callable[..., Any], Rule] = {F.gelu: identity, F.silu: identity}
 
     def rules(
         self, canonical: Canonical
     ) -> tuple[dict[nn.Module, Rule], dict[Callable[..., Any], Rule]]:
-        """LRP's rules plus attention and the identity rule on functional GELU/SiLU."""
+        """LRP's rules, the ε rule on attention's virtual input projections, the bilinear
+        rule on ``q kᵀ`` and the identity rule on functional GELU/SiLU."""
         modules, functions = super().rules(canonical)
+        for projection in attention_projections(self.model).values():
+            modules[projection] = self.linear_rule
+        functions.update(matmul_rules(self.product_rule))
+        functions.update(product_rules(ConstantProduct()))
         functions.update(self.call_rules)
         return modules, functions
+
+    def attention_handler(self, canonical: Canonical) -> AttentionHandler:
+        """The softmax and weighted-sum rules of AttnLRP (or CP-LRP)."""
+        return self.handler
 
     def check_model(self, module_rules: dict[nn.Module, Rule]) -> None:
         """Refuse modules with weights that no AttnLRP rule covers (clear error, all named)."""

@@ -12,8 +12,9 @@ operation's output to its input; all of them run inside the one engine of
                             :class:`Gamma`, :class:`WSquare`, :class:`Flat`, :class:`ZBox`,
                             :class:`Norm` for average pools
 :mod:`.relu`                :class:`DeconvNetReLU`, :class:`GuidedReLU`, :class:`Pass`
-:mod:`.lrp_attention`       AttnLRP: :class:`AttentionLRP` (``nn.MultiheadAttention``),
-                            :class:`NormIdentity`, :class:`Identity`, :class:`BiasShare`
+:mod:`.lrp_attention`       AttnLRP: :class:`AttentionLRP` (attention handler),
+                            :class:`BilinearProduct` (``q kᵀ``), :class:`NormIdentity`,
+                            :class:`Identity`, :class:`BiasShare`
 :mod:`.sums`                :class:`ProportionalSum` (residual sums), :class:`ChannelScale`
 :mod:`._numerics`           ``stab(z)``, ``R / stab(z)``, one-use buffers
 ==========================  ==============================================================
@@ -27,7 +28,14 @@ from ..backward import Rule
 from ._numerics import relevance_ratio, stabilize
 from .base import LayerRule, LayerState, Share, Term, layer_of
 from .lrp import AVERAGE_POOLS, AlphaBeta, Epsilon, Flat, Gamma, Norm, WSquare, Z, ZBox, ZPlus
-from .lrp_attention import AttentionLRP, BiasShare, Identity, NormIdentity, ResidualAndBiasSum
+from .lrp_attention import (
+    AttentionLRP,
+    BiasShare,
+    BilinearProduct,
+    Identity,
+    NormIdentity,
+    ResidualAndBiasSum,
+)
 from .pattern import (
     SwapState,
     WeightSwap,
@@ -44,6 +52,6 @@ __all__ = [
     "Epsilon", "Z", "AlphaBeta", "ZPlus", "Gamma", "WSquare", "Flat", "ZBox", "Norm", "Pass",
     "AVERAGE_POOLS", "identity_estimator_rules", "stabilize", "relevance_ratio",
     "ProportionalSum", "ChannelScale", "SumState", "NodePatterns", "as_dtype",
-    "elementwise_product", "AttentionLRP", "BiasShare", "Identity", "NormIdentity",
-    "ResidualAndBiasSum",
+    "elementwise_product", "AttentionLRP", "BiasShare", "BilinearProduct", "Identity",
+    "NormIdentity", "ResidualAndBiasSum",
 ]

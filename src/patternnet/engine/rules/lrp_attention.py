@@ -23,10 +23,10 @@ CP-LRP (Ali et al., ICML 2022), which ``lxt`` applies inside the attention of to
 vision transformers, holds the attention probabilities fixed: the softmax gets nothing and
 ``A V`` passes all of its relevance to ``V`` (``R_V = V ⊙ Aᵀ(R / stab(AV))``).
 
-:class:`AttentionLRP` applies these rules to a whole ``nn.MultiheadAttention`` call (self
-attention: query, key and value the same tensor), which it runs decomposed: its
-in-projections (ε rule), the product ``q kᵀ``, the softmax, the product ``A V`` and the output
-projection (ε rule). With ``ε = 0`` every rule above equals the gradient × input
+Attention runs decomposed (:mod:`patternnet.engine.attention`): the input and output
+projections are Linear layers (ε rule), ``q kᵀ`` is a product of two activations
+(:class:`BilinearProduct`), and :class:`AttentionLRP` is the attention handler of the
+softmax and of the weighted sum ``A V``. With ``ε = 0`` every rule above equals the gradient × input
 form that ``lxt`` implements (identity rules as ``f(x)/x`` factors on the gradient, ``1/σ``
 detached, the gradient at ``q``, ``k``, ``v`` divided by 4, 4, 2), up to units with ``z = 0``
 (here they pass nothing; there the gradient still flows). tests/test_attnlrp.py checks that
@@ -35,23 +35,21 @@ against ``lxt`` on a torchvision ViT in float64.
 
 from __future__ import annotations
 
-import inspect
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attention import AttentionHandler
 from ..backward import Rule
 from ._numerics import check_nonnegative, relevance_ratio
 from .norms import norm_scale
 from .sums import ProportionalSum
 
 __all__ = [
-    "AttentionLRP", "BiasShare", "Identity", "NormIdentity", "ResidualAndBiasSum",
-    "product_relevance", "softmax_relevance",
+    "AttentionLRP", "BiasShare", "BilinearProduct", "ConstantProduct", "Identity", "NormIdentity",
+    "ResidualAndBiasSum", "product_relevance", "softmax_relevance",
 ]
 
 
@@ -95,16 +93,34 @@ def product_relevance(
     return r_a, r_b
 
 
-def _linear_relevance(x: Tensor, weight: Tensor, z: Tensor, relevance: Tensor,
-                      epsilon: float) -> Tensor:
-    """The ε rule of ``z = x Wᵀ + b``: ``R_x = x ⊙ (R / stab(z)) W``."""
-    return x * (relevance_ratio(relevance, z, epsilon) @ weight)
-
 
 class Identity(Rule):
     """The identity rule (AttnLRP Eq. 9) for element-wise activations: ``R_x = R``."""
 
     def save(self, module: nn.Module | None, x: Tensor, output: Tensor) -> Any:
+        return None
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
+        return grad_output
+
+
+class ConstantProduct(Rule):
+    """``s * x`` with a fixed ``s`` (a number or a tensor without graph, e.g. attention's
+    ``q · 1/√d``): a one-input unit, whose z rule is ``R_x = R``. Installed with
+    :func:`~patternnet.engine.backward.product_rules`; products of two graph-carrying
+    tensors are not claimed."""
+
+    def operands(self, a: Any, b: Any) -> tuple[Tensor, Tensor] | None:
+        """``(x, s)`` when exactly one operand carries the graph."""
+        for x, scale in ((a, b), (b, a)):
+            fixed = not isinstance(scale, Tensor) or not scale.requires_grad
+            if isinstance(x, Tensor) and x.requires_grad and fixed and (
+                isinstance(scale, (int, float)) or isinstance(scale, Tensor)
+            ):
+                return x, torch.as_tensor(scale)
+        return None
+
+    def save(self, module: nn.Module | None, x: Any, output: Tensor) -> Any:
         return None
 
     def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
@@ -194,158 +210,102 @@ class ResidualAndBiasSum(ProportionalSum):
 
 
 @dataclass
-class _AttentionState:
-    """What :class:`AttentionLRP` keeps of one attention call (batch first, per head)."""
-
-    x: Tensor
-    weights: tuple[Tensor, Tensor, Tensor]
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    logits: Tensor
-    attention: Tensor
-    heads_out: Tensor
-    merged: Tensor
-    out_weight: Tensor
-    out: Tensor
-    batch_first: bool
+class _ProductState:
+    a: Tensor
+    b: Tensor
+    z: Tensor
 
 
-_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+class BilinearProduct(Rule):
+    """AttnLRP's rule for a matrix product ``z = a @ b`` of two activations (``q kᵀ``): the
+    ε rule over the terms ``a_ik b_kj``, then half of each term to each factor
+    (:func:`product_relevance`). Installed with
+    :func:`~patternnet.engine.backward.matmul_rules`."""
+
+    def __init__(self, epsilon: float = 0.0) -> None:
+        self.epsilon = check_nonnegative("epsilon", epsilon)
+
+    def save(self, module: nn.Module | None, x: Any, output: Tensor) -> Any:
+        a, b = x
+        return _ProductState(a, b, output.clone())
+
+    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Any:
+        r_a, r_b = product_relevance(state.a, state.b, grad_output, self.epsilon,
+                                     out=state.z)
+        return r_a, r_b
 
 
-class AttentionLRP(Rule):
-    """AttnLRP (or CP-LRP) through ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``).
+class _Softmax(torch.autograd.Function):
+    """``softmax(x)`` forward; AttnLRP's softmax rule backward."""
 
-    Installed as the function rule of ``F.multi_head_attention_forward`` (what
-    ``nn.MultiheadAttention`` calls when gradients are on; the engine hands the whole call to
-    :meth:`call`). The rule runs the attention decomposed — in-projections, ``S = q kᵀ/√d``,
-    ``A = softmax(S)``, ``O = A V``, output projection — keeps the intermediate values, and
-    on the way back sends the relevance through the output projection (ε rule), ``A V``
-    (:func:`product_relevance`), the softmax (:func:`softmax_relevance`), ``q kᵀ`` and the
-    three in-projections (ε rule) to the input.
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor) -> Tensor:
+        probs = torch.softmax(scores, dim=-1)
+        ctx.save_for_backward(scores, probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> Tensor:
+        scores, probs = ctx.saved_tensors
+        return softmax_relevance(scores, probs, relevance)
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``P @ v`` forward; :func:`product_relevance` backward (shares to ``P`` and ``v``)."""
+
+    @staticmethod
+    def forward(ctx: Any, probs: Tensor, values: Tensor, epsilon: float, share_p: float,
+                share_v: float) -> Tensor:
+        out = torch.matmul(probs, values)
+        ctx.save_for_backward(probs, values, out)
+        ctx.rule = (epsilon, share_p, share_v)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Any, ...]:
+        probs, values, out = ctx.saved_tensors
+        epsilon, share_p, share_v = ctx.rule
+        r_p, r_v = product_relevance(probs, values, relevance, epsilon, share_p, share_v,
+                                     out=out)
+        if r_p is None:
+            r_p = torch.zeros_like(probs)
+        return r_p, r_v, None, None, None
+
+
+class AttentionLRP(AttentionHandler):
+    """AttnLRP (or CP-LRP) at attention's softmax and weighted sum (the attention handler).
+
+    Attention runs decomposed (:mod:`patternnet.engine.attention`): the input projection is
+    a Linear layer (ε rule), ``q kᵀ`` a product of two activations (:class:`BilinearProduct`),
+    then this handler's softmax (:func:`softmax_relevance`) and weighted sum ``P V``
+    (:func:`product_relevance`), then the output projection (ε rule).
 
     Parameters
     ----------
     epsilon:
-        ε of every denominator (0: plain divisions, as ``lxt``'s gradient × input form).
+        ε of the weighted sum's denominator (0: a plain division, as ``lxt``'s gradient ×
+        input form).
     conservative:
-        False: AttnLRP (the softmax and ``q kᵀ`` get half of ``A V``'s relevance); True:
-        CP-LRP (attention probabilities held fixed: ``V`` gets all of it, the softmax none),
-        what ``lxt`` applies to torchvision's vision transformers.
-
-    Raises
-    ------
-    NotImplementedError
-        In the forward pass, for calls the rule does not cover: query, key and value not the
-        same tensor (cross-attention), attention masks or ``is_causal``, ``bias_k``/``bias_v``,
-        ``add_zero_attn``, static keys, dropout in training mode, unbatched inputs.
+        False: AttnLRP (``P`` and ``V`` get half each); True: CP-LRP (attention
+        probabilities held fixed: ``V`` gets all of it, the softmax none), what ``lxt``
+        applies to torchvision's vision transformers.
     """
-
-    replaces_call = True
 
     def __init__(self, epsilon: float = 0.0, *, conservative: bool = False) -> None:
         self.epsilon = check_nonnegative("epsilon", epsilon)
         self.conservative = bool(conservative)
 
-    def call(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        """Run one attention call decomposed: ``(input, state, output, rest)``, or None to
-        let the call run as usual (no gradient needed)."""
-        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
-        query = a["query"]
-        if not (torch.is_grad_enabled() and isinstance(query, Tensor) and query.requires_grad):
-            return None
-        _check_call(a)
-        # (L, N, E) as nn.MultiheadAttention passes it; batch first inside, contiguous so
-        # that the projections are plain matrix products.
-        x = query.detach().transpose(0, 1).contiguous()
-        n, length, e = x.shape
-        heads = a["num_heads"]
-        dim = e // heads
-        if a["use_separate_proj_weight"]:
-            weights = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
-        else:
-            weights = tuple(a["in_proj_weight"].split(e))
-        weights = tuple(w.detach() for w in weights)
-        bias = a["in_proj_bias"]
-        biases = bias.detach().split(e) if bias is not None else (None, None, None)
-        with torch.no_grad():
-            q, k, v = (F.linear(x, w, b) for w, b in zip(weights, biases))
+    def softmax(self, name: str, scores: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and scores.requires_grad):
+            return torch.softmax(scores, dim=-1)
+        return _Softmax.apply(scores)
 
-            def split(t: Tensor) -> Tensor:  # (N, L, E) → (N, h, L, d)
-                return t.reshape(n, length, heads, dim).transpose(1, 2)
+    def weighted_sum(self, name: str, probs: Tensor, values: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and values.requires_grad):
+            return torch.matmul(probs, values)
+        shares = (0.0, 1.0) if self.conservative else (0.5, 0.5)
+        return _WeightedSum.apply(probs, values, self.epsilon, *shares)
 
-            qh, kh, vh = split(q), split(k), split(v)
-            logits = (qh * (1.0 / math.sqrt(dim))) @ kh.transpose(-1, -2)
-            attention = logits.softmax(-1)
-            heads_out = attention @ vh
-            merged = heads_out.transpose(1, 2).reshape(n, length, e)
-            w_o = a["out_proj_weight"].detach()
-            b_o = a["out_proj_bias"]
-            out = F.linear(merged, w_o, None if b_o is None else b_o.detach())
-        state = _AttentionState(x, weights, q, k, v, logits, attention, heads_out, merged, w_o,
-                                out, False)
-        weights_out = None
-        if a["need_weights"]:
-            weights_out = attention.mean(1) if a["average_attn_weights"] else attention
-        # A copy of its own for the model: the state keeps ``out`` (a denominator) unchanged.
-        return query, state, out.transpose(0, 1).contiguous(), (weights_out,)
-
-    def backward(self, module: nn.Module | None, state: Any, grad_output: Tensor) -> Tensor:
-        eps = self.epsilon
-        x, attention, logits = state.x, state.attention, state.logits
-        r_out = grad_output.transpose(0, 1)  # (L, N, E) → (N, L, E)
-        n, length, e = x.shape
-        heads = attention.shape[1]
-        dim = e // heads
-        with torch.no_grad():
-            r_merged = _linear_relevance(state.merged, state.out_weight, state.out, r_out, eps)
-            r_heads = r_merged.reshape(n, length, heads, dim).transpose(1, 2)
-
-            def split(t: Tensor) -> Tensor:
-                return t.reshape(n, length, heads, dim).transpose(1, 2)
-
-            share_a = 0.0 if self.conservative else 0.5
-            share_v = 1.0 if self.conservative else 0.5
-            r_attention, r_v = product_relevance(attention, split(state.v), r_heads, eps,
-                                                 share_a, share_v, out=state.heads_out)
-            w_q, w_k, w_v = state.weights
-            result = _linear_relevance(x, w_v, state.v, _merge(r_v), eps)
-            if r_attention is not None:
-                r_logits = softmax_relevance(logits, attention, r_attention)
-                scaled = split(state.q) * (1.0 / math.sqrt(dim))
-                r_q, r_k = product_relevance(scaled, split(state.k).transpose(-1, -2), r_logits,
-                                             eps, out=logits)
-                result += _linear_relevance(x, w_q, state.q, _merge(r_q), eps)
-                result += _linear_relevance(x, w_k, state.k, _merge(r_k.transpose(-1, -2)), eps)
-        return result.transpose(0, 1)
-
-
-def _merge(t: Tensor) -> Tensor:
-    """(N, h, L, d) → (N, L, h·d)."""
-    n, heads, length, dim = t.shape
-    return t.transpose(1, 2).reshape(n, length, heads * dim)
-
-
-def _check_call(a: dict) -> None:
-    """Refuse attention calls :class:`AttentionLRP` does not cover, naming what is missing."""
-    query, key, value = a["query"], a["key"], a["value"]
-    if key is not query or value is not query:
-        raise NotImplementedError(
-            "the AttnLRP rule covers self-attention only (query, key and value the same "
-            "tensor); this attention call has different ones"
-        )
-    missing = [name for name in ("key_padding_mask", "attn_mask", "bias_k", "bias_v",
-                                 "static_k", "static_v") if a[name] is not None]
-    missing += [name for name in ("is_causal", "add_zero_attn") if a[name]]
-    if a["training"] and a["dropout_p"] > 0:
-        missing.append("dropout in training mode")
-    if query.dim() != 3:
-        missing.append("unbatched (2-d) inputs")
-    if missing:
-        raise NotImplementedError(
-            f"the AttnLRP rule does not support {', '.join(missing)} yet; call the attention "
-            "without them (eval mode for dropout)"
-        )
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(epsilon={self.epsilon!r}, "
+                f"conservative={self.conservative!r})")
