@@ -106,7 +106,11 @@ def pattern_methods(model: nn.Module, x: torch.Tensor,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(
         __doc__, argv, model="vit_b_16", batch=8, size=224, threads=1,
-        extra=lambda parser: parser.add_argument("--rounds", type=int, default=3),
+        extra=lambda parser: (
+            parser.add_argument("--rounds", type=int, default=3),
+            parser.add_argument("--no-patterns", action="store_true",
+                                help="skip PatternNet/PatternAttribution (and their fit)"),
+        ),
     )  # fmt: skip
     load_before = os.getloadavg()
     model = vit_b_16()
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return grad
 
     found = methods(model, target)
-    patterned, refused = pattern_methods(model, x, target)
+    patterned, refused = ({}, {"PatternNet, PatternAttribution": "skipped (--no-patterns)"}
+                          ) if args.no_patterns else pattern_methods(model, x, target)
     found.update(patterned)
     gradient(x)  # warm-up; a method that fails is reported with its error, not timed
     for name in list(found):
