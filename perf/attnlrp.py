@@ -27,7 +27,15 @@ from torch import nn
 
 import patternnet as pn
 
-from .common import ROOT, images, machine, parse_args, timed, write_result
+from .common import (
+    ROOT,
+    images,
+    interleaved_ratios,
+    machine,
+    parse_args,
+    top_logit_gradient,
+    write_result,
+)
 
 
 def vit_b_16() -> nn.Module:
@@ -118,10 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.no_grad():
         target = model(x).argmax(1)
 
-    def gradient(inputs: torch.Tensor) -> torch.Tensor:
-        inputs = inputs.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(model(inputs).gather(1, target[:, None]).sum(), inputs)
-        return grad
+    gradient = top_logit_gradient(model, target)
 
     found = methods(model, target)
     patterned, refused = ({}, {"PatternNet, PatternAttribution": "skipped (--no-patterns)"}
@@ -134,15 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except Exception as error:
             refused[name] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             del found[name]
-    ratios: dict[str, list[float]] = {name: [] for name in found}
-    floors: list[float] = []
-    for round_index in range(args.rounds):
-        names = list(found)
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            floor = timed(lambda: gradient(x))
-            floors.append(floor)
-            ratios[name].append(timed(lambda name=name: found[name](x)) / floor)
+    ratios, floors = interleaved_ratios(
+        {name: (lambda f=f: f(x)) for name, f in found.items()}, lambda: gradient(x), args.rounds
+    )
     load_after = os.getloadavg()
     print(f"vit_b_16, batch {args.batch}, {args.size}², {args.threads} thread(s): autograd "
           f"gradient {statistics.median(floors):.2f} CPU s (median of {len(floors)}); load "

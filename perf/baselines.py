@@ -20,7 +20,7 @@ import patternnet as pn
 from patternnet.methods.guided import GuidedBackprop
 from patternnet.methods.lrp import LRP, DeepTaylor
 
-from .common import parse_args, timed, vision_model
+from .common import interleaved_ratios, parse_args, top_logit_gradient, vision_model
 from .explain import random_patterns
 
 PRESETS = ("epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2beta1", "zplus")
@@ -73,23 +73,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with torch.no_grad():
         target = model(x).argmax(1)
 
-    def gradient(inputs: torch.Tensor) -> torch.Tensor:
-        inputs = inputs.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(model(inputs).gather(1, target[:, None]).sum(), inputs)
-        return grad
+    gradient = top_logit_gradient(model, target)
 
     found = methods(model, target)
     for function in [gradient, *found.values()]:  # warm-up
         function(x)
-    ratios: dict[str, list[float]] = {name: [] for name in found}
-    floors: list[float] = []
-    for round_index in range(args.rounds):
-        names = list(found)
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            floor = timed(lambda: gradient(x))
-            floors.append(floor)
-            ratios[name].append(timed(lambda name=name: found[name](x)) / floor)
+    ratios, floors = interleaved_ratios(
+        {name: (lambda f=f: f(x)) for name, f in found.items()}, lambda: gradient(x), args.rounds
+    )
     print(f"{args.model}, batch {args.batch}, {args.threads} thread(s): autograd gradient "
           f"{statistics.median(floors):.3f} s (median)")
     result = {name: statistics.median(values) for name, values in ratios.items()}

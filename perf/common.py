@@ -79,6 +79,37 @@ def timed(fn: Callable[[], Any]) -> float:
     return clock() - start
 
 
+def top_logit_gradient(
+    model: nn.Module, target: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The plain autograd gradient of each image's ``target`` logit: the benchmarks' floor."""
+
+    def gradient(inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(inputs).gather(1, target[:, None]).sum(), inputs)
+        return grad
+
+    return gradient
+
+
+def interleaved_ratios(
+    found: dict[str, Callable[[], Any]], floor: Callable[[], Any], rounds: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Each method's time ÷ the floor's, timed right before it, for ``rounds`` rounds; the
+    order of the methods rotates every round so that no method always follows another.
+
+    Returns the ratios per method and every floor time."""
+    ratios: dict[str, list[float]] = {name: [] for name in found}
+    floors: list[float] = []
+    for round_index in range(rounds):
+        names = list(found)
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            floors.append(timed(floor))
+            ratios[name].append(timed(found[name]) / floors[-1])
+    return ratios, floors
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

@@ -12,7 +12,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FashionViT", "fashion_cnn", "fashion_vit"]
+__all__ = ["FashionViT", "TokenViT", "fashion_cnn", "fashion_vit"]
 
 
 def fashion_cnn(classes: int = 10) -> nn.Sequential:
@@ -39,10 +39,14 @@ def fashion_cnn(classes: int = 10) -> nn.Sequential:
     )
 
 
-class FashionViT(nn.Module):
+class TokenViT(nn.Module):
     """A small Vision Transformer: patch embedding → class token + position embedding →
     ``depth`` pre-norm ``nn.TransformerEncoderLayer`` blocks → LayerNorm → linear head on the
     class token.
+
+    Everything patternnet must support in a ViT is in it: Q/K/V inside ``in_proj_weight``,
+    ``out_proj`` never called by PyTorch, the fused eval path, LayerNorm, residual sums, and
+    the class token and position embedding (parameters added to the activations: biases).
 
     Parameters
     ----------
@@ -50,14 +54,19 @@ class FashionViT(nn.Module):
         Square images ``(channels, image_size, image_size)`` cut into ``patch × patch``
         patches (a strided convolution, ``patch_embedding``).
     dim, heads, depth, mlp:
-        Token width, attention heads, blocks, hidden units of each block's ReLU MLP.
+        Token width, attention heads, blocks, hidden units of each block's MLP.
     classes:
         Outputs of the head.
+    activation:
+        The MLP's activation (``"relu"`` or ``"gelu"``).
+    embedding_std:
+        Standard deviation of the class token and position embedding, drawn right after the
+        patch embedding is built; ``None`` leaves them at zero for the caller to draw.
     """
 
-    def __init__(self, image_size: int = 28, patch: int = 7, channels: int = 1,
-                 dim: int = 64, heads: int = 4, depth: int = 2, mlp: int = 128,
-                 classes: int = 10) -> None:  # fmt: skip
+    def __init__(self, image_size: int, patch: int, channels: int, dim: int, heads: int,
+                 depth: int, mlp: int, classes: int, activation: str = "relu",
+                 embedding_std: float | None = 0.02) -> None:  # fmt: skip
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")
@@ -65,11 +74,12 @@ class FashionViT(nn.Module):
         self.patch_embedding = nn.Conv2d(channels, dim, patch, stride=patch)
         self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embedding = nn.Parameter(torch.zeros(1, tokens + 1, dim))
-        nn.init.normal_(self.class_token, std=0.02)
-        nn.init.normal_(self.pos_embedding, std=0.02)
+        if embedding_std is not None:
+            nn.init.normal_(self.class_token, std=embedding_std)
+            nn.init.normal_(self.pos_embedding, std=embedding_std)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, batch_first=True,
-                                       norm_first=True)  # fmt: skip
+            nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, activation=activation,
+                                       batch_first=True, norm_first=True)  # fmt: skip
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -82,6 +92,16 @@ class FashionViT(nn.Module):
         for block in self.blocks:
             tokens = block(tokens)
         return self.head(self.norm(tokens)[:, 0])
+
+
+class FashionViT(TokenViT):
+    """The demo's :class:`TokenViT` (ReLU MLP, embeddings drawn with std 0.02), with the
+    demo's sizes as defaults."""
+
+    def __init__(self, image_size: int = 28, patch: int = 7, channels: int = 1,
+                 dim: int = 64, heads: int = 4, depth: int = 2, mlp: int = 128,
+                 classes: int = 10) -> None:  # fmt: skip
+        super().__init__(image_size, patch, channels, dim, heads, depth, mlp, classes)
 
 
 def fashion_vit(classes: int = 10, depth: int = 2) -> FashionViT:

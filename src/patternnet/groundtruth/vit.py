@@ -19,13 +19,15 @@ from ..engine.rules.attention import AttentionPatterns, _HeldWeightedSum
 from ..engine.rules.norms import NormScale, norm_scale
 from ..methods.pattern import PatternNet
 from ..patterns.store import Patterns
+from ..zoo import TokenViT
 from .base import seeded_generator
 
 __all__ = ["SmallViT", "small_vit", "treatment", "treatment_table"]
 
 
-class SmallViT(nn.Module):
-    """Patch embedding → class token + position embedding → blocks → LayerNorm → head.
+class SmallViT(TokenViT):
+    """The ground-truth :class:`~patternnet.zoo.TokenViT`: a GELU MLP, the class token and
+    position embedding left at zero for :func:`small_vit` to draw.
 
     Parameters
     ----------
@@ -41,28 +43,8 @@ class SmallViT(nn.Module):
         self, image_size: int = 8, patch: int = 2, channels: int = 1, dim: int = 16,
         heads: int = 2, depth: int = 2, mlp: int = 32, classes: int = 2,
     ) -> None:  # fmt: skip
-        super().__init__()
-        if image_size % patch:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")
-        tokens = (image_size // patch) ** 2
-        self.patch_embedding = nn.Conv2d(channels, dim, patch, stride=patch)
-        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embedding = nn.Parameter(torch.zeros(1, tokens + 1, dim))
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)  # fmt: skip
-            for _ in range(depth)
-        )
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.class_token.expand(x.shape[0], -1, -1), tokens], 1)
-        tokens = tokens + self.pos_embedding
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.head(self.norm(tokens)[:, 0])
+        super().__init__(image_size, patch, channels, dim, heads, depth, mlp, classes,
+                         activation="gelu", embedding_std=None)  # fmt: skip
 
 
 def small_vit(seed: int = 0, **options: int) -> SmallViT:
