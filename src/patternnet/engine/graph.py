@@ -43,9 +43,11 @@ Caching, and why it never goes stale through ``.data``
 
 from __future__ import annotations
 
+import inspect
 import operator
 import weakref
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,6 +68,8 @@ __all__ = [
     "SMOOTH_ACTIVATIONS",
     "SUM",
     "ModelGraph",
+    "NodePlan",
+    "PlannedNode",
     "has_forward_hooks",
     "is_batchnorm",
     "probed_batchnorm_pairs",
@@ -113,6 +117,8 @@ _GATES: tuple[type[nn.Module], ...] = (
     nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.Hardtanh, nn.Threshold,
 )
 
+_aten = torch.ops.aten
+
 _FUNCTIONS: dict[Callable[..., Any], str] = {
     **dict.fromkeys((operator.add, operator.iadd, torch.add), "sum"),
     **dict.fromkeys(
@@ -144,6 +150,16 @@ _FUNCTIONS: dict[Callable[..., Any], str] = {
         "gate",
     ),
     **dict.fromkeys((torch.flatten, torch.reshape, F.dropout), "passthrough"),
+    **dict.fromkeys((Tensor.add, Tensor.add_), "sum"),
+    Tensor.mean: "avg_pool",
+    # the ATen operators of exported programs (torch.export) loaded as modules
+    **dict.fromkeys((_aten.add.Tensor, _aten.add_.Tensor), "sum"),
+    **dict.fromkeys(
+        (_aten.avg_pool1d.default, _aten.avg_pool2d.default, _aten.avg_pool3d.default,
+         _aten.adaptive_avg_pool1d.default, _aten.adaptive_avg_pool2d.default,
+         _aten.adaptive_avg_pool3d.default, _aten.mean.dim),
+        "avg_pool",
+    ),
 }
 _METHODS: dict[str, str] = {
     **dict.fromkeys(("add", "add_", "__add__", "__iadd__", "__radd__"), "sum"),
@@ -192,6 +208,93 @@ def has_forward_hooks(model: nn.Module) -> bool:
     ):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    """One fixed-weight linear node of the graph (:meth:`ModelGraph.linear_nodes`).
+
+    Attributes
+    ----------
+    name:
+        ``"sum#0"``, ``"pool#1"``, ``"mean#0"``: the kind and its order in the forward pass.
+    kind:
+        ``"sum"``, ``"pool"`` or ``"mean"``.
+    node:
+        The ``torch.fx`` node's name (``"add_3"``, ``"avgpool"``).
+    module:
+        The qualified name of the module it calls (pools as modules), else None.
+    """
+
+    name: str
+    kind: str
+    node: str
+    module: str | None = None
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """The sums, average pools and means of a model, as its graph shows them.
+
+    Attributes
+    ----------
+    traced:
+        Whether ``torch.fx`` traced the whole model. If not, the graph shows no node and the
+        forward pass finds them itself (the *probe*: every sum of two values carrying the
+        input's autograd graph, every average pool and mean, named in the order they run).
+    nodes:
+        The planned nodes in execution order.
+    opaque:
+        Calls the graph cannot see into that may run nodes inside (leaf modules such as
+        ``nn.TransformerEncoderLayer``, attention, ``torch.fx.wrap`` functions). Where there
+        are any, a call the plan does not hold is probed too (it may come from inside one).
+    error:
+        Why the model could not be traced.
+    """
+
+    traced: bool
+    nodes: tuple[PlannedNode, ...] = ()
+    opaque: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the plan shows every node a forward pass can run (nothing to probe)."""
+        return self.traced and not self.opaque
+
+    def kinds(self) -> dict[str, str]:
+        """``{name: kind}`` of the planned nodes."""
+        return {node.name: node.kind for node in self.nodes}
+
+
+#: Kinds of leaf modules that run no sum, average pool or mean inside (pools *are* one).
+_NODE_FREE_KINDS = frozenset(
+    {"linear", "relu", "smooth", "gate", "max_pool", "avg_pool", "passthrough", "norm"}
+)
+_MEAN_SPELLINGS = frozenset({torch.mean, Tensor.mean, _aten.mean.dim})
+_ADAPTIVE_SPELLINGS = frozenset(
+    {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+     _aten.adaptive_avg_pool1d.default, _aten.adaptive_avg_pool2d.default,
+     _aten.adaptive_avg_pool3d.default}
+)  # fmt: skip
+
+
+def _adaptive_kind(size: Any) -> str:
+    """An adaptive average pool to size 1 is a mean over positions; others are pools."""
+    sizes = size if isinstance(size, (tuple, list)) else (size,)
+    return "mean" if all(s == 1 for s in sizes) else "pool"
+
+
+def _pool_kind(padding: Any, count_include_pad: Any, divisor_override: Any) -> str | None:
+    """An average pool is one fixed-weight neuron unless its window weights differ."""
+    pads = padding if isinstance(padding, (tuple, list)) else (padding,)
+    if divisor_override is not None or not (count_include_pad or not any(pads)):
+        return None
+    return "pool"
+
+
+def _target_name(target: Any) -> str:
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -561,6 +664,110 @@ class ModelGraph:
         if node.op == "call_function":
             return getattr(node.target, "__name__", str(node.target))
         return str(node.target)
+
+    # --------------------------------------------------------------------- linear nodes
+    def linear_nodes(self) -> NodePlan:
+        """The fixed-weight linear nodes (sums, average pools, means) the graph shows.
+
+        The one answer to *which* sums, pools and means of a forward pass are neurons with
+        fixed weights and fitted patterns (method.md §10), their names and kinds; the fit
+        (:mod:`patternnet.patterns.graph_statistics`) and the pattern rules
+        (:class:`patternnet.engine.rules.NodePatterns`) both take it, and
+        :class:`patternnet.engine.nodes.NodeTracker` only matches each call of the forward
+        pass to its planned node (see :class:`NodePlan`).
+
+        A node is (per the vocabulary of the module docstring):
+
+        - ``sum``: an addition of two values that both depend on the model's input (not
+          ``x + constant``, ``x + parameter``), ``alpha`` 1;
+        - ``mean``: ``x.mean(dims)`` / ``torch.mean`` over given dimensions (no ``dtype=``), and
+          adaptive average pools to size 1 (global average pooling);
+        - ``pool``: other average pools (adaptive ones and those with ``count_include_pad`` or
+          no padding, no ``divisor_override``).
+
+        Names are ``"<kind>#<i>"``, ``i`` counting the nodes of that kind in execution order.
+        """
+        return self.memo("linear_nodes", self._linear_nodes)
+
+    def _linear_nodes(self) -> NodePlan:
+        graph = self.graph
+        if graph is None:
+            return NodePlan(traced=False, error=self.error)
+        modules = dict(self.model.named_modules())
+        carries: dict[torch.fx.Node, bool] = {}
+        planned: list[PlannedNode] = []
+        opaque: list[str] = []
+        counts: dict[str, int] = {}
+        for node in graph.nodes:
+            carries[node] = node.op == "placeholder" or any(
+                carries.get(a, False) for a in node.all_input_nodes
+            )
+            if not carries[node]:
+                continue
+            kind = self._linear_node_kind(node, carries, modules)
+            if kind is not None:
+                index = counts.get(kind, 0)
+                counts[kind] = index + 1
+                planned.append(PlannedNode(f"{kind}#{index}", kind, node.name,
+                                           self._names.get(node)))  # fmt: skip
+            elif self._hides_nodes(node):
+                opaque.append(self._names.get(node) or _target_name(node.target))
+        return NodePlan(traced=True, nodes=tuple(planned), opaque=tuple(opaque))
+
+    def _linear_node_kind(
+        self, node: torch.fx.Node, carries: dict[torch.fx.Node, bool],
+        modules: dict[str, nn.Module],
+    ) -> str | None:
+        """``"sum"``, ``"pool"``, ``"mean"`` or None (see :meth:`linear_nodes`)."""
+        kind = self._kinds[node]
+        if kind == "sum":
+            operands = [*node.args[:2], node.kwargs.get("input"), node.kwargs.get("other")]
+            computed = [a for a in operands if isinstance(a, torch.fx.Node) and carries[a]]
+            if len(computed) == 2 and node.kwargs.get("alpha", 1) == 1:
+                return "sum"
+            return None
+        if kind != "avg_pool":
+            return None
+        if node.op == "call_module":
+            module = modules[self._names[node]]
+            if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                                   nn.AdaptiveAvgPool3d)):  # fmt: skip
+                return _adaptive_kind(module.output_size)
+            return _pool_kind(module.padding, module.count_include_pad,
+                              getattr(module, "divisor_override", None))  # fmt: skip
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        if not (isinstance(x, torch.fx.Node) and carries[x]):
+            return None
+        target = node.target
+        if target in _MEAN_SPELLINGS or node.op == "call_method":
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if dims is None or node.kwargs.get("dtype") is not None:
+                return None
+            return "mean"
+        if target in _ADAPTIVE_SPELLINGS:
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+            return _adaptive_kind(size)
+        names = ("input", "kernel_size", "stride", "padding", "ceil_mode",
+                 "count_include_pad", "divisor_override")  # fmt: skip
+        values = {"padding": 0, "count_include_pad": True, "divisor_override": None}
+        values.update(zip(names, node.args))
+        values.update(node.kwargs)
+        return _pool_kind(values["padding"], values["count_include_pad"],
+                          values["divisor_override"])  # fmt: skip
+
+    def _hides_nodes(self, node: torch.fx.Node) -> bool:
+        """A call the graph cannot see into that may run sums, pools or means inside: a leaf
+        module other than layers, norms, pools and activations (``nn.TransformerEncoderLayer``
+        ...), attention, or a function ``torch.fx`` keeps whole (``torch.fx.wrap``)."""
+        if node.op == "call_module":
+            return self._kinds[node] not in _NODE_FREE_KINDS
+        if node.op == "call_function":
+            if self._kinds[node] == "attention":
+                return True
+            target = node.target
+            module = getattr(target, "__module__", None) or ""
+            return inspect.isfunction(target) and not module.startswith("torch")
+        return False
 
     def __repr__(self) -> str:
         counts: dict[str, int] = {}

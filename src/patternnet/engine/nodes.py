@@ -29,11 +29,20 @@ The fixed weight is ``(U, D)`` (flattened), ones for sums and ``1/D`` for pools 
 patterns are stored ``(U, D)`` under the node's name (``"sum#0"``, ``"pool#1"``, ``"mean#0"``:
 the kind and the order of the call in the forward pass).
 
-**Which operations are nodes**: those whose inputs carry the autograd graph from the model's
-input (``requires_grad``): the explanation's forward pass has it, and the fit's forward pass
-records it too (with saved tensors discarded, :func:`graph_recording`), so that the fit and the
-explanation see the same nodes in the same order. A bias or a constant added to an activation
-is therefore not a node.
+**Which operations are nodes** is the model graph's answer
+(:meth:`ModelGraph.linear_nodes <patternnet.engine.graph.ModelGraph.linear_nodes>`, one fx
+trace per model): sums of two values that depend on the input, average pools and means, with
+their kinds and names. :class:`NodeTracker` takes that plan and only matches each call of the
+forward pass to its planned node, in order; it builds the :class:`NodeCall` (how the node's
+input is arranged from the call's tensors) and checks what only the values show (summands of
+one shape, pool windows that tile the input). Where the graph cannot see — a model fx cannot
+trace, or calls it keeps whole (``nn.TransformerEncoderLayer``, ``torch.fx.wrap`` functions) —
+the tracker *probes*: a call is a node when its inputs carry the autograd graph from the
+model's input (``requires_grad``). The explanation's forward pass has that graph, and the fit's
+forward pass records it too (with saved tensors discarded, :func:`graph_recording`), so that the
+fit and the explanation see the same nodes in the same order. A bias or a constant added to an
+activation is therefore never a node. Nodes are named by kind and order of their calls in the
+forward pass (``"sum#3"``), the names the plan gives them.
 
 **Extending** (attention's weighted sum over tokens, a norm's per-channel scale ...): a new
 kind is a function that recognises the call and returns a :class:`NodeCall` with its layout,
@@ -58,6 +67,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..layers import LayerGeometry
+from .graph import ModelGraph, NodePlan
 
 __all__ = [
     "NODE_KINDS",
@@ -368,6 +378,18 @@ def _not_a_node(func: Any, reason: str) -> None:
         )
 
 
+def _not_planned(func: Any, kind: str) -> None:
+    name = getattr(func, "__name__", str(func))
+    if ("plan", name) not in _WARNED:
+        _WARNED.add(("plan", name))
+        warnings.warn(
+            f"{name}: looks like a {kind} at run time but the model's graph "
+            "(ModelGraph.linear_nodes) shows no such node here; the pattern methods pass the "
+            "gradient through it (no pattern)",
+            stacklevel=4,
+        )
+
+
 class NodeTracker(TorchFunctionMode):
     """Sees every node call of one forward pass, names it and hands it to ``handle``.
 
@@ -384,12 +406,19 @@ class NodeTracker(TorchFunctionMode):
     """
 
     def __init__(
-        self, handle: Callable[[str, NodeCall], Tensor | None], records: bool = False
+        self,
+        handle: Callable[[str, NodeCall], Tensor | None],
+        records: bool = False,
+        plan: NodePlan | None = None,
     ) -> None:
         super().__init__()
         self.handle = handle
         self.records = records
+        self.plan = plan
         self.counts: dict[str, int] = {}
+        #: Names of this pass's nodes the plan did not hold (found by the probe).
+        self.probed: list[str] = []
+        self._cursor = 0
         # Sums of this pass still alive: id → (weak result, version, summands, versions), so
         # that ``(a + b) + c`` is one node with three summands.
         self._sums: dict[int, tuple[Any, int, tuple[Tensor, ...], tuple[int, ...]]] = {}
@@ -398,11 +427,36 @@ class NodeTracker(TorchFunctionMode):
         """Start naming nodes afresh (call before each forward pass)."""
         self.counts.clear()
         self._sums.clear()
+        self.probed.clear()
+        self._cursor = 0
 
     def _name(self, kind: str) -> str:
         index = self.counts.get(kind, 0)
         self.counts[kind] = index + 1
         return f"{kind}#{index}"
+
+    def _admit(self, kind: str, func: Any) -> str | None:
+        """The name of a call that looks like a ``kind`` node, or None if it is not one.
+
+        With a plan from a traced graph, the call is matched to the next planned node of its
+        kind (planned nodes a pass skips, e.g. a sum whose summands turn out to differ in
+        shape, are passed over). A call the plan does not hold is a node only where the plan
+        has calls it cannot see into (the probe, as for an untraced model: :attr:`probed`);
+        else the graph says it is not one and the gradient passes.
+        """
+        plan = self.plan
+        if plan is not None and plan.traced:
+            for index in range(self._cursor, len(plan.nodes)):
+                if plan.nodes[index].kind == kind:
+                    self._cursor = index + 1
+                    return self._name(kind)
+            if not plan.opaque:
+                _not_planned(func, kind)
+                return None
+        name = self._name(kind)
+        if plan is not None:
+            self.probed.append(name)
+        return name
 
     def _summands(self, value: Tensor) -> tuple[Tensor, ...]:
         """The summands of ``value`` if it is an unchanged sum of this pass, else itself."""
@@ -426,7 +480,10 @@ class NodeTracker(TorchFunctionMode):
         call, result = recognise(func, args, kwargs, lambda: func(*args, **kwargs))
         if call is None:
             return result if result is not None else func(*args, **kwargs)
-        out = self.handle(self._name(call.kind), call)
+        name = self._admit(call.kind, func)
+        if name is None:
+            return result
+        out = self.handle(name, call)
         return result if out is None else out
 
     def _sum(self, func: Any, args: tuple, kwargs: dict) -> Any:
@@ -443,6 +500,9 @@ class NodeTracker(TorchFunctionMode):
             and kwargs.get("alpha", 1) == 1
         ):
             return func(*args, **kwargs)
+        name = self._admit("sum", func)
+        if name is None:
+            return func(*args, **kwargs)
         summands = self._summands(a) + self._summands(b)
         in_place = func in _IN_PLACE
         if self.records:
@@ -450,13 +510,13 @@ class NodeTracker(TorchFunctionMode):
             # output is the node's value). The operation itself runs once.
             values = tuple(u.detach() for u in summands)
             if in_place:
-                self.handle(self._name("sum"), sum_call(summands, _total(values), values))
+                self.handle(name, sum_call(summands, _total(values), values))
                 out = func(*args, **kwargs)
                 if any(u is a for u in summands):
                     return out
             else:
                 out = func(*args, **kwargs)
-                self.handle(self._name("sum"), sum_call(summands, out.detach(), values))
+                self.handle(name, sum_call(summands, out.detach(), values))
             self._remember(out, summands)
             return out
         # An in-place sum overwrites ``a``: the node needs its value from before.
@@ -464,7 +524,7 @@ class NodeTracker(TorchFunctionMode):
         values = tuple(
             before if before is not None and u is a else u.detach() for u in summands
         )
-        out = self.handle(self._name("sum"), sum_call(summands, _total(values), values))
+        out = self.handle(name, sum_call(summands, _total(values), values))
         if out is None:
             out = func(*args, **kwargs)
         elif in_place:
@@ -523,6 +583,7 @@ def discover(model: nn.Module, example: Tensor) -> dict[str, tuple[str, int, int
         return None
 
     canonical = Canonical(model, default_canonizers())
-    with borrowed(model), canonical.active(), graph_recording(), NodeTracker(handle):
+    tracker = NodeTracker(handle, plan=ModelGraph.of(model).linear_nodes())
+    with borrowed(model), canonical.active(), graph_recording(), tracker:
         canonical(example.detach().requires_grad_(True))
     return found

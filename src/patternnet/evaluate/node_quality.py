@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from ..borrow import borrowed
 from ..engine.canonize import Canonical, Canonizer
-from ..engine.nodes import NodeCall, NodeTracker, graph_recording
+from ..engine.graph import ModelGraph
+from ..engine.nodes import NodeCall, NodeTracker, fixed_weight, graph_recording, node_kind
 from ..patterns.batches import iter_batches
 from ..patterns.store import Patterns
 
@@ -88,7 +89,7 @@ def node_samples(
         return None
 
     canonical = Canonical(model, canonizers)
-    tracker = NodeTracker(handle, records=True)
+    tracker = NodeTracker(handle, records=True, plan=ModelGraph.of(model).linear_nodes())
     with borrowed(model), canonical.active(), graph_recording(), tracker:
         for batch in iter_batches(data, batch_size):
             tracker.new_pass()
@@ -186,13 +187,9 @@ def node_quality(
     return result
 
 
-
-
 def filter_node_patterns(fitted: Patterns) -> dict[str, dict[str, Tensor]]:
     """The filter estimator's node patterns ``a = w/wᵀw`` for the nodes of ``fitted``
     (``(1/m, …)`` for a sum of ``m`` summands, ``1`` per input of a pool or mean)."""
-    from ..engine.nodes import fixed_weight, node_kind
-
     result = {}
     for name, tensors in fitted.nodes.items():
         units, inputs = next(iter(tensors.values())).shape

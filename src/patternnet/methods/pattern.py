@@ -27,6 +27,7 @@ from ..engine.attention import AttentionHandler
 from ..engine.backward import Rule, smooth_gate_rules
 from ..engine.canonize import Canonical, Canonizer
 from ..engine.gates import RELU, SUM, relu_gates
+from ..engine.graph import ModelGraph
 from ..engine.rules import (
     Gate,
     NodePatterns,
@@ -215,7 +216,7 @@ class _PatternMethod(Attribution):
         """Sums, average pools and means pass their patterns back (method.md §10)."""
         return NodePatterns(
             self.patterns, self.estimator, attribution=self._attribution
-        ).tracker()
+        ).tracker(ModelGraph.of(self.model).linear_nodes())
 
     def attention_handler(self, canonical: Canonical) -> AttentionHandler:
         """Attention's weighted sum passes its fitted pattern, probabilities held (§12)."""

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from ..engine.attention import decomposed, named_linear_layers
 from ..engine.canonize import Canonical, Canonizer
+from ..engine.graph import ModelGraph
 from ..engine.nodes import is_node_name
 from ..engine.support import (
     attention_linear_patterns,
@@ -312,7 +313,7 @@ def collect_statistics(
             handles += _register_hooks(model, stats, precision)
             # Sums, pools and means are found and recorded in the same pass (graph_statistics)
             with canonical.active(), full_float32(), graph_statistics.recording(
-                stats, precision
+                stats, precision, ModelGraph.of(model).linear_nodes()
             ) as nodes:
                 for batch in _remaining_batches(data, batch_size, limit, *skip):
                     batch = batch.to(

@@ -29,7 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine.nodes import NodeCall, NodeTracker, fixed_weight, graph_recording, node_kind
+from ..engine.graph import NodePlan
+from ..engine.nodes import (
+    NodeCall,
+    NodeTracker,
+    fixed_weight,
+    graph_recording,
+    is_node_name,
+    node_kind,
+)
 from . import estimators
 from .attention_statistics import attention_pattern
 from .statistics import LayerStatistics, Statistics, _Shift, required_sums
@@ -178,8 +186,13 @@ def _window_shift(call: NodeCall) -> _Shift:
 
 
 @contextmanager
-def recording(stats: Statistics, precision: str) -> Iterator[NodeTracker]:
+def recording(
+    stats: Statistics, precision: str, plan: NodePlan | None = None
+) -> Iterator[NodeTracker]:
     """Within this block, forward passes add every node's sums to ``stats`` (in place).
+
+    ``plan`` (``ModelGraph.of(model).linear_nodes()``) says which sums, pools and means are
+    nodes and names them; without one every call that looks like a node is one (the probe).
 
     The block records the autograd graph without keeping tensors (so that nodes are found as
     in an explanation, :func:`~patternnet.engine.nodes.graph_recording`); the caller marks
@@ -212,7 +225,7 @@ def recording(stats: Statistics, precision: str) -> Iterator[NodeTracker]:
             update_channelwise(layer, call, precision)
         return None
 
-    tracker = NodeTracker(handle, records=True)
+    tracker = NodeTracker(handle, records=True, plan=plan)
     with graph_recording(), tracker:
         yield tracker
 
@@ -251,8 +264,6 @@ def node_patterns(
 
 def describe(stats: Statistics) -> dict[str, Any]:
     """``{node: {"kind", "units", "inputs"}}`` of the nodes in ``stats`` (for the metadata)."""
-    from ..engine.nodes import is_node_name
-
     return {
         name: {"kind": node_kind(name), "units": layer.out_features, "inputs": layer.patch_size}
         for name, layer in stats.layers.items()

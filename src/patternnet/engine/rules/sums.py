@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ...patterns.estimators import filter_pattern
 from ..backward import Rule
+from ..graph import NodePlan
 from ..nodes import NodeCall, NodeTracker, fixed_weight
 from ._numerics import check_nonnegative, relevance_ratio
 
@@ -177,9 +178,13 @@ class NodePatterns:
         self.attribution = attribution
         self._cache: dict[tuple[str, torch.dtype, torch.device], tuple[Tensor, Tensor | None]] = {}
 
-    def tracker(self) -> NodeTracker:
-        """A fresh tracker for one forward pass (enter it around the forward pass)."""
-        return NodeTracker(self._handle)
+    def tracker(self, plan: NodePlan | None = None) -> NodeTracker:
+        """A fresh tracker for one forward pass (enter it around the forward pass).
+
+        ``plan``: the model's nodes, ``ModelGraph.of(model).linear_nodes()`` (the fit's);
+        None finds them by the probe.
+        """
+        return NodeTracker(self._handle, plan=plan)
 
     # ------------------------------------------------------------------ patterns
     def _weights(self, name: str, call: NodeCall, like: Tensor) -> tuple[Tensor, Tensor | None]:
