@@ -92,7 +92,10 @@ def test_two_component_rule_uses_a_minus_where_inactive() -> None:
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
     data = torch.randn(300, 5, dtype=torch.float64)
-    patterns = pn.fit_patterns(model, data, progress=False)
+    patterns = pn.fit_patterns(model, data, progress=False, negative=True)
+    # the default fits a₋ only where an inactive unit can receive a signal: not before a ReLU
+    auto = pn.fit_patterns(model, data, progress=False)
+    assert set(auto["0"]) == {"a_plus"} and set(auto["2"]) == {"a_plus", "a_minus"}
     x = torch.randn(6, 5, dtype=torch.float64)
     with torch.no_grad():
         # Shift the logit so that some samples have a negative one (the a₋ branch).
@@ -102,6 +105,7 @@ def test_two_component_rule_uses_a_minus_where_inactive() -> None:
         )
     got = pn.PatternNet(model, patterns).attribute(x, target=1)
     torch.testing.assert_close(got, ref)
+    assert torch.equal(pn.PatternNet(model, auto).attribute(x, target=1), got)
     # At least one sample has a negative logit, so the a₋ branch was exercised.
     assert (model(x)[:, 1] <= 0).any() and (model(x)[:, 1] > 0).any()
 

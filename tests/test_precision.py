@@ -162,7 +162,7 @@ def test_default_fit_is_within_1e5_of_float64(shape: str) -> None:
     errors = relative_errors(default, exact, model)
     names = {**{n: exact[n] for n in exact}, **exact.nodes}
     assert set(errors) == {f"{n}.{k}" for n, p in names.items() for k in p}
-    assert len(errors) >= 8
+    assert len(errors) >= 6  # a₋ only where an inactive unit can receive a signal
     if shape.startswith("resnet"):  # the nodes are compared too: sums, the mean (and a pool)
         kinds = {n.partition("#")[0] for n in exact.nodes}
         assert kinds == ({"sum", "mean", "pool"} if shape == "resnet_d" else {"sum", "mean"})
@@ -177,9 +177,11 @@ def test_the_shift_is_what_makes_float32_exact(monkeypatch: pytest.MonkeyPatch) 
     torch.manual_seed(0)
     model = vgg_shaped().eval()
     x = images(48) + 20.0  # a mean of 20 standard deviations and more
-    exact = pn.fit_patterns(model, x, batch_size=16, progress=False, precision="float64")
-    shifted = max(relative_errors(pn.fit_patterns(model, x, batch_size=16, progress=False),
-                                  exact).values())
+    # a₋ in every layer (negative=True): the inactive sums are the most sensitive to rounding
+    exact = pn.fit_patterns(model, x, batch_size=16, progress=False, precision="float64",
+                            negative=True)
+    shifted = max(relative_errors(pn.fit_patterns(model, x, batch_size=16, progress=False,
+                                                  negative=True), exact).values())
     first = statistics_mod._Shift.first
 
     def unshifted(x, out, bias, groups, patch_size):
@@ -191,8 +193,8 @@ def test_the_shift_is_what_makes_float32_exact(monkeypatch: pytest.MonkeyPatch) 
         return statistics_mod._Shift(state, groups, patch_size)
 
     monkeypatch.setattr(statistics_mod._Shift, "first", staticmethod(unshifted))
-    plain = max(relative_errors(pn.fit_patterns(model, x, batch_size=16, progress=False),
-                                exact).values())
+    plain = max(relative_errors(pn.fit_patterns(model, x, batch_size=16, progress=False,
+                                                negative=True), exact).values())
     assert shifted < TOLERANCE < plain, (shifted, plain)
 
 

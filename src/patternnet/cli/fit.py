@@ -35,8 +35,18 @@ def add_parser(commands: Any) -> None:
     fit.add_argument(
         "--no-negative",
         dest="negative",
-        action="store_false",
-        help="two_component only: fit a+ only (halves the statistics)",
+        action="store_const",
+        const=False,
+        default="auto",
+        help="two_component only: fit a+ only (by default a- is fitted where an inactive unit "
+        "can receive a signal: not in layers read only through ReLUs)",
+    )
+    fit.add_argument(
+        "--negative-everywhere",
+        dest="negative",
+        action="store_const",
+        const=True,
+        help="two_component only: fit a- in every layer, also where ReLUs make it unused",
     )
     fit.add_argument(
         "--precision",

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from ..engine.attention import decomposed, named_linear_layers
 from ..engine.canonize import Canonical, Canonizer
+from ..engine.gates import RELU, relu_gates
 from ..engine.graph import ModelGraph
 from ..engine.nodes import is_node_name
 from ..engine.support import (
@@ -47,6 +48,7 @@ from .statistics import (
     LayerStatistics,
     Statistics,
     full_float32,
+    layer_sums,
     required_sums,
 )
 from .store import Patterns, architecture, fingerprint, weight_summary
@@ -73,9 +75,21 @@ class FitOptions:
         ``"two_component"`` (a₊, a₋; default), ``"linear"`` (a), ``"filter"`` or
         ``"identity"``.
     negative:
-        With ``"two_component"``: also fit a₋. ``False`` stores two ``(O, D)`` sums per layer
-        instead of three (2/3 of the memory, and of the statistics' arithmetic); PatternNet
-        then uses a₊ everywhere, as the Keras reference implementation did.
+        With ``"two_component"``: where to fit the inactive pattern a₋. ``"auto"`` (default):
+        in every layer except those whose output is read only through ReLU gates (possibly
+        after a folded BatchNorm, reshapes, max-pooling; :meth:`ModelGraph.relu_gates
+        <patternnet.engine.graph.ModelGraph.relu_gates>`), whose inactive units never receive
+        a signal: the gate zeroes them on the way back, so no method reads their a₋ (in a
+        plain ReLU network every layer but the last; in a ResNet the first two convolutions
+        of each block). Those layers store two ``(O, D)`` sums instead of three and their
+        products stack ``2·O`` instead of ``3·O + 1`` output gradients; PatternNet and
+        PatternAttribution give the same explanations as with ``True``. One difference: a
+        unit of such a layer whose a₊ normaliser is ill-conditioned falls back to the filter
+        pattern ``w/wᵀw`` instead of its linear pattern (which needs the sums left out; the
+        fit report names such units, ``patterns.fallback``). Sums, pools and means keep a₋.
+        ``True``: a₋ in every layer (and the linear sums every layer's fallback needs).
+        ``False``: a₊ only, everywhere; PatternNet then uses a₊ everywhere, as the Keras
+        reference implementation did.
     batch_size:
         Batch size when ``data`` is a tensor (default 32).
     device:
@@ -120,7 +134,7 @@ class FitOptions:
     """
 
     estimator: str = "two_component"
-    negative: bool = True
+    negative: bool | str = "auto"
     batch_size: int | None = None
     device: torch.device | str | None = None
     progress: bool = True
@@ -178,19 +192,31 @@ def _new_statistics(
     model: nn.Module,
     canonical: Canonical,
     estimator: str,
-    negative: bool,
+    negative: bool | str,
     device: torch.device,
     precision: str,
 ) -> Statistics:
-    sums = required_sums(estimator, negative, precision)
+    required_sums(estimator, negative, precision)  # validates
+    # negative="auto": layers read only through ReLU gates need no a₋ (statistics.layer_sums)
+    gates = (
+        relu_gates(model, canonical.form.bypass)
+        if estimator == "two_component" and negative == "auto"
+        else {}
+    )
     layers = {}
     for name, module in linear_layers(model).items():
         weight = canonical.weight(name)
         groups = getattr(module, "groups", 1)
+        sums = layer_sums(estimator, negative, precision, gates.get(name) == RELU)
         layers[name] = LayerStatistics(
             weight.shape[0], groups, weight[0].numel(), sums, device
         )
     return Statistics(layers, estimator=estimator, negative=negative)
+
+
+def _has_negative(stats: LayerStatistics, negative: bool | str) -> bool:
+    """Whether a layer's (or node's) a₋ is solved: asked for, and its sums collected."""
+    return bool(negative) and ("sum_xy" in stats.tensors or "sum_xy_minus" in stats.tensors)
 
 
 def collect_statistics(
@@ -497,7 +523,8 @@ def compute_patterns(
                     "in low precision: fit a float32 copy of the model)"
                 )
             tensors, rep = graph_statistics.node_patterns(
-                name, layer_stats, "linear" if all_linear else estimator, statistics.negative
+                name, layer_stats, "linear" if all_linear else estimator,
+                _has_negative(layer_stats, statistics.negative),
             )
             nodes[name] = {key: t.to(dtype=dtype) for key, t in tensors.items()}
         else:
@@ -510,7 +537,8 @@ def compute_patterns(
                 kind = "linear"
             with estimators.one_thread():
                 tensors, rep = _solve(
-                    name, kind, layer_stats, weight, statistics.negative, dtype, workspace
+                    name, kind, layer_stats, weight,
+                    _has_negative(layer_stats, statistics.negative), dtype, workspace,
                 )
                 if estimator == "two_component" and name in gated:  # GELU/SiLU: a too
                     tensors = {key: t.clone() for key, t in tensors.items()}
@@ -584,7 +612,7 @@ def fit_patterns(
     options: FitOptions | None = None,
     *,
     estimator: str = "two_component",
-    negative: bool = True,
+    negative: bool | str = "auto",
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -616,8 +644,9 @@ def fit_patterns(
         field.
     estimator, negative, batch_size, device, progress, precision, limit, canonizers, \
 checkpoint, checkpoint_every, checkpoint_minutes, resume, distributed:
-        See :class:`FitOptions`. The default fit is two-component (a₊ and a₋), with float32
-        products of shifted data summed in float64: within 1e-5 of a float64 fit.
+        See :class:`FitOptions`. The default fit is two-component (a₊, and a₋ wherever an
+        inactive unit can receive a signal, ``negative="auto"``), with float32 products of
+        shifted data summed in float64: within 1e-5 of a float64 fit.
 
     Returns
     -------

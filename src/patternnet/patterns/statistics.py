@@ -59,7 +59,10 @@ from torch import Tensor
 
 from ..layers import LayerGeometry
 
-__all__ = ["LayerStatistics", "Statistics", "SUM_NAMES", "required_sums", "DEFAULT_FLUSH_EVERY"]
+__all__ = [
+    "DEFAULT_FLUSH_EVERY", "NEGATIVE_CHOICES", "SUM_NAMES", "LayerStatistics", "Statistics",
+    "check_negative", "layer_sums", "required_sums",
+]
 
 #: A layer flushes its held-back inputs once they hold this many values (64 MB in float32):
 #: large enough that a dense layer's product is one big matrix multiplication, small enough to
@@ -108,8 +111,22 @@ def full_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
+#: The values of ``negative`` (:class:`~patternnet.patterns.fit.FitOptions`).
+NEGATIVE_CHOICES = (True, False, "auto")
+
+
+def check_negative(negative: object) -> bool | str:
+    """``negative`` validated: ``True``, ``False`` or ``"auto"`` (a clear error otherwise)."""
+    if negative is True or negative is False or negative == "auto":
+        return negative  # type: ignore[return-value]
+    raise ValueError(
+        f"negative must be True (a₋ for every layer), False (a₊ only) or 'auto' (a₋ where an "
+        f"inactive unit can receive a signal; the default), not {negative!r}"
+    )
+
+
 def required_sums(
-    estimator: str, negative: bool = True, precision: str = "float64"
+    estimator: str, negative: bool | str = True, precision: str = "float64"
 ) -> frozenset[str]:
     """The sums an estimator needs (``"identity"`` and ``"filter"`` need none).
 
@@ -118,11 +135,15 @@ def required_sums(
     estimator:
         ``"linear"``, ``"two_component"``, ``"filter"`` or ``"identity"``.
     negative:
-        For ``"two_component"``: also collect what the inactive pattern a₋ needs.
+        For ``"two_component"``: also collect what the inactive pattern a₋ needs (``True``),
+        or not (``False``). ``"auto"`` gives what a layer that needs a₋ needs (the most); a
+        fit with ``"auto"`` gives the layers whose inactive units never receive a signal the
+        sums of ``False`` (:func:`layer_sums`).
     precision:
         Validated only: both precisions keep the same float64 sums (the module's docstring).
     """
     _compute_dtype(precision)  # validates
+    check_negative(negative)
     if estimator == "linear":
         return frozenset(_NEEDS["linear"])
     if estimator == "two_component":
@@ -135,6 +156,26 @@ def required_sums(
         f"unknown estimator {estimator!r}; choose 'two_component', 'linear', 'filter' or "
         "'identity'"
     )
+
+
+def layer_sums(
+    estimator: str, negative: bool | str, precision: str, gated: bool
+) -> frozenset[str]:
+    """The sums one layer collects: :func:`required_sums`, without a₋'s where it is not read.
+
+    Parameters
+    ----------
+    estimator, negative, precision:
+        As for :func:`required_sums`.
+    gated:
+        The layer's output is read only through ReLU gates
+        (:meth:`~patternnet.engine.graph.ModelGraph.relu_gates` says :data:`RELU`): the gate
+        zeroes what reaches its inactive units, so no method reads its a₋. With
+        ``negative="auto"`` such a layer collects the sums of ``negative=False``.
+    """
+    if estimator == "two_component" and negative == "auto" and gated:
+        return required_sums(estimator, False, precision)
+    return required_sums(estimator, negative, precision)
 
 
 @dataclass
@@ -647,7 +688,7 @@ class Statistics(Mapping[str, LayerStatistics]):
         layers: Mapping[str, LayerStatistics],
         *,
         estimator: str,
-        negative: bool = True,
+        negative: bool | str = True,
         images: int = 0,
         batches: int = 0,
     ) -> None:
@@ -752,8 +793,10 @@ class Statistics(Mapping[str, LayerStatistics]):
             for key, tensor in layer.tensors.items():
                 state[f"{name}::{key}"] = tensor
             if layer._shift is not None:
+                # copies (a few O-sized vectors): a node's sides may share one tensor, which
+                # safetensors refuses to write
                 for key, tensor in layer._shift.state().items():
-                    state[f"{name}::shift::{key}"] = tensor
+                    state[f"{name}::shift::{key}"] = tensor.clone()
         return state
 
     def describe(self) -> dict[str, object]:
@@ -790,7 +833,7 @@ class Statistics(Mapping[str, LayerStatistics]):
         return cls(
             layers,
             estimator=str(description["estimator"]),
-            negative=bool(description["negative"]),
+            negative=_negative_of(description["negative"]),
             images=int(description["images"]),
             batches=int(description["batches"]),
         )
@@ -809,3 +852,6 @@ class Statistics(Mapping[str, LayerStatistics]):
         return self
 
 
+def _negative_of(value: object) -> bool | str:
+    """``negative`` as a checkpoint's description holds it (``"auto"`` or a boolean)."""
+    return "auto" if value == "auto" else bool(value)
