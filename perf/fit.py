@@ -79,29 +79,42 @@ def forward_times(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[f
 
 def floor_pass(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
     """The arithmetic floor of the default fit: forward plus, per Linear/Conv layer, the
-    weight-gradient product of its input with a ``3·O + 1``-channel float32 output gradient
-    (the stacked ``[y'·m, m, y'·(1−m), 1]`` of the default a₊/a₋ fit), by the layer's own
-    weight-gradient kernel, a few images at a time like the fit. No masks, no shift, no
-    float64 sums, no pattern solve, no sums/pools: what any fit of these sums must compute.
+    weight-gradient product of its input with the stacked float32 output gradient of the
+    default fit, by the layer's own weight-gradient kernel, a few images at a time like the
+    fit: ``3·O + 1`` channels (``[y'·m, m, y'·(1−m), 1]``, a₊ and a₋) where an inactive unit
+    can receive a signal, ``2·O`` (``[y'·m, m]``, a₊ only) in the layers read only through
+    ReLU gates (``negative="auto"``). No masks, no shift, no float64 sums, no pattern solve,
+    no sums/pools: what any fit of these sums must compute.
     """
+    from patternnet.engine.canonize import Canonical
+    from patternnet.engine.gates import RELU, relu_gates
     from patternnet.layers import geometry, is_linear_layer
+    from patternnet.patterns.fit import linear_layers
     from patternnet.patterns.statistics import _CHUNK_ELEMENTS
+
+    gates = relu_gates(model, Canonical(model).form.bypass)
+    gated = {module for name, module in linear_layers(model).items() if gates.get(name) == RELU}
 
     def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
         x, g = args[0], geometry(module)
         O = out.shape[1]
+        k = 2 * O if module in gated else 3 * O + 1
+
+        def stack(y: torch.Tensor, dim: int) -> torch.Tensor:
+            if module in gated:
+                return torch.cat([y, y], dim=dim)
+            return torch.cat([y, y, y, y.narrow(dim, 0, 1)], dim=dim)
+
         if g.kind == "linear":
             x, out = x.reshape(-1, x.shape[-1]), out.reshape(-1, O)
-            stacked = torch.cat([out, out, out, out[:, :1]], dim=1)
-            g.weight_product(x, stacked, torch.Size((3 * O + 1, x.shape[1])))
+            g.weight_product(x, stack(out, 1), torch.Size((k, x.shape[1])))
             return
-        per_image = (3 * O + 1) * out[0, 0].numel()
+        per_image = k * out[0, 0].numel()
         step = max(1, _CHUNK_ELEMENTS // per_image)
-        shape = torch.Size((3 * O + 1, *module.weight.shape[1:]))
+        shape = torch.Size((k, *module.weight.shape[1:]))
         for start in range(0, out.shape[0], step):
-            y = out[start : start + step]
-            stacked = torch.cat([y, y, y, y[:, :1]], dim=1)
-            g.weight_product(x[start : start + step], stacked, shape)
+            g.weight_product(x[start : start + step], stack(out[start : start + step], 1),
+                             shape)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if is_linear_layer(m)]
     try:

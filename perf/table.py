@@ -40,8 +40,10 @@ def headline_table(results: Path = RESULTS) -> str:
     lines = [
         f"Default `fit_patterns` call, wall time, everything included, against forward-only "
         f"inference over the same images in the same process (goal ≤ {GOAL} × forward). The "
-        "floor is forward plus the weight-gradient products with the 3·O + 1 stacked output "
-        "gradients, measured in the same run. Random weights, Fashion-MNIST images resized "
+        "floor is forward plus the weight-gradient products with the default fit's stacked "
+        "output gradients (3·O + 1 per layer before `negative=\"auto\"`; since then 2·O in "
+        "layers read only through ReLUs), measured in the same run. Random weights, "
+        "Fashion-MNIST images resized "
         "and ImageNet-normalised; `load` is the 1-minute load average of the 2-core machine "
         "at the end of each repeat (shared with other work).",
         "",

@@ -190,3 +190,22 @@ def test_ill_conditioned_units_of_gated_layers_fall_back_to_the_filter_pattern()
     torch.testing.assert_close(got[2], w[2])
     keep = [unit for unit in range(got.shape[0]) if unit != 2]
     torch.testing.assert_close(got[keep], expected[keep], rtol=1e-12, atol=1e-14)
+
+
+def test_a_checkpoint_with_a_minus_everywhere_resumes_under_the_default(tmp_path: Path) -> None:
+    """Checkpoints written before ``"auto"`` (``negative=True``) continue as they are."""
+    model = resnet()
+    x = images(16)
+    path = tmp_path / "fit.ckpt"
+    with pytest.raises(_KilledError):
+        collect_statistics(model, _until(x, 3), progress=False, precision="float64",
+                           checkpoint=path, checkpoint_every=2, negative=True)
+    resumed = pn.fit_patterns(model, x, batch_size=4, progress=False, precision="float64",
+                              checkpoint=path, checkpoint_every=2, resume=True)
+    full = pn.fit_patterns(model, x, batch_size=4, progress=False, precision="float64",
+                           negative=True)
+    assert resumed.metadata["negative"] is True
+    for layer, tensors in full.items():
+        assert set(resumed[layer]) == set(tensors)
+        for key, tensor in tensors.items():
+            torch.testing.assert_close(resumed[layer][key], tensor, rtol=1e-10, atol=1e-12)

@@ -117,7 +117,8 @@ def test_matches_explicit_regression(layer_name, estimator):
     # and by the regulariser, see test_singular_inputs_are_stable)
     model = _small_cnn(channels=3)
     fit, regression, evaluation = (_smooth_images(2000, s, channels=3) for s in (1, 2, 3))
-    patterns = fit_patterns(model, fit, estimator=estimator, progress=False)
+    # negative=True: the quality of the estimator's a₋ too, also where a ReLU makes it unused
+    patterns = fit_patterns(model, fit, estimator=estimator, progress=False, negative=True)
     table = estimator_quality(
         model, fit, regression, evaluation, estimators=[estimator], layers=[layer_name],
         patterns={estimator: patterns} if estimator != "filter" else None,
@@ -250,7 +251,7 @@ def test_conv3d_layer_matches_explicit_regression(estimator):
     g = torch.Generator().manual_seed(1)
     data = [F.avg_pool3d(torch.randn(300, 2, 5, 6, 7, generator=g, dtype=torch.float64), 2, 1)
             + 0.3 for _ in range(3)]  # fmt: skip
-    patterns = fit_patterns(model, data[0], estimator=estimator, progress=False)
+    patterns = fit_patterns(model, data[0], estimator=estimator, progress=False, negative=True)
     table = estimator_quality(model, None, data[1], data[2], estimators=[estimator], layers=["0"],
                               patterns={estimator: patterns}, positions=None,
                               max_neurons=None, max_dims=None)  # fmt: skip
@@ -306,7 +307,7 @@ def test_reduced_form_equals_general_form_and_a_full_sampling_draw(estimator):
     model = _small_cnn(3, channels=3)
     fit, regression, evaluation = (_smooth_images(1500, s, channels=3) for s in (11, 12, 13))
     kind = estimator if estimator in ("linear", "two_component") else "two_component"
-    fitted = {kind: fit_patterns(model, fit, estimator=kind, progress=False)}
+    fitted = {kind: fit_patterns(model, fit, estimator=kind, progress=False, negative=True)}
     layer = model[3]
     weight = layer.weight.detach().double()
     order = torch.randperm(108, generator=torch.Generator().manual_seed(0))
@@ -382,7 +383,7 @@ def test_quality_over_splits_is_the_mean_with_its_standard_error():
 
     model = _small_cnn(4)
     data = _smooth_images(260, 11)
-    fitted = {"two_component": fit_patterns(model, data[:80], progress=False),
+    fitted = {"two_component": fit_patterns(model, data[:80], progress=False, negative=True),
               "linear": fit_patterns(model, data[:80], estimator="linear", progress=False)}
     splits = [(data[80 + 60 * i : 110 + 60 * i], data[110 + 60 * i : 140 + 60 * i])
               for i in range(3)]  # fmt: skip

@@ -300,6 +300,10 @@ def collect_statistics(
                     "fit, or delete the file (or choose another path) to start afresh"
                 )
             statistics, saved = load_checkpoint(checkpoint_path)
+            if negative == "auto" and saved.get("negative") is True:
+                # a checkpoint with a₋ everywhere (the default before "auto"): continue it as
+                # it is; its sums hold everything "auto" needs and more
+                negative = context["negative"] = True
             check_context(checkpoint_path, saved, context)
             statistics.to(target_device)
             flush_every = int(saved.get("flush_every", flush_every))
