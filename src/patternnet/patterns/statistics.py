@@ -23,8 +23,9 @@ sum                 shape                        needed by
 
 ``G`` is the number of convolution groups and ``D = weight[0].numel()``. The inactive sums of
 a₋ are ``all − plus``. The default fit (``negative="auto"``, :func:`layer_sums`) gives layers
-read only through ReLU gates the a₊ sums alone: no method reads their a₋. The products are computed by :meth:`LayerGeometry.weight_product`, the
-layer's own weight-gradient kernel, with the stacked output gradient ``[y·m, m, y, 1]``.
+read only through ReLU gates the a₊ sums alone: no method reads their a₋. The products are
+computed by :meth:`LayerGeometry.weight_product`, the layer's own weight-gradient kernel, with
+the stacked output gradient ``[y·m, m, y, 1]``.
 
 With ``precision="float32"`` (the default fit) a convolution's products are formed in float32
 of *shifted* data (see :class:`_Shift`; method.md §11) with the stacked gradient
