@@ -259,6 +259,10 @@ def test_pattern_methods_through_attention_match_the_written_out_backward(
 
         def back(name: str, weight: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
             a = patterns[name]["a"]
+            if not attribution:  # PatternNet's consistency scale tr(WAᵀ)/‖WAᵀ‖²_F (§12)
+                blocks = 3 if name.endswith("in_proj") else 1
+                parts = zip(weight.chunk(blocks), a.chunk(blocks))
+                a = torch.cat([p * (w * p).sum() / ((w @ p.T) ** 2).sum() for w, p in parts])
             return g @ (weight * a if attribution else a)
 
         n, d = x.shape[0], E // H
@@ -269,7 +273,7 @@ def test_pattern_methods_through_attention_match_the_written_out_backward(
         g_out[:, 0] = g_token
         g_merged = back("attention.out_proj", net.attention.out_proj.weight, g_out)
         g_y = g_merged.reshape(n, T + 1, H, d).transpose(1, 2)
-        a = patterns.nodes["attention#0"]["a"].reshape(H, T + 1, T + 1)
+        a = patterns.nodes["attention#0"]["a_joint"].reshape(H, T + 1, T + 1)
         coefficient = ref["probs"] * a if attribution else a.expand_as(ref["probs"])
         g_v = coefficient.transpose(-2, -1) @ g_y  # nothing to Q and K: probabilities held
         g_qkv = torch.cat(

@@ -82,16 +82,33 @@ class _WeightNormScale(NormScale):
             return norm_scale(module, x.detach())
 
 
-def treatment(model: nn.Module, patterns: Patterns, *, attention: str = "pattern",
-              norm: str = "sigma/gamma") -> PatternNet:  # fmt: skip
-    """PatternNet with another treatment of attention (``"gate"``) or of LayerNorm
-    (``"gamma/sigma"``), for the comparison of method.md §12; the defaults are PatternNet."""
+def treatment(model: nn.Module, patterns: Patterns, *, attention: str = "joint",
+              norm: str = "sigma/gamma", rescale: bool | None = None) -> PatternNet:  # fmt: skip
+    """PatternNet with another treatment of attention or of LayerNorm, for the comparison of
+    method.md §12; the defaults are PatternNet's.
+
+    Parameters
+    ----------
+    attention:
+        ``"joint"`` (PatternNet: the joint pattern of the weighted sum), ``"query"`` (the
+        per-query pattern ``a``) or ``"gate"`` (the probabilities held, ``Pᵀ s``).
+    norm:
+        ``"sigma/gamma"`` (PatternNet: LayerNorm as the pattern of a one-input unit) or
+        ``"gamma/sigma"`` (as its weight).
+    rescale:
+        PatternNet's ``rescale`` option (None: on for models with attention).
+    """
+    if attention not in ("joint", "query", "gate"):
+        raise ValueError(f"attention must be 'joint', 'query' or 'gate', not {attention!r}")
+    if norm not in ("sigma/gamma", "gamma/sigma"):
+        raise ValueError(f"norm must be 'sigma/gamma' or 'gamma/sigma', not {norm!r}")
 
     class Variant(PatternNet):
         def attention_handler(self, canonical: Any) -> Any:
             if attention == "gate":
                 return _GateAttention(self.patterns, self.estimator, attribution=False)
-            return super().attention_handler(canonical)
+            return AttentionPatterns(self.patterns, self.estimator, attribution=False,
+                                     joint=attention == "joint")  # fmt: skip
 
         def rules(self, canonical: Any) -> Any:
             module_rules, function_rules = super().rules(canonical)
@@ -101,7 +118,7 @@ def treatment(model: nn.Module, patterns: Patterns, *, attention: str = "pattern
                         module_rules[module] = _WeightNormScale(attribution=False)
             return module_rules, function_rules
 
-    return Variant(model, patterns)
+    return Variant(model, patterns, rescale=rescale)
 
 
 def treatment_table(seeds: tuple[int, ...] = (0, 1, 2), *, n: int = 1500, epochs: int = 10,

@@ -37,6 +37,7 @@ from ..engine.rules import (
     identity_estimator_rules,
 )
 from ..engine.rules.attention import AttentionPatterns
+from ..engine.rules.scale import consistency_scale
 from ..engine.support import layer_scale_rules, norm_rules, standalone_batchnorm_rules
 from ..patterns.estimators import filter_pattern
 from ..patterns.fit import linear_layers
@@ -246,6 +247,14 @@ class PatternNet(_PatternMethod):
         the linear pattern of the layer feeding them; ``"gate"`` passes ``g·[z > 0]`` and
         uses that layer's two-component patterns, as for a ReLU (a two-component fit stores
         both; method.md §10 has the measurements that chose the default).
+    rescale:
+        Multiply each layer's patterns by its consistency scale
+        ``c = tr(W Aᵀ) / ‖W Aᵀ‖²_F`` (:func:`patternnet.engine.rules.scale.consistency_scale`),
+        the scalar that brings ``W (c Aᵀ s)`` closest to ``s``. Without it the signal grows
+        by the units' shared signal at every layer: 10⁵–10⁶ per block of a ViT, past
+        float32's range after about seven blocks. ``None`` (default): on when the patterns
+        hold attention nodes (chosen there by ground truth, method.md §12), off otherwise
+        (CNNs keep the paper's and iNNvestigate's result exactly).
     canonizers, output_selector:
         See :class:`~patternnet.methods.base.Attribution`.
 
@@ -268,13 +277,55 @@ class PatternNet(_PatternMethod):
         "PatternAttribution, ICLR 2018",
     )
 
-    def __init__(self, model: nn.Module, patterns: Patterns | None = None, **options: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        patterns: Patterns | None = None,
+        *,
+        rescale: bool | None = None,
+        **options: Any,
+    ):
         super().__init__(model, patterns, **options)
         if self.estimator == "identity":
             raise ValueError(
                 "PatternNet needs a pattern; the identity estimator has none (its attribution "
                 "is LRP-z: use PatternAttribution(..., estimator='identity'))"
             )
+        if rescale is None:
+            nodes = getattr(patterns, "nodes", None) or {}
+            rescale = any(name.startswith("attention#") for name in nodes)
+        if not isinstance(rescale, bool):
+            raise TypeError(f"rescale must be True, False or None, not {rescale!r}")
+        self.rescale = rescale
+        self._scaled: dict[str, tuple[Any, ...]] = {}
+
+    def refresh(self) -> PatternNet:
+        """See :meth:`Attribution.refresh`; also forgets the rescaled patterns."""
+        super().refresh()
+        self._scaled.clear()
+        return self
+
+    def _layer_patterns(self, name: str, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        positive, negative = super()._layer_patterns(name, weight)
+        if not self.rescale:
+            return positive, negative
+        # One factor per layer (per projection of Q/K/V), from the pattern used where the
+        # unit is active, for both sides: the direction of every unit's pattern is kept.
+        versions = (weight._version, positive._version)
+        cached = self._scaled.get(name)
+        if (cached is not None and cached[0] is weight and cached[1] is positive
+                and cached[2] is negative and cached[3] == versions):  # fmt: skip
+            return cached[4], cached[5]
+        module = linear_layers(self.model)[name]
+        projection = name == "in_proj" or name.endswith(".in_proj")
+        factor = consistency_scale(module, weight, positive, blocks=3 if projection else 1)
+        shape = (-1,) + (1,) * (positive.dim() - 1)
+        scaled = positive * factor.reshape(shape).to(positive)
+        scaled_negative = (
+            None if negative is None else negative * factor.reshape(shape).to(negative)
+        )
+        self._scaled[name] = (weight, positive, negative, versions, scaled, scaled_negative)
+        return scaled, scaled_negative
 
     def _swap(self, weight: Tensor, pattern: Tensor) -> Tensor:
         return as_dtype(pattern, weight)

@@ -31,10 +31,16 @@ from ..engine.attention import AttentionHandler
 from .estimators import RELATIVE_TOLERANCE, LayerReport
 from .statistics import LayerStatistics, Statistics
 
-__all__ = ["ATTENTION_SUMS", "AttentionRecorder", "attention_pattern", "update_attention"]
+__all__ = ["ATTENTION_SUMS", "JOINT_RTOL", "AttentionRecorder", "attention_joint_pattern",
+           "attention_pattern", "update_attention"]
+
+#: Relative cut-off of the pseudo-inverse in :func:`attention_joint_pattern`: eigenvalues of a
+#: head's query covariance below ``JOINT_RTOL`` times its largest are dropped (queries whose
+#: outputs are linearly dependent, e.g. constant ones).
+JOINT_RTOL = 1e-6
 
 #: The float64 sums of an attention node.
-ATTENTION_SUMS = frozenset({"count", "sum_v", "sum_y", "sum_vy", "sum_yy"})
+ATTENTION_SUMS = frozenset({"count", "sum_v", "sum_y", "sum_vy", "sum_yy", "sum_yiyk"})
 
 
 def new_attention_statistics(heads: int, length: int, source: int, channels: int,
@@ -50,6 +56,7 @@ def new_attention_statistics(heads: int, length: int, source: int, channels: int
         "sum_y": zeros(heads, length, channels),
         "sum_vy": zeros(heads, length, source),
         "sum_yy": zeros(heads, length),
+        "sum_yiyk": zeros(heads, length, length),
     }
     return LayerStatistics(heads * length, heads, source, ATTENTION_SUMS, device, tensors)
 
@@ -69,6 +76,8 @@ def update_attention(stats: LayerStatistics, values: Tensor, out: Tensor) -> Non
     t["sum_y"] += y.sum(0)
     t["sum_vy"] += torch.einsum("nhjc,nhic->hij", v, y)
     t["sum_yy"] += (y * y).sum((0, 3))
+    if "sum_yiyk" in t:  # absent in statistics saved before the joint pattern existed
+        t["sum_yiyk"] += torch.einsum("nhic,nhkc->hik", y, y)
 
 
 def attention_pattern(stats: LayerStatistics) -> tuple[Tensor, LayerReport]:
@@ -93,6 +102,37 @@ def attention_pattern(stats: LayerStatistics) -> tuple[Tensor, LayerReport]:
     a[degenerate] = 0.0
     report = LayerReport(int(n.item()), units, {"a": 0}, {"a": int(degenerate.sum())})
     return a.reshape(units, -1), report
+
+
+def attention_joint_pattern(stats: LayerStatistics) -> Tensor | None:
+    """The joint pattern ``a_joint (H·L, S)`` of an attention node, or None without its sums.
+
+    The per-query pattern ``a[h, i] = cov(v, y_i) / var(y_i)`` treats every query's output as
+    if it were the only one. The outputs of one head's queries share the values they read, so
+    ``Σ_i a[h, i]ᵀ s_i`` counts a signal shared by several queries once per query (the
+    composition ``W Aᵀ`` of method.md §12 is not the identity). The joint pattern regresses
+    the values on all queries of the head at once,
+
+        a_joint[h] = C_yy[h]⁺ · C_yv[h],   C_yy[h][i, k] = Σ_c cov(y_ic, y_kc),
+        C_yv[h][i, j] = Σ_c cov(y_ic, v_jc),
+
+    (the multivariate pattern of Haufe et al. 2014, ``cov[x, y] cov[y]⁻¹``; per-query
+    covariances pooled over the head's channels as for ``a``); with one query it is ``a``.
+    The pseudo-inverse drops eigenvalues below :data:`JOINT_RTOL` times the largest.
+    """
+    t = stats.tensors
+    if "sum_yiyk" not in t or t["count"].item() == 0:
+        return None
+    n = t["count"]
+    channels = t["sum_v"].shape[-1]
+    scale = n * channels
+    cross = torch.einsum("hjc,hic->hij", t["sum_v"], t["sum_y"]) / n
+    cov = (t["sum_vy"] - cross) / scale
+    outer = torch.einsum("hic,hkc->hik", t["sum_y"], t["sum_y"]) / n
+    cyy = (t["sum_yiyk"] - outer) / scale
+    cyy = 0.5 * (cyy + cyy.transpose(-2, -1))
+    joint = torch.linalg.pinv(cyy, rtol=JOINT_RTOL, hermitian=True) @ cov
+    return joint.reshape(stats.out_features, -1)
 
 
 class AttentionRecorder(AttentionHandler):

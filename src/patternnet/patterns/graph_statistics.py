@@ -39,7 +39,7 @@ from ..engine.nodes import (
     node_kind,
 )
 from . import estimators
-from .attention_statistics import attention_pattern
+from .attention_statistics import attention_joint_pattern, attention_pattern
 from .statistics import LayerStatistics, Statistics, _Shift, required_sums
 
 __all__ = ["node_patterns", "recording", "update_channelwise"]
@@ -248,7 +248,8 @@ def node_patterns(
     """
     if node_kind(name) == "attention":  # its own sums and estimator (attention_statistics)
         a, report = attention_pattern(stats)
-        return {"a": a}, report
+        joint = attention_joint_pattern(stats)
+        return ({"a": a} if joint is None else {"a": a, "a_joint": joint}), report
     weight = fixed_weight(node_kind(name), stats.out_features, stats.patch_size)
     weight = weight.to(stats.tensors["count"].device) if stats.tensors else weight
     if estimator == "filter":

@@ -45,7 +45,8 @@ __all__ = [
 #: normaliser (method.md §10-11). Files of format 1 are refused with a request to refit: their
 #: a₊/a₋ may hold the ill-conditioned values format 2 replaces, and they lack node patterns.
 FORMAT_VERSION = 2
-PATTERN_NAMES = ("a", "a_plus", "a_minus")
+#: ``a_joint``: the joint pattern of an attention node (method.md §12).
+PATTERN_NAMES = ("a", "a_plus", "a_minus", "a_joint")
 
 
 def architecture(model: nn.Module) -> list[dict[str, Any]]:

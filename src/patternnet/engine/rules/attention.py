@@ -6,7 +6,8 @@ probabilities ``P``, held constant on the way back (the data-dependent factor, l
 mask), with the fitted pattern ``a[h, i, j] = cov(v_j, y_i) / var(y_i)``
 (:mod:`patternnet.patterns.attention_statistics`). On the way back:
 
-- PatternNet passes ``s_v[n, h, j, c] = Σ_i a[h, i, j] · s[n, h, i, c]`` to the values, where
+- PatternNet passes ``s_v[n, h, j, c] = Σ_i a[h, i, j] · s[n, h, i, c]`` to the values (``a``
+  the joint pattern ``a_joint`` of the fit where it holds one, method.md §12), where
   the gradient passes ``Σ_i P[n, h, i, j] · g[n, h, i, c]`` (signal copied to every token the
   query attends to, background included);
 - PatternAttribution passes ``Σ_i (P ⊙ a)[n, h, i, j] · r[n, h, i, c]`` (``w ⊙ a``);
@@ -57,12 +58,20 @@ class AttentionPatterns(AttentionHandler):
         ``"filter"``.
     attribution:
         False: PatternNet (``a``); True: PatternAttribution (``P ⊙ a``).
+    joint:
+        True (default): the node's joint pattern ``a_joint`` (all queries of a head regressed
+        at once, :func:`~patternnet.patterns.attention_statistics.attention_joint_pattern`)
+        where the patterns hold it; False, or patterns fitted before it existed: the
+        per-query pattern ``a``.
     """
 
-    def __init__(self, patterns: Any, estimator: str, *, attribution: bool) -> None:
+    def __init__(
+        self, patterns: Any, estimator: str, *, attribution: bool, joint: bool = True
+    ) -> None:
         self.patterns = patterns
         self.estimator = estimator
         self.attribution = attribution
+        self.joint = joint
 
     def pattern(self, name: str, heads: int, length: int, source: int) -> Tensor:
         """The fitted ``(H, L, S)`` pattern of the call ``name``."""
@@ -75,7 +84,7 @@ class AttentionPatterns(AttentionHandler):
                 f"the patterns hold no pattern for {what}; attention patterns: {fitted}. Fit "
                 "them on this model with patternnet.fit_patterns(model, data)"
             )
-        a = tensors["a"]
+        a = tensors["a_joint"] if self.joint and "a_joint" in tensors else tensors["a"]
         if tuple(a.shape) != (heads * length, source):
             raise ValueError(
                 f"the pattern of {name} is {tuple(a.shape)} but the model's {what} needs "
