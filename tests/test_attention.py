@@ -273,7 +273,8 @@ def test_pattern_methods_through_attention_match_the_written_out_backward(
         g_out[:, 0] = g_token
         g_merged = back("attention.out_proj", net.attention.out_proj.weight, g_out)
         g_y = g_merged.reshape(n, T + 1, H, d).transpose(1, 2)
-        a = patterns.nodes["attention#0"]["a_joint"].reshape(H, T + 1, T + 1)
+        joint = "a" if attribution else "a_joint"  # PatternNet: the joint pattern (§12)
+        a = patterns.nodes["attention#0"][joint].reshape(H, T + 1, T + 1)
         coefficient = ref["probs"] * a if attribution else a.expand_as(ref["probs"])
         g_v = coefficient.transpose(-2, -1) @ g_y  # nothing to Q and K: probabilities held
         g_qkv = torch.cat(

@@ -220,8 +220,11 @@ class _PatternMethod(Attribution):
         ).tracker(ModelGraph.of(self.model).linear_nodes())
 
     def attention_handler(self, canonical: Canonical) -> AttentionHandler:
-        """Attention's weighted sum passes its fitted pattern, probabilities held (§12)."""
-        return AttentionPatterns(self.patterns, self.estimator, attribution=self._attribution)
+        """Attention's weighted sum passes its fitted pattern, probabilities held (§12):
+        PatternNet the joint pattern, PatternAttribution the per-query one (each chosen by
+        ground truth, method.md §12)."""
+        return AttentionPatterns(self.patterns, self.estimator, attribution=self._attribution,
+                                 joint=not self._attribution)  # fmt: skip
 
     def start(self, logits: Tensor, target: Tensor) -> Tensor:
         """Start from the selected logit's value ``y_c`` (zeros elsewhere)."""

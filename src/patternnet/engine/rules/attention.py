@@ -10,7 +10,8 @@ mask), with the fitted pattern ``a[h, i, j] = cov(v_j, y_i) / var(y_i)``
   the joint pattern ``a_joint`` of the fit where it holds one, method.md §12), where
   the gradient passes ``Σ_i P[n, h, i, j] · g[n, h, i, c]`` (signal copied to every token the
   query attends to, background included);
-- PatternAttribution passes ``Σ_i (P ⊙ a)[n, h, i, j] · r[n, h, i, c]`` (``w ⊙ a``);
+- PatternAttribution passes ``Σ_i (P ⊙ a)[n, h, i, j] · r[n, h, i, c]`` (``w ⊙ a``, the
+  per-query ``a``: it recovered the ground-truth signal better than the joint one);
 - the filter estimator uses ``a = P / Σ_j P²`` per sample and query (``w / wᵀw``);
 - nothing flows into the probabilities (held), hence nothing into Q and K: their rows of the
   input projection receive zero.
@@ -59,10 +60,11 @@ class AttentionPatterns(AttentionHandler):
     attribution:
         False: PatternNet (``a``); True: PatternAttribution (``P ⊙ a``).
     joint:
-        True (default): the node's joint pattern ``a_joint`` (all queries of a head regressed
-        at once, :func:`~patternnet.patterns.attention_statistics.attention_joint_pattern`)
-        where the patterns hold it; False, or patterns fitted before it existed: the
-        per-query pattern ``a``.
+        True (default; PatternNet's choice): the node's joint pattern ``a_joint`` (all queries
+        of a head regressed at once,
+        :func:`~patternnet.patterns.attention_statistics.attention_joint_pattern`) where the
+        patterns hold it; False (PatternAttribution's choice), or patterns fitted before it
+        existed: the per-query pattern ``a``.
     """
 
     def __init__(
