@@ -18,8 +18,9 @@ of PatternNet's signal onto background tokens.
 
 The node is one :class:`~patternnet.patterns.statistics.LayerStatistics` named
 ``"attention#k"`` (merged, all-reduced and copied with the layers) holding float64 sums
-``count`` (samples), ``sum_v (H, S, C)``, ``sum_y (H, L, C)``, ``sum_vy (H, L, S)`` and
-``sum_yy (H, L)``; :func:`attention_pattern` turns them into ``a``, ``(H·L, S)``.
+``count`` (samples), ``sum_v (H, S, C)``, ``sum_y (H, L, C)``, ``sum_vy (H, L, S)``,
+``sum_yy (H, L)`` and ``sum_yiyk (H, L, L)``; :func:`attention_pattern` turns them into ``a``,
+``(H·L, S)``, :func:`attention_joint_pattern` into the joint pattern ``a_joint``.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def new_attention_statistics(heads: int, length: int, source: int, channels: int
 def update_attention(stats: LayerStatistics, values: Tensor, out: Tensor) -> None:
     """Add one batch: values ``(N, H, S, C)`` and the weighted sum ``(N, H, L, C)``.
 
-    Everything in float64 (one ``(H, L, S)`` product per batch: a few percent of the
-    attention's own cost).
+    Everything in float64 (an ``(H, L, S)`` and an ``(H, L, L)`` product per batch, for ``a``
+    and ``a_joint``: a few percent of the attention's own cost).
     """
     v = values.detach().to(torch.float64)
     y = out.detach().to(torch.float64)
