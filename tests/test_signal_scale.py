@@ -119,3 +119,24 @@ def test_vit_b_16_explains_in_float32_without_overflow() -> None:
     torch.testing.assert_close(signal.double(), reference, rtol=1e-3, atol=1e-4 * float(norm.max()))
     attribution = pn.PatternAttribution(model.float(), patterns).attribute(x)
     assert torch.isfinite(attribution).all()
+
+
+def test_scales_are_computed_once_per_weight_and_pattern(monkeypatch) -> None:
+    import patternnet.engine.rules.scale as scale
+
+    net = _net()
+    patterns = pn.fit_patterns(net, torch.randn(64, T * FEAT, dtype=torch.float64),
+                               progress=False)  # fmt: skip
+    x = torch.randn(3, T * FEAT, dtype=torch.float64)
+    first = pn.PatternNet(net, patterns).attribute(x, target=1)
+    calls = []
+    original = scale.consistency_scale
+    monkeypatch.setattr(scale, "consistency_scale",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))  # fmt: skip
+    again = pn.PatternNet(net, patterns).attribute(x, target=1)  # a new method object
+    assert calls == []
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    with torch.no_grad():
+        net.head.weight.mul_(2.0)  # changed in place: its factor is computed again
+    pn.PatternNet(net, patterns).attribute(x, target=1)
+    assert len(calls) == 1

@@ -37,7 +37,7 @@ from ..engine.rules import (
     identity_estimator_rules,
 )
 from ..engine.rules.attention import AttentionPatterns
-from ..engine.rules.scale import consistency_scale
+from ..engine.rules.scale import cached_consistency_scale
 from ..engine.support import layer_scale_rules, norm_rules, standalone_batchnorm_rules
 from ..patterns.estimators import filter_pattern
 from ..patterns.fit import linear_layers
@@ -321,7 +321,8 @@ class PatternNet(_PatternMethod):
             return cached[4], cached[5]
         module = linear_layers(self.model)[name]
         projection = name == "in_proj" or name.endswith(".in_proj")
-        factor = consistency_scale(module, weight, positive, blocks=3 if projection else 1)
+        factor = cached_consistency_scale(module, weight, positive,
+                                          blocks=3 if projection else 1)  # fmt: skip
         shape = (-1,) + (1,) * (positive.dim() - 1)
         scaled = positive * factor.reshape(shape).to(positive)
         scaled_negative = (
