@@ -49,6 +49,7 @@ from .statistics import (
     Statistics,
     full_float32,
     layer_sums,
+    release_scratch,
     required_sums,
 )
 from .store import Patterns, architecture, fingerprint, weight_summary
@@ -370,6 +371,7 @@ def collect_statistics(
                 handle.remove()
             if bar is not None:
                 bar.close()
+            release_scratch()  # the buffers the per-batch products reused
     if use_distributed:
         stats.all_reduce_()
     return stats
