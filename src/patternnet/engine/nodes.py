@@ -156,6 +156,9 @@ class NodeCall:
     #: unit-major with ``M = N·P`` samples, converted to ``dtype`` in one copy (the fit's
     #: statistics are then one batched product).
     unit_major: Callable[[torch.dtype, Tensor | None], tuple[Tensor, Tensor]] | None = None
+    #: Sums: ``() -> (summands, y)``, each ``(N, U, P)`` as the model holds them (views, no
+    #: copy): the fit's statistics read them in place (one product per summand).
+    native: Callable[[], tuple[tuple[Tensor, ...], Tensor]] | None = None
 
     def weight_shape(self) -> torch.Size:
         """Shape of the fixed weight as the geometry's convolution weight (window nodes)."""
@@ -221,8 +224,13 @@ def sum_call(
         y.copy_(result.reshape(n, c, -1).transpose(0, 1))  # the sum as the model computed it
         return x.view(c, len(values), -1), y.view(c, -1)
 
+    def native() -> tuple[tuple[Tensor, ...], Tensor]:
+        n, c = shape[0], shape[1]
+        return tuple(v.reshape(n, c, -1) for v in values), result.reshape(n, c, -1)
+
     return NodeCall("sum", tuple(summands), "channelwise", shape[1], len(summands), arrange,
-                    result, to_output, to_inputs, unit_major=unit_major)  # fmt: skip
+                    result, to_output, to_inputs, unit_major=unit_major,
+                    native=native)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ means

@@ -46,7 +46,12 @@ __all__ = ["node_patterns", "recording", "update_channelwise"]
 
 
 @torch.no_grad()
-def update_channelwise(stats: LayerStatistics, call: NodeCall, precision: str = "float64") -> None:
+def update_channelwise(
+    stats: LayerStatistics,
+    call: NodeCall,
+    precision: str = "float64",
+    workspace: dict[Any, Any] | None = None,
+) -> None:
     """Add one batch of a channelwise node (a sum or a mean) to its sums.
 
     The node input unit-major ``x (U, D, M)`` and output ``y (U, M)``: ``M`` samples (images ×
@@ -66,8 +71,16 @@ def update_channelwise(stats: LayerStatistics, call: NodeCall, precision: str = 
         Σ x y   = Σ x'y'   + y₀ Σ x'   + x₀ Σ y          Σ x   = Σ x'   + x₀ M
 
     ``precision="float64"``: every product in float64 (the reference).
+
+    Sums under ``"float32"`` are read in the model's own layout (:func:`_update_sum`: no
+    unit-major copy); ``workspace`` keeps its buffers from one call to the next.
     """
     need = stats.tensors
+    if precision == "float32" and call.native is not None and (
+        "count_plus" in need or "sum_xy" in need
+    ):
+        _update_sum(stats, call, {} if workspace is None else workspace)
+        return
     if precision == "float64":
         x, y = call.unit_major(torch.float64, None)
         shift = None
@@ -118,23 +131,123 @@ def update_channelwise(stats: LayerStatistics, call: NodeCall, precision: str = 
     stacked = stacked[:, : len(names)]
     product = torch.bmm(x, stacked.transpose(1, 2)).to(torch.float64)  # (U, D, k)
     p = {name: product[:, :, k] for k, name in enumerate(names)}  # each (U, D)
-    if "sum_xy" in need:  # Σ x y over all samples: both sides, or the one column
-        p["y"] = p["ym"] + p["y_minus"] if plus else p["y"]
     if shift is None:
+        if "sum_xy" in need:  # Σ x y over all samples: both sides, or the one column
+            p["y"] = p["ym"] + p["y_minus"] if plus else p["y"]
         for name, key in (("sum_x", "x"), ("sum_x_plus", "m"), ("sum_xy_plus", "ym"),
                           ("sum_xy", "y")):  # fmt: skip
             if name in need:
                 need[name] += p[key]
         return
+    _add_shifted_products(need, p, shift, plus, samples, sum_y,
+                          count_plus if plus else None,
+                          ym.sum(1).to(torch.float64) if plus else None)  # fmt: skip
+
+
+def _update_sum(stats: LayerStatistics, call: NodeCall, workspace: dict[Any, Any]) -> None:
+    """One batch of a sum ``y = Σ_d u_d`` in float32, read where the model holds it.
+
+    The same sums and shifts as :func:`update_channelwise`, formed per image and channel:
+    the columns ``[m, y'·m, y'·(1 − m)]`` (or ``[y']``) are written once into ``(N, U, k, P)``
+    (``P`` positions), each summand's ``x' = u_d − x₀`` (no copy where ``x₀ = 0``, e.g. a
+    ReLU's output, :func:`_keep_zeros`) is multiplied with them in one batched product over
+    ``N·U`` rows of ``P`` positions, and the ``N`` per-image float32 results are added in
+    float64. Fewer passes over the data than the unit-major copy, no transposed reads, and
+    the buffers are reused (``workspace``) instead of allocated for every sum.
+    """
+    need = stats.tensors
+    values, y = call.native()
+    n, units, positions = y.shape
+    samples = n * positions
+    if stats._shift is None:
+        stats._shift = _first_shift_native(values, y)
+    shift = stats._shift
+    plus = "count_plus" in need
+    names = ["m", "ym"] * plus + (["y_minus"] if plus else ["y"]) * ("sum_xy" in need)
+    column = {name: j for j, name in enumerate(names)}
+    k, size = len(names), n * units * positions
+    buffer = workspace.get(y.device)
+    if buffer is None or buffer.numel() < (k + 1) * size:
+        workspace[y.device] = buffer = torch.empty((k + 1) * size, device=y.device)
+    columns = buffer[: k * size].view(n, units, k, positions)
+    scratch = buffer[k * size : (k + 1) * size].view(n, units, positions)
+    need["count"] += samples
+    offset = shift.offsets[""].view(1, -1, 1)  # y₀ in float32
+    if plus:
+        m, ym = columns[:, :, column["m"]], columns[:, :, column["ym"]]
+        torch.gt(y, 0, out=m)  # [y > 0] as 0/1
+        if "y_minus" in column:  # y′ = y − y₀, then y′·m and y′·(1 − m) = y′ − y′·m
+            minus = columns[:, :, column["y_minus"]]
+            torch.sub(y, offset, out=minus)
+            torch.mul(minus, m, out=ym)
+            minus.sub_(ym)
+        else:
+            torch.sub(y, offset, out=ym)
+            sum_y = ym.sum(-1).to(torch.float64).sum(0)
+            ym.mul_(m)
+        sums = columns.sum(-1).to(torch.float64).sum(0)  # (U, k): Σ m, Σ y′m [, Σ y′(1 − m)]
+        if "y_minus" in column:
+            sum_y = sums[:, column["ym"]] + sums[:, column["y_minus"]]
+        count_plus = sums[:, column["m"]]
+        need["count_plus"] += count_plus
+    else:
+        target = columns[:, :, column["y"]]
+        torch.sub(y, offset, out=target)
+        sum_y = target.sum(-1).to(torch.float64).sum(0)
+    need["sum_y"] += sum_y + samples * shift.y0[""]
+    inputs = len(values)
+    product = torch.empty((units, inputs, k), dtype=torch.float64, device=y.device)
+    sum_x = torch.empty((units, inputs), dtype=torch.float64, device=y.device)
+    x0 = shift.channel.view(units, inputs)
+    key = ("unshifted", id(shift))
+    if workspace.get(key, (None,))[0] is not shift:  # once per fit: no host sync per batch
+        workspace[key] = (shift, [not bool(x0[:, d].any()) for d in range(inputs)])
+    unshifted = workspace[key][1]
+    rows = columns.view(n * units, k, positions).transpose(1, 2)
+    for d, value in enumerate(values):
+        if value.dtype == torch.float32 and unshifted[d]:
+            x = value  # x₀ = 0: read the summand itself
+        else:
+            x = torch.sub(value, x0[:, d].view(1, -1, 1), out=scratch)
+        part = torch.bmm(x.reshape(n * units, 1, positions), rows)  # (N·U, 1, k)
+        product[:, d] = part.view(n, units, k).to(torch.float64).sum(0)
+        if "sum_x" in need:
+            sum_x[:, d] = x.sum(-1).to(torch.float64).sum(0)
+    p = {name: product[:, :, j] for name, j in column.items()}  # each (U, D)
+    p["x"] = sum_x
+    _add_shifted_products(need, p, shift, plus, samples, sum_y + samples * shift.y0[""],
+                          count_plus if plus else None,
+                          sums[:, column["ym"]] if plus else None)  # fmt: skip
+
+
+def _add_shifted_products(
+    need: dict[str, Tensor], p: dict[str, Tensor], shift: _Shift, plus: bool, samples: int,
+    sum_y: Tensor, count_plus: Tensor | None, sum_ym: Tensor | None,
+) -> None:
+    """Turn one batch's products of shifted data back into sums of ``x`` and ``y``."""
+    if "sum_xy" in need:  # Σ x y over all samples: both sides, or the one column
+        p["y"] = p["ym"] + p["y_minus"] if plus else p["y"]
     x0, y0 = shift.x0, shift.y0[""].view(-1, 1)  # (U, D), (U, 1) float64
     if "sum_x" in need:
         need["sum_x"] += p["x"] + samples * x0
     if plus:
-        sum_y_plus = ym.sum(1).to(torch.float64) + shift.y0[""] * count_plus  # Σ m y
+        assert count_plus is not None and sum_ym is not None
+        sum_y_plus = sum_ym + shift.y0[""] * count_plus  # Σ m y
         need["sum_x_plus"] += p["m"] + x0 * count_plus.view(-1, 1)
         need["sum_xy_plus"] += p["ym"] + y0 * p["m"] + x0 * sum_y_plus.view(-1, 1)
     if "sum_xy" in need:
         need["sum_xy"] += p["y"] + y0 * p["x"] + x0 * sum_y.view(-1, 1)
+
+
+def _first_shift_native(values: tuple[Tensor, ...], y: Tensor) -> _Shift:
+    """:func:`_first_shift` of a sum from its summands and output, each ``(N, U, P)``."""
+    samples = y.shape[0] * y.shape[2]
+    x0 = torch.stack(
+        [v.to(torch.float32).sum((0, 2), dtype=torch.float64) / samples for v in values], 1
+    ).to(torch.float32)
+    x0 = _keep_zeros(x0, torch.stack([v.amin((0, 2)) for v in values], 1))
+    y0 = (y.to(torch.float32).sum((0, 2), dtype=torch.float64) / samples).to(torch.float32)
+    return _shift_of(x0, y0)
 
 
 def _unit_shape(stats: LayerStatistics) -> tuple[int, int]:
@@ -155,6 +268,12 @@ def _first_shift(x: Tensor, y: Tensor) -> _Shift:
     x0 = (x.sum(2, dtype=torch.float64) / samples).to(torch.float32)
     x0 = _keep_zeros(x0, x.amin(2))
     y0 = (y.sum(1, dtype=torch.float64) / samples).to(torch.float32)
+    return _shift_of(x0, y0)
+
+
+def _shift_of(x0: Tensor, y0: Tensor) -> _Shift:
+    """The :class:`_Shift` of a channelwise node with shifts ``x₀ (U, D)``, ``y₀ (U,)``."""
+    units, inputs = x0.shape
     state = {"channel": x0.reshape(-1)}
     for side in _Shift.SIDES:
         state["offset" + side], state["y0" + side] = y0, y0.to(torch.float64)
@@ -201,6 +320,7 @@ def recording(
     """
     device = next(iter(stats.layers.values())).device if stats.layers else "cpu"
     sums = required_sums(stats.estimator, stats.negative, precision)
+    workspace: dict[Any, Any] = {}  # the sums' buffers, reused from node to node
 
     def handle(name: str, call: NodeCall) -> None:
         layer = stats.layers.get(name)
@@ -222,7 +342,7 @@ def recording(
             layer.update(call.geometry, x, out, None, call.weight_shape(), precision)
         else:
             assert call.unit_major is not None
-            update_channelwise(layer, call, precision)
+            update_channelwise(layer, call, precision, workspace)
         return None
 
     tracker = NodeTracker(handle, records=True, plan=plan)
