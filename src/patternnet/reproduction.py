@@ -36,6 +36,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from . import evaluate, viz
+from .data import load_data, preset_for
+from .methods.pattern import PatternAttribution
+from .models import load
+from .patterns import distributed
+from .patterns.fit import fit_patterns
+from .patterns.store import Patterns, atomic_write
+from .report import Report, curve_summary, degradation_figure, explanation_grid
 
 __all__ = ["FIGURE4_METHODS", "FIGURE7_METHODS", "Reproduction", "reproduce"]
 
@@ -187,17 +197,6 @@ def reproduce(
     ValueError
         For counts larger than the folders hold or non-positive settings.
     """
-    from torch.utils.data import DataLoader, Subset
-
-    from . import evaluate, viz
-    from .data import load_data, preset_for
-    from .methods.pattern import PatternAttribution
-    from .models import load
-    from .patterns import distributed
-    from .patterns.fit import fit_patterns
-    from .patterns.store import Patterns, atomic_write
-    from .report import Report, curve_summary, degradation_figure, explanation_grid
-
     for name, value in (("fit_images", fit_images), ("val_images", val_images),
                         ("quality_images", quality_images), ("grid_images", grid_images),
                         ("patch", patch), ("steps", steps),
