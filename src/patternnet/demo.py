@@ -14,7 +14,6 @@ output folder, so a second run only redraws.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,8 @@ from .data import DataNotFoundError, find_fashion_mnist, load_fashion_mnist, one
 from .methods.pattern import PatternAttribution
 from .patterns.fit import fit_patterns
 from .patterns.store import cached_patterns
-from .report import Report, explanation_grid
+from .report import Report, Stopwatch, explanation_grid, prediction_titles
+from .report import summary_markdown as summary_table
 from .training import accuracy, cached_model, set_threads, train_classifier
 from .zoo import fashion_cnn as demo_model
 from .zoo import fashion_vit
@@ -131,13 +131,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         raise ValueError(f"model must be one of {sorted(MODELS)}, not {config.model!r}")
     out.mkdir(parents=True, exist_ok=True)
     threads = set_threads(config.threads)
-    timings: dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def lap(stage: str) -> None:
-        now = time.perf_counter()
-        timings[stage], clock[0] = now - clock[0], now
-
+    stopwatch = Stopwatch()
+    lap, timings = stopwatch.lap, stopwatch.timings
     (train_x, train_y), (test_x, test_y), folder = load_fashion_mnist(config.data)
     log(f"Fashion-MNIST from {folder} ({threads} threads)")
     test_x, test_y = test_x[: config.test_limit], test_y[: config.test_limit]
@@ -178,10 +173,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
 
     index = one_per_class(test_y, config.n_images, classes=len(CLASSES))
     images, labels = test_x[index], test_y[index]
-    with torch.no_grad():
-        predicted = model(images).argmax(1)
-    row_titles = [CLASSES[int(t)] + ("" if int(p) == int(t) else f"\n(pred. {CLASSES[int(p)]})")
-                  for t, p in zip(labels, predicted)]  # fmt: skip
+    row_titles = prediction_titles(model, images, labels, CLASSES)
     grid = explanation_grid(model, images, FIGURE_METHODS, patterns=patterns, mean=(MEAN,),
                             std=(STD,), row_titles=[t.replace("\n", " ") for t in row_titles])
     files = {"explanations": grid.save(out / "explanations.png", row_titles=row_titles,
@@ -236,28 +228,10 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         grid=grid, quality=quality, degradation=curves,
         settings=settings, timings=dict(timings)).write(out / "report.html")  # fmt: skip
     lap("report")
-    timings["total"] = sum(timings.values())
+    stopwatch.total()
     table = summary_table(summary)
     files["summary"] = out / "summary.md"
     files["summary"].write_text(table + "\n")
     log(table)
     return summary
 
-
-def summary_table(summary: dict[str, Any]) -> str:
-    """The demo's results as Markdown: a results table, ρ(S) per layer, AOPC per method."""
-    lines = ["| result | value |", "|---|---|",
-             f"| test accuracy | {summary['accuracy']:.2%} |",
-             f"| patterns fitted on | {summary['fit_images']} training images |",
-             f"| threads | {summary['threads']} |"]  # fmt: skip
-    lines += [f"| time: {stage} | {secs:.1f} s |" for stage, secs in summary["timings"].items()]
-    lines += [f"| file: {name} | {path} |" for name, path in summary["files"].items()]
-    lines += ["", "Estimator quality ρ(S) per layer (method.md §5; higher is better):", "",
-              summary["quality"].to_markdown().rstrip(), "",
-              "Image degradation, area over the perturbation curve (higher = steeper decay = "
-              "better; 95% bootstrap interval over images):", "",
-              "| method | AOPC | 95% CI |", "|---|---|---|"]  # fmt: skip
-    for name, value in summary["aopc"].items():
-        ci = summary["aopc_interval"][name]
-        lines.append(f"| {name} | {value:.4f} | [{ci.low:.4f}, {ci.high:.4f}] |")
-    return "\n".join([*lines, "", summary["aopc_difference"].to_markdown(4)])

@@ -19,6 +19,7 @@ from .build import (
     method_kind,
     write_report,
 )
+from .summary import Stopwatch, prediction_titles, summary_markdown
 
 __all__ = [
     "CurveSummary",
@@ -29,5 +30,8 @@ __all__ = [
     "degradation_figure",
     "explanation_grid",
     "method_kind",
+    "prediction_titles",
+    "Stopwatch",
+    "summary_markdown",
     "write_report",
 ]
