@@ -1,7 +1,8 @@
 """Cost of the graph's node patterns (sums, pools, means) in a default fit, with and without.
 
 ``python -m perf.nodes --model resnet50 --size 224 --batch 16 --images 16 --threads 2
---rounds 8 --before``
+--rounds 8 --before`` (the fit) and ``python -m perf.nodes --model resnet50 --size 224
+--batch 8 --threads 2 --rounds 8 --explain`` (explaining, :func:`explain_rounds`)
 
 One process fits the same model on the same images with the default options twice per round,
 interleaved: once as it is (every residual sum, average pool and mean gets fitted patterns,
@@ -27,9 +28,22 @@ from typing import Any
 import torch
 
 import patternnet as pn
+from patternnet.engine.rules import NodePatterns
+from patternnet.methods.pattern import _PatternMethod
 from patternnet.patterns import graph_statistics
 
-from .common import images, machine, median, parse_args, timed, vision_model, write_result
+from .common import (
+    images,
+    interleaved_ratios,
+    machine,
+    median,
+    parse_args,
+    timed,
+    top_logit_gradient,
+    vision_model,
+    write_result,
+)
+from .explain import random_patterns
 
 
 class _NoNodes:
@@ -89,15 +103,85 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return best
 
 
+@contextlib.contextmanager
+def nodes_probed() -> Iterator[None]:
+    """Within the block, the pattern methods find nodes as before the graph's plan: every
+    call that looks like a node is one (the probe), no :class:`ModelGraph` asked."""
+    original = _PatternMethod.graph_context
+
+    def probed(self: Any, canonical: Any) -> Any:
+        return NodePatterns(self.patterns, self.estimator,
+                            attribution=self._attribution).tracker()  # fmt: skip
+
+    _PatternMethod.graph_context = probed
+    try:
+        yield
+    finally:
+        _PatternMethod.graph_context = original
+
+
+def explain_rounds(args: Any) -> dict[str, Any]:
+    """``--explain``: PatternNet / PatternAttribution with the graph's plan (now) against the
+    probe (before), each ÷ the plain gradient timed right before it, rounds interleaved."""
+    model = vision_model(args.model)
+    x = images(args.batch, args.size)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    patterns = random_patterns(model, args.size)
+    floor = top_logit_gradient(model, target)
+    built = {"PatternNet": pn.PatternNet(model, patterns),
+             "PatternAttribution": pn.PatternAttribution(model, patterns)}  # fmt: skip
+    found: dict[str, Any] = {}
+    for name, method in built.items():
+        found[f"{name} (plan)"] = lambda method=method: method.attribute(x, target)
+
+        def before(method: Any = method) -> Any:
+            with nodes_probed():
+                return method.attribute(x, target)
+
+        found[f"{name} (probe)"] = before
+    for method in built.values():  # the same explanation either way
+        with nodes_probed():
+            expected = method.attribute(x[:2], target[:2])
+        torch.testing.assert_close(method.attribute(x[:2], target[:2]), expected)
+    for fn in found.values():
+        fn()
+    ratios, floors = interleaved_ratios(found, lambda: floor(x), args.rounds)
+    loads = machine()["load_average"]
+    result: dict[str, Any] = {"model": args.model, "size": args.size, "batch": args.batch,
+                              "threads": torch.get_num_threads(), "rounds": args.rounds,
+                              "over_gradient": ratios, "gradient_s": floors,
+                              "load_average_end": loads, "machine": machine()}  # fmt: skip
+    print(f"{args.model} {args.size}² batch {args.batch}, {torch.get_num_threads()} thread(s), "
+          f"{args.rounds} rounds, load at the end {loads[0]:.1f}")
+    for name, values in ratios.items():
+        low, high, coverage = median_interval(values)
+        print(f"  {name:28s} {median(values):.3f}× gradient ({100 * coverage:.0f} % interval "
+              f"{low:.3f}–{high:.3f})")
+    for name in built:
+        after = [a / b for a, b in zip(ratios[f"{name} (plan)"], ratios[f"{name} (probe)"])]
+        low, high, coverage = median_interval(after)
+        result[f"{name}_plan_over_probe"] = {"median": median(after), "interval": [low, high],
+                                             "coverage": coverage, "rounds": after}  # fmt: skip
+        print(f"  {name} plan / probe: median {median(after):.3f}, {100 * coverage:.0f} % "
+              f"interval {low:.3f}–{high:.3f}")
+    write_result(f"nodes_explain_{args.model}_{args.size}", result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     def extra(parser: Any) -> None:
         parser.add_argument("--images", type=int, default=16, help="images per fit")
         parser.add_argument("--rounds", type=int, default=5)
         parser.add_argument("--before", action="store_true",
                             help="also time sums read through the unit-major copy (before)")
+        parser.add_argument("--explain", action="store_true",
+                            help="time explaining with the graph's plan against the probe")
 
     args = parse_args(__doc__, argv, model="resnet50", batch=4, size=112, threads=1,
                       extra=extra)  # fmt: skip
+    if args.explain:
+        return explain_rounds(args)
     model = vision_model(args.model)
     x = images(args.images, args.size)
     batches = x.split(args.batch)
