@@ -410,7 +410,9 @@ class NodeTracker(TorchFunctionMode):
     records:
         ``handle`` only records (always returns None) and reads the call at once: a sum then
         runs once, and the ``NodeCall`` reads the operation's own output (the fit), instead
-        of a separately computed value that ``handle`` may replace (the explanation).
+        of a separately computed value that ``handle`` may replace (the explanation). The
+        call's tensors are valid only while ``handle`` runs (an in-place sum's value is
+        formed in a buffer the next one reuses).
     """
 
     def __init__(
@@ -427,6 +429,7 @@ class NodeTracker(TorchFunctionMode):
         #: Names of this pass's nodes the plan did not hold (found by the probe).
         self.probed: list[str] = []
         self._cursor = 0
+        self._scratch: Tensor | None = None
         # Sums of this pass still alive: id → (weak result, version, summands, versions), so
         # that ``(a + b) + c`` is one node with three summands.
         self._sums: dict[int, tuple[Any, int, tuple[Tensor, ...], tuple[int, ...]]] = {}
@@ -517,8 +520,9 @@ class NodeTracker(TorchFunctionMode):
             # Read at once: before an in-place sum overwrites ``a``, after any other sum (its
             # output is the node's value). The operation itself runs once.
             values = tuple(u.detach() for u in summands)
-            if in_place:
-                self.handle(name, sum_call(summands, _total(values), values))
+            if in_place:  # the sum into a buffer of this tracker: the handle reads it at once
+                total = _total(values, self._buffer(values[0]))
+                self.handle(name, sum_call(summands, total, values))
                 out = func(*args, **kwargs)
                 if any(u is a for u in summands):
                     return out
@@ -543,6 +547,16 @@ class NodeTracker(TorchFunctionMode):
         self._remember(out, summands)
         return out
 
+    def _buffer(self, like: Tensor) -> Tensor:
+        """A tensor shaped like ``like``, from one buffer reused by every in-place sum of the
+        fit (a fresh large allocation costs a page fault per page, every time)."""
+        buffer = self._scratch
+        if (buffer is None or buffer.numel() < like.numel() or buffer.dtype != like.dtype
+                or buffer.device != like.device):  # fmt: skip
+            buffer = self._scratch = torch.empty(like.numel(), dtype=like.dtype,
+                                                 device=like.device)  # fmt: skip
+        return buffer[: like.numel()].view(like.shape)
+
     def _remember(self, out: Tensor, summands: tuple[Tensor, ...]) -> None:
         """Keep ``out`` as a sum of ``summands`` while it lives unchanged (chains merge)."""
         key = id(out)
@@ -554,8 +568,13 @@ class NodeTracker(TorchFunctionMode):
         )
 
 
-def _total(values: tuple[Tensor, ...]) -> Tensor:
-    """``values[0] + values[1] + …`` in the order the model adds them."""
+def _total(values: tuple[Tensor, ...], out: Tensor | None = None) -> Tensor:
+    """``values[0] + values[1] + …`` in the order the model adds them (into ``out``)."""
+    if out is not None:
+        torch.add(values[0], values[1], out=out)
+        for value in values[2:]:
+            out.add_(value)
+        return out
     total = values[0] + values[1]
     for value in values[2:]:
         total = total + value

@@ -242,12 +242,13 @@ def _add_shifted_products(
 def _first_shift_native(values: tuple[Tensor, ...], y: Tensor) -> _Shift:
     """:func:`_first_shift` of a sum from its summands and output, each ``(N, U, P)``."""
     samples = y.shape[0] * y.shape[2]
-    x0 = torch.stack(
-        [v.to(torch.float32).sum((0, 2), dtype=torch.float64) / samples for v in values], 1
-    ).to(torch.float32)
-    x0 = _keep_zeros(x0, torch.stack([v.amin((0, 2)) for v in values], 1))
-    y0 = (y.to(torch.float32).sum((0, 2), dtype=torch.float64) / samples).to(torch.float32)
-    return _shift_of(x0, y0)
+
+    def mean(v: Tensor) -> Tensor:  # float32 per image and unit, the images in float64
+        return v.sum(-1, dtype=torch.float32).to(torch.float64).sum(0) / samples
+
+    x0 = torch.stack([mean(v) for v in values], 1).to(torch.float32)
+    x0 = _keep_zeros(x0, torch.stack([v.amin((0, 2)) for v in values], 1).to(torch.float32))
+    return _shift_of(x0, mean(y).to(torch.float32))
 
 
 def _unit_shape(stats: LayerStatistics) -> tuple[int, int]:
