@@ -8,9 +8,11 @@ sums **in the same streaming pass as the layers' statistics**: a node is one mor
 (``"sum#0"``), with the layout of a convolution with ``groups = U`` (``sum_x`` is ``(U, D)``),
 so merging (``+``), ``all_reduce_`` and checkpoints treat it like any layer, in float64.
 
-- channelwise nodes (sums, means): the node input unit-major ``(U, D, M)`` (one copy) times
-  the stacked ``[1, y, m, y·m]`` in one batched product: a few scalars per channel and
-  summand;
+- sums (default float32 fit): each summand read where the model holds it, ``(N, U, P)``,
+  times the columns ``[m, y'·m, y'·(1 − m)]`` in one batched product over the ``N·U`` rows,
+  added over images in float64 (:func:`_update_sum`): a few scalars per channel and summand;
+- means, and every channelwise node in float64: the node input unit-major ``(U, D, M)``
+  (one copy) times the stacked ``[1, y, m, y·m]`` in one batched product;
 - window nodes (average pools): :meth:`LayerStatistics.update` with the pool's depthwise
   geometry, exactly as for a convolution.
 
