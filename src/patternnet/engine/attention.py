@@ -35,6 +35,25 @@ model:
   their patterns (:mod:`patternnet.engine.rules.attention`), and an LRP rule for attention
   (AttnLRP) is one more handler returned by a method's ``attention_handler``.
 
+- **Window attention** written out in Python over a module's own Linear layers: torchvision's
+  Swin (``ShiftedWindowAttention``, ``ShiftedWindowAttentionV2``: ``shifted_window_attention``
+  calls ``F.linear`` on the module's raw ``qkv.weight`` and ``proj.weight``) and MaxViT
+  (``RelativePositionalMultiHeadAttention``: ``to_qkv`` and ``merge`` called as modules,
+  scores and weighted sum written with ``einsum``). The mode recognises a call by its weights
+  (:data:`WINDOW_ATTENTION`): ``F.linear`` on a ``qkv``/``to_qkv`` weight opens the call
+  (Swin's functional ``F.linear`` runs as the module ``qkv`` itself, so hooks and rules
+  apply), the following ``F.normalize`` (Swin V2's cosine attention, handler
+  :meth:`~AttentionHandler.normalize`), score ``einsum`` (run as ``matmul``, so the product
+  rules of :mod:`patternnet.engine.backward` see ``q kᵀ``), ``softmax`` and the product of the
+  probabilities with the values are the handler's steps (windows × batch as ``N``: the windows
+  share their pattern, as a convolution's positions share their weights), and ``F.linear``
+  on the ``proj``/``merge`` weight closes it (again as the module). Everything else of these
+  functions runs as written: the relative position bias and the shifted windows' mask are
+  added to the scores (constants: biases), Swin V2's ``logit_scale`` multiplies them (a
+  constant factor), window partitions, ``torch.roll`` and padding are index maps. Swin V2's
+  continuous position bias MLP (``cpb_mlp``) reads no input: its Linear layers are no layers
+  of the explanation (:func:`constant_modules`).
+
 Both steps compute the same values as PyTorch (the tests compare the gradient of a model with
 and without the decomposition in float64).
 """
@@ -56,12 +75,15 @@ from torch.overrides import TorchFunctionMode
 from ..layers import is_linear_layer
 
 __all__ = [
+    "WINDOW_ATTENTION",
     "AttentionHandler",
     "Decomposition",
     "InputProjection",
     "UnsupportedAttentionError",
     "attention_projections",
     "attention_support",
+    "constant_modules",
+    "window_attention",
     "decomposed",
     "named_linear_layers",
 ]
@@ -106,6 +128,51 @@ class InputProjection(nn.Linear):
         )
 
 
+#: Attention modules whose forward is written out over their own Linear layers, recognised
+#: by qualified class name: ``{class: (Q/K/V layer, output layer, functional)}``;
+#: ``functional``: the forward calls ``F.linear`` on the layers' raw weights instead of the
+#: layers (Swin), so the decomposition runs the layers as modules.
+WINDOW_ATTENTION: dict[str, tuple[str, str, bool]] = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": ("qkv", "proj", True),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": ("qkv", "proj", True),
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": ("to_qkv", "merge", False),
+}
+
+
+def window_attention(module: nn.Module) -> tuple[str, str, bool] | None:
+    """``(Q/K/V layer, output layer, functional)`` when ``module`` is a window attention of
+    :data:`WINDOW_ATTENTION` (or a subclass of one), else None."""
+    for cls in type(module).__mro__:
+        entry = WINDOW_ATTENTION.get(f"{cls.__module__}.{cls.__qualname__}")
+        if entry is not None:
+            qkv, proj, _ = entry
+            if isinstance(getattr(module, qkv, None), nn.Linear) and isinstance(
+                getattr(module, proj, None), nn.Linear
+            ):
+                return entry
+    return None
+
+
+def constant_modules(model: nn.Module) -> set[str]:
+    """Names of the modules (and their descendants) whose input depends on no model input.
+
+    Swin V2's continuous position bias MLP ``<attention>.cpb_mlp`` maps a fixed coordinate
+    table to the relative position bias: a constant added to the scores, like the bias table
+    of Swin V1. Its layers get no statistics, no patterns and no relevance.
+    """
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if window_attention(module) is not None and isinstance(
+            getattr(module, "cpb_mlp", None), nn.Module
+        ):
+            prefix = f"{name}.cpb_mlp" if name else "cpb_mlp"
+            names.update(
+                f"{prefix}.{sub}" if sub else prefix
+                for sub, _ in module.cpb_mlp.named_modules()
+            )
+    return names
+
+
 _PROJECTIONS: weakref.WeakKeyDictionary[nn.Module, InputProjection] = weakref.WeakKeyDictionary()
 
 
@@ -145,9 +212,12 @@ def named_linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The model's Linear/Conv layers with the virtual input projections of its attention.
 
     In ``named_modules`` order; an attention module's ``in_proj`` comes right before its
-    ``out_proj``.
+    ``out_proj``. Layers that read no input (:func:`constant_modules`) are left out.
     """
+    constant = constant_modules(model)
     for name, module in model.named_modules():
+        if name in constant:
+            continue
         if is_linear_layer(module):
             yield name, module
         elif isinstance(module, nn.MultiheadAttention) and attention_support(module) is None:
@@ -172,6 +242,12 @@ class AttentionHandler:
         """``out[n, h, i, c] = Σ_j probs[n, h, i, j] · values[n, h, j, c]``."""
         return torch.matmul(probs, values)
 
+    def normalize(self, name: str, t: Tensor, eps: float = 1e-12) -> Tensor:
+        """Cosine attention's ``t / max(‖t‖, eps)`` over the last dimension (Swin V2's
+        queries and keys, before ``q kᵀ``); the default is ``F.normalize``, its full
+        Jacobian."""
+        return F.normalize(t, dim=-1, eps=eps)
+
 
 def _additive_mask(mask: Tensor | None, like: Tensor, allowed_if_true: bool) -> Tensor | None:
     """A float mask to add to the scores (−inf where attention is not allowed)."""
@@ -190,6 +266,20 @@ def _causal(length: int, source: int, like: Tensor) -> Tensor:
     return torch.zeros(length, source, dtype=like.dtype, device=like.device).masked_fill(
         blocked, float("-inf")
     )
+
+
+_SOFTMAX = frozenset({F.softmax, torch.softmax, Tensor.softmax})
+_MATMUL = frozenset({torch.matmul, Tensor.matmul, Tensor.__matmul__})
+
+
+class _Window:
+    """One window attention call in progress (between its two projections)."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.stage = "open"  # → "softmax" → "summed"
+        self.probs: Tensor | None = None
 
 
 class Decomposition(TorchFunctionMode):
@@ -218,6 +308,23 @@ class Decomposition(TorchFunctionMode):
             for m in model.modules()
             if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None
         }
+        # window attention: the weight of its Q/K/V or output layer → (role, module)
+        self._weights: dict[int, tuple[str, nn.Module]] = {}
+        for m in model.modules():
+            entry = window_attention(m)
+            if entry is not None:
+                self._weights[id(getattr(m, entry[0]).weight)] = ("qkv", m)
+                self._weights[id(getattr(m, entry[1]).weight)] = ("proj", m)
+        self._window: _Window | None = None
+
+    def _open_window(self, module: nn.Module) -> None:
+        if self._window is not None:
+            raise UnsupportedAttentionError(
+                f"patternnet cannot explain this {type(self._window.module).__name__} call: its "
+                "output projection never ran (the attention is not the torchvision forward "
+                "the decomposition knows)"
+            )
+        self._window = _Window(self._name(), module)
 
     def _name(self) -> str:
         name = f"attention#{self.count}"
@@ -232,6 +339,88 @@ class Decomposition(TorchFunctionMode):
             return self._multi_head(args, kwargs)
         if func is F.scaled_dot_product_attention:
             return self._scaled_dot_product(args, kwargs)
+        if func is F.linear and self._weights:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            role = self._weights.get(id(weight))
+            if role is not None:
+                return self._linear(role[0], role[1], args, kwargs)
+        if self._window is not None:
+            return self._window_step(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    # ------------------------------------------------------------------ window attention
+    def _linear(self, role: str, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """``F.linear`` on the Q/K/V or output weight of a window attention ``module``."""
+        qkv_name, proj_name, functional = window_attention(module)  # type: ignore[misc]
+        if role == "qkv":
+            self._open_window(module)
+        else:
+            window = self._window
+            if window is None or window.module is not module or window.stage != "summed":
+                self._window = None
+                raise UnsupportedAttentionError(
+                    f"patternnet cannot explain this {type(module).__name__} call: its output "
+                    "projection ran before a softmax and a weighted sum over the values were "
+                    "seen (not the torchvision forward the decomposition knows)"
+                )
+            self._window = None
+        if not functional:
+            return F.linear(*args, **kwargs)  # inside the layer's own forward: hooks apply
+        layer = getattr(module, qkv_name if role == "qkv" else proj_name)
+        x = args[0] if args else kwargs["input"]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        out = layer(x)  # called as a module: hooks and rules apply
+        if bias is not layer.bias:
+            # Swin V2 zeroes the key rows of the bias (a copy): the difference is a constant
+            # added to the layer's output (a bias; with the parameters' gradients as PyTorch's)
+            own = layer.bias if layer.bias is not None else torch.zeros_like(bias)
+            given = bias if bias is not None else torch.zeros_like(own)
+            out = out + (given - own)
+        return out
+
+    def _window_step(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """The steps between a window attention's two projections."""
+        window = self._window
+        assert window is not None
+        first = args[0] if args else None
+        if window.stage == "open":
+            if func is F.normalize:
+                p = args[1] if len(args) > 1 else kwargs.get("p", 2.0)
+                dim = args[2] if len(args) > 2 else kwargs.get("dim", 1)
+                eps = args[3] if len(args) > 3 else kwargs.get("eps", 1e-12)
+                if p == 2.0 and dim in (-1, first.dim() - 1) and kwargs.get("out") is None:
+                    return self.handler.normalize(window.name, first, eps)
+            if func is torch.einsum and len(args) == 3:
+                if args[0].replace(" ", "") == "BGHID,BGHJD->BGHIJ":
+                    return torch.matmul(args[1], args[2].transpose(-2, -1))
+            if func in _SOFTMAX and isinstance(first, Tensor):
+                dim = args[1] if len(args) > 1 else kwargs.get("dim")
+                if dim in (-1, first.dim() - 1) and kwargs.get("dtype") is None:
+                    shape = first.shape
+                    probs = self.handler.softmax(window.name, first.reshape(-1, *shape[-3:]))
+                    window.probs = probs.reshape(shape)
+                    window.stage = "softmax"
+                    return window.probs
+        elif window.stage == "softmax":
+            if func in (F.dropout, torch.dropout) and first is window.probs:
+                window.probs = func(*args, **kwargs)
+                return window.probs
+            values = None
+            if func in _MATMUL and len(args) == 2 and not kwargs and first is window.probs:
+                values = args[1]
+            elif func is torch.einsum and len(args) == 3 and args[1] is window.probs and \
+                    args[0].replace(" ", "") == "BGHIJ,BGHJD->BGHID":  # fmt: skip
+                values = args[2]
+            if values is not None:
+                probs = window.probs
+                lead = probs.shape[:-1]
+                out = self.handler.weighted_sum(
+                    window.name,
+                    probs.reshape(-1, *probs.shape[-3:]),
+                    values.reshape(-1, *values.shape[-3:]),
+                )
+                window.stage = "summed"
+                return out.reshape(*lead, out.shape[-1])
         return func(*args, **kwargs)
 
     # ------------------------------------------------------------------ the two steps

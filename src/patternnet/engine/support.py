@@ -43,6 +43,12 @@ Every module of a model falls into one of these kinds (:func:`classify`):
     (:mod:`patternnet.engine.attention`): its Q/K/V projection is a virtual Linear layer
     ``"<name>.in_proj"``, ``out_proj`` a Linear layer, the weighted sum over tokens a node with
     fitted patterns (method.md §12). ``nn.TransformerEncoderLayer`` is a container of it.
+    Window attention of torchvision's Swin (V1 and V2) and MaxViT
+    (:data:`~patternnet.engine.attention.WINDOW_ATTENTION`) is decomposed the same way: its
+    ``qkv``/``proj`` (``to_qkv``/``merge``) Linear layers get patterns, the relative position
+    bias (a parameter it holds, or Swin V2's MLP of fixed coordinates) and the shifted
+    windows' mask are constants added to the scores, Swin V2's ``logit_scale`` a constant
+    factor on them.
 ``unsupported``
     Modules with weights of their own that are not a Linear/Conv/BatchNorm/PReLU: LSTM/GRU,
     ``MultiheadAttention`` with separate key/value dimensions, ``add_bias_kv`` or
@@ -64,7 +70,7 @@ import torch
 from torch import nn
 
 from ..layers import is_linear_layer
-from .attention import attention_support
+from .attention import attention_support, constant_modules, window_attention
 from .backward import product_rules
 from .canonize import batchnorm_scale_shift
 from .graph import SMOOTH_ACTIVATIONS, ModelGraph, is_batchnorm
@@ -178,6 +184,13 @@ def _kind(module: nn.Module) -> tuple[str, str]:
         if reason is not None:
             return "unsupported", reason
         return "attention", "decomposed: in_proj and out_proj Linear, weighted sum a node"
+    window = window_attention(module)
+    if window is not None:
+        qkv, proj, _ = window
+        return "attention", (
+            f"window attention decomposed: {qkv} and {proj} Linear, weighted sum a node, "
+            "relative position bias and masks added to the scores (constants)"
+        )
     scale = LAYER_SCALES.get(f"{type(module).__module__}.{type(module).__qualname__}")
     if scale is not None and direct == [scale]:
         return "container", f"{scale}: a fixed per-channel scale s (pattern 1/s)"
@@ -306,7 +319,10 @@ def rectifier_free(model: nn.Module) -> bool:
     from the graph) and the functions of the traced graph. False when unsure (the model
     cannot be traced, or a transformer layer has an activation other than ReLU or GELU).
     """
-    for module in model.modules():
+    constant = constant_modules(model)  # Swin V2's position-bias MLP reads no input
+    for name, module in model.named_modules():
+        if name in constant:
+            continue
         if isinstance(module, RECTIFIERS):
             return False
         if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):

@@ -272,6 +272,19 @@ class _WeightedSum(torch.autograd.Function):
         return r_p, r_v, None, None, None
 
 
+class _HeldNorm(torch.autograd.Function):
+    """``t / max(‖t‖, eps)`` forward; the relevance passes unchanged backward (the norm held:
+    per element a one-input unit, whose z rule is the identity, as LayerNorm's ``σ``)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, eps: float) -> Tensor:
+        return torch.nn.functional.normalize(t, dim=-1, eps=eps)
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Any, ...]:
+        return relevance, None
+
+
 class AttentionLRP(AttentionHandler):
     """AttnLRP (or CP-LRP) at attention's softmax and weighted sum (the attention handler).
 
@@ -299,6 +312,12 @@ class AttentionLRP(AttentionHandler):
         if not (torch.is_grad_enabled() and scores.requires_grad):
             return torch.softmax(scores, dim=-1)
         return _Softmax.apply(scores)
+
+    def normalize(self, name: str, t: Tensor, eps: float = 1e-12) -> Tensor:
+        """Swin V2's cosine attention ``q/‖q‖``, ``k/‖k‖``: the norm held, ``R`` passes."""
+        if not (torch.is_grad_enabled() and t.requires_grad):
+            return torch.nn.functional.normalize(t, dim=-1, eps=eps)
+        return _HeldNorm.apply(t, eps)
 
     def weighted_sum(self, name: str, probs: Tensor, values: Tensor) -> Tensor:
         if not (torch.is_grad_enabled() and values.requires_grad):
