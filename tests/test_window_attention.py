@@ -218,3 +218,24 @@ def test_every_registry_method_explains_a_small_swin(v2: bool) -> None:
     (grad,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), x)
     torch.testing.assert_close(build_method("gradient", model, patterns).attribute(data[:2]),
                                grad, rtol=1e-10, atol=1e-12)  # fmt: skip
+
+
+def test_every_registry_method_explains_a_small_maxvit() -> None:
+    """MaxViT's blocks (MBConv with squeeze-excitation, window and grid attention with their
+    partitions) at a size the tests afford: 2 × 2 partitions of 16² inputs."""
+    from torchvision.models.maxvit import MaxVit
+
+    torch.manual_seed(0)
+    model = MaxVit((16, 16), 8, 2, [8, 16], [1, 1], 4, 0.0, num_classes=3).double().eval()
+    check_supported(model)
+    data = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patterns = pn.fit_patterns(model, data, progress=False)
+    assert {f"attention#{k}" for k in range(4)} <= set(patterns.nodes)
+    for method in methods():
+        opts = {"n_samples": 2} if method == "smoothgrad" else {}
+        if method == "integrated_gradients":
+            opts = {"n_steps": 2}
+        result = build_method(method, model, patterns, **opts).attribute(data[:2])
+        assert result.shape == data[:2].shape and torch.isfinite(result).all(), method
