@@ -243,10 +243,13 @@ def _sum(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
         # first, then copy into ``a``.
         values = before + b.detach()
         state = rule.save(None, (before, b.detach().clone()), values)
-        return a.copy_(_SwappedSum.apply(rule, state, a, b, [values]))
+        return a.copy_(_SwappedSum.apply(rule, state, a, b, [values.detach()]))
     values = a.detach() + b.detach()
     state = rule.save(None, (a.detach(), b.detach()), values)
-    return _SwappedSum.apply(rule, state, a, b, [values])
+    # The output is another tensor object than the one the state may keep: the returned one
+    # gets the node as grad_fn, and a state holding it would make a cycle through autograd's
+    # C++ graph that Python's garbage collector cannot free (the whole graph leaked).
+    return _SwappedSum.apply(rule, state, a, b, [values.detach()])
 
 
 #: Spellings of a matrix product (``a @ b`` calls ``Tensor.__matmul__``).
@@ -266,7 +269,7 @@ def _matmul(rule: Rule, func: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
         return out
     values = out.detach()
     state = rule.save(None, (a.detach(), b.detach()), values)
-    return _SwappedSum.apply(rule, state, a, b, [values])
+    return _SwappedSum.apply(rule, state, a, b, [values.detach()])  # see _sum
 
 
 class _FunctionRules(TorchFunctionMode):
