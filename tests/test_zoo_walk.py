@@ -74,11 +74,9 @@ def refused_on_meta(name: str) -> bool:
 
 
 #: The models issue #14 names (and Swin V2, whose attention differs from Swin's): always
-#: walked by the fast test, except ``maxvit_t``. MaxViT needs 224² inputs, and explanations of
-#: attention models leak their autograd graph at present (about 0.3-2 GB per LRP call on
-#: maxvit_t in float64; vit_b_16 and swin_t leak too; method.md §12): with it the fast walk
-#: reached 11 GB and was killed. The slow walk takes it; tests/test_window_attention.py
-#: explains a small MaxViT (same blocks) with every method.
+#: walked by the fast test, except ``maxvit_t``: it needs 224² inputs, minutes of CI time in
+#: float64 with every method. The slow walk takes it; tests/test_window_attention.py explains
+#: a small MaxViT (same blocks) with every method.
 TARGETS = {"vit_b_16", "swin_t", "swin_v2_t", "convnext_tiny", "efficientnet_b0",
            "mobilenet_v3_small", "regnet_y_400mf"}
 
