@@ -380,3 +380,97 @@ def test_resume_holds_the_statistics_once(tmp_path: Path) -> None:
     assert m["after"] - m["before"] > 0.9 * size  # the sums are held ...
     # ... once: loading (and the final write) add at most a fifth of them at their peak.
     assert m["peak"] <= max(m["peak_before"], m["after"] + 0.2 * size), (m, size)
+
+
+# ---------------------------------------------------------------------- attention models
+def make_vit(activation: str = "gelu") -> nn.Module:
+    """A 2-block ViT (``zoo.TokenViT``): attention nodes ``attention#k``, residual sums and a
+    token Linear layer for every projection, besides the patch embedding and head."""
+    from patternnet.zoo import TokenViT
+
+    torch.manual_seed(6)
+    return TokenViT(image_size=8, patch=2, channels=2, dim=8, heads=2, depth=2, mlp=12,
+                    classes=3, activation=activation, embedding_std=0.5).double().eval()
+
+
+def vit_data() -> torch.Tensor:
+    return torch.randn(N, 2, 8, 8, generator=torch.Generator().manual_seed(7),
+                       dtype=torch.float64)
+
+
+def node_kinds(stats: pn.Statistics) -> set[str]:
+    return {name.split("#")[0] for name in stats if "#" in name}
+
+
+@pytest.mark.filterwarnings("ignore:the model has attention and no rectifier")
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_vit_fit_killed_and_resumed_equals_the_uninterrupted_fit(
+    tmp_path: Path, precision: str, activation: str
+) -> None:
+    """Attention nodes (sums per head, query and key), residual-sum nodes and the shifted
+    token Linear layers survive a checkpoint: resumed = uninterrupted, bit for bit in the
+    counts and to 1e-12 in the sums; the patterns too."""
+    x = vit_data()
+
+    def run(data, path: Path, **options) -> pn.Statistics:
+        return collect_statistics(make_vit(activation), data, batch_size=BATCH, progress=False,
+                                  checkpoint=path, checkpoint_every=2, precision=precision,
+                                  **options)
+
+    reference = run(x, tmp_path / "ref.ckpt")
+    assert {"attention", "sum"} <= node_kinds(reference)
+    path = tmp_path / "fit.ckpt"
+    with pytest.raises(KilledError):
+        run(batches_until(x, 5), path)
+    saved, _ = load_checkpoint(path)
+    assert saved.batches == 4 and {"attention", "sum"} <= node_kinds(saved)
+    resumed = run(x, path, resume=True)
+    assert set(resumed) == set(reference)
+    assert_same(resumed, reference)
+    a = pn.compute_patterns(make_vit(activation), resumed)
+    b = pn.compute_patterns(make_vit(activation), reference)
+    assert set(a) == set(b) and set(a.nodes) == set(b.nodes)
+    for name in a:
+        for key in a[name]:
+            torch.testing.assert_close(a[name][key], b[name][key], rtol=1e-10, atol=1e-12)
+    for name in a.nodes:
+        for key in a.nodes[name]:
+            torch.testing.assert_close(a.nodes[name][key], b.nodes[name][key], rtol=1e-10,
+                                       atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:the model has attention and no rectifier")
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_vit_fits_of_two_halves_merge_into_one_fit(precision: str) -> None:
+    """Two partial fits over disjoint halves, merged (``+``, what ``all_reduce_`` does across
+    processes), equal one fit over all the data: attention nodes and residual sums included.
+    In float32 each half shifts its products by its own first batch; the float64 sums agree
+    to rounding."""
+    x = vit_data()
+
+    def run(data: torch.Tensor) -> pn.Statistics:
+        return collect_statistics(make_vit(), data, batch_size=BATCH, progress=False,
+                                  precision=precision)
+
+    whole = run(x)
+    merged = run(x[: N // 2]) + run(x[N // 2 :])
+    assert {"attention", "sum"} <= node_kinds(whole)
+    assert set(merged) == set(whole)
+    assert (merged.images, merged.batches) == (whole.images, whole.batches)
+    tolerance = 1e-12 if precision == "float64" else 1e-6
+    for name in whole:
+        for key, tensor in whole[name].tensors.items():
+            other = merged[name].tensors[key]
+            if "count" in key:
+                assert torch.equal(tensor, other), (name, key)
+            else:
+                scale = tensor.abs().max().clamp_min(1.0)
+                torch.testing.assert_close(other / scale, tensor / scale, rtol=tolerance,
+                                           atol=tolerance, msg=f"{name} {key}")
+    a = pn.compute_patterns(make_vit(), merged)
+    b = pn.compute_patterns(make_vit(), whole)
+    for name in a.nodes:
+        torch.testing.assert_close(a.nodes[name]["a"], b.nodes[name]["a"],
+                                   rtol=1e-4 if precision == "float32" else 1e-10,
+                                   atol=1e-4 if precision == "float32" else 1e-10)

@@ -35,6 +35,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from .attention_statistics import ATTENTION_SUMS
 from .statistics import LayerStatistics, Statistics
 from .store import CHECKSUM_FIELDS, _digest, atomic_write
 
@@ -72,6 +73,27 @@ def _write_file(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], path
 def checksum(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
     """The CRC-32 a checkpoint carries: over ``metadata`` (but checksum fields) and tensors."""
     return _digest(tensors, metadata, "crc32")
+
+
+def _expected_shapes(layer: LayerStatistics) -> dict[str, torch.Size]:
+    """The shape each sum of ``layer`` must have, from its description (nothing allocated).
+
+    A layer's or node's sums follow from ``(out_features, groups, patch_size)``; an attention
+    node's (``attention#k``: ``H·L`` units in ``H`` groups over ``S`` keys) also have a
+    channel dimension ``C``, read from its ``sum_v``.
+    """
+    if layer.sums == ATTENTION_SUMS:
+        heads, keys = layer.groups, layer.patch_size
+        queries = layer.out_features // max(heads, 1)
+        sum_v = layer.tensors["sum_v"]
+        channels = sum_v.shape[-1] if sum_v.dim() == 3 else -1
+        return {"count": torch.Size(()), "sum_v": torch.Size((heads, keys, channels)),
+                "sum_y": torch.Size((heads, queries, channels)),
+                "sum_vy": torch.Size((heads, queries, keys)),
+                "sum_yy": torch.Size((heads, queries))}
+    fresh = LayerStatistics(layer.out_features, layer.groups, layer.patch_size, layer.sums,
+                            "meta")  # on the meta device: nothing is allocated
+    return {key: tensor.shape for key, tensor in fresh.tensors.items()}
 
 
 def _read_file(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
@@ -151,10 +173,16 @@ def save_checkpoint(
         ``path``.
     """
     statistics.flush()
-    tensors = {
-        key: tensor.detach().to("cpu").contiguous()
-        for key, tensor in statistics.state_tensors().items()
-    }
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in statistics.state_tensors().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().data_ptr() in seen and tensor.numel():
+            # One tensor under several names (a node's shift offsets of both sides):
+            # safetensors refuses shared memory, so small copies are written.
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "version": str(CHECKPOINT_VERSION),
@@ -220,12 +248,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Statistics, dict[str,
         ):
             raise ValueError("malformed header")
         for name, layer in statistics.items():
-            # the expected shapes, on the meta device: nothing is allocated
-            fresh = LayerStatistics(
-                layer.out_features, layer.groups, layer.patch_size, layer.sums, "meta"
-            )
+            expected = _expected_shapes(layer)
             for key, tensor in layer.tensors.items():
-                if tensor.shape != fresh.tensors[key].shape or not _finite(tensor):
+                if tensor.shape != expected[key] or not _finite(tensor):
                     raise ValueError(f"sum {name}::{key} has a wrong shape or NaN/Inf values")
     except Exception as error:  # noqa: BLE001 - any malformed field
         raise ValueError(
