@@ -344,7 +344,13 @@ class LayerStatistics:
             names.append("sum_xy")
         need["count"] += out.numel() // O
 
-        if geometry.kind == "linear":
+        if geometry.kind == "linear" and precision == "float32" and x.dim() > 2:
+            # A Linear over tokens (transformers): thousands of rows per batch make its
+            # product compute-bound, where float64 costs 2× float32. Such a layer is a 1×1
+            # convolution over its rows: the shifted float32 product of the convolutions
+            # below (geometry "linear": rows are the samples, ``weight_product`` a matmul).
+            x, out = geometry.flatten_linear(x, out)
+        elif geometry.kind == "linear":
             # Products in float64 at the flush (few rows: memory-bound, exact, no shift).
             x, out = x.to(dtype), out.to(dtype)
             y = out if bias is None else out - bias
