@@ -446,9 +446,13 @@ class AttnLRP(LRP):
 
     Notes
     -----
-    ``nn.MultiheadAttention`` is covered for self-attention without masks (what torchvision's
-    ``VisionTransformer`` and ``nn.TransformerEncoderLayer`` without masks call); other calls
-    raise ``NotImplementedError`` naming what is missing.
+    ``nn.MultiheadAttention`` (self-attention) and ``F.scaled_dot_product_attention`` are
+    covered with every mask (boolean or float ``attn_mask``, ``key_padding_mask``,
+    ``is_causal``): as in AttnLRP and ``lxt``, a masked position gets probability 0 and no
+    relevance, and a float mask is a fixed summand of the scores (a bias: it absorbs its
+    share); tests/test_attnlrp_masks.py. Cross-attention and the attention options that the
+    decomposition refuses (``kdim``/``vdim``, ``add_bias_kv``, ``add_zero_attn``) raise a clear
+    error naming what is missing.
     """
 
     name = "lrp_attnlrp"
