@@ -30,6 +30,7 @@ from ..engine.support import (
     check_supported,
     gated_smooth_layers,
     linear_pattern_layers,
+    rectifier_free,
 )
 from ..layers import geometry
 from . import distributed as distributed_mod
@@ -189,6 +190,34 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return dict(named_linear_layers(model))
 
 
+def collected_sums(
+    model: nn.Module, estimator: str, negative: bool | str, precision: str = "float64"
+) -> frozenset[str] | None:
+    """The linear pattern's sums where a fit of ``model`` collects only those, else None.
+
+    None: each layer collects its estimator's sums
+    (:func:`~patternnet.patterns.statistics.layer_sums`). A two-component fit (``negative``
+    True or ``"auto"``) of a model with attention and no rectifier collects less: its
+    patterns are all linear (:func:`~patternnet.engine.support.attention_linear_patterns`,
+    method.md §12), so only the linear pattern's sums are collected (``count``, ``sum_y``,
+    ``sum_x``, ``sum_xy``; on ViT-B/16 a third of the products and of the memory).
+    Attention is known before the pass from ``nn.MultiheadAttention`` modules and
+    ``scaled_dot_product_attention`` calls in the traced graph; where it is not (an
+    untraceable model), all sums are collected and the solve still gives linear patterns.
+    """
+    if estimator == "two_component" and negative and _has_attention(model) and \
+            rectifier_free(model):  # fmt: skip
+        return required_sums("linear", precision=precision)
+    return None
+
+
+def _has_attention(model: nn.Module) -> bool:
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return True
+    graph = ModelGraph.of(model)
+    return graph.traced and next(iter(graph.nodes("attention")), None) is not None
+
+
 def _new_statistics(
     model: nn.Module,
     canonical: Canonical,
@@ -198,17 +227,18 @@ def _new_statistics(
     precision: str,
 ) -> Statistics:
     required_sums(estimator, negative, precision)  # validates
+    linear = collected_sums(model, estimator, negative, precision)
     # negative="auto": layers read only through ReLU gates need no a₋ (statistics.layer_sums)
     gates = (
         relu_gates(model, canonical.form.bypass)
-        if estimator == "two_component" and negative == "auto"
+        if estimator == "two_component" and negative == "auto" and linear is None
         else {}
     )
     layers = {}
     for name, module in linear_layers(model).items():
         weight = canonical.weight(name)
         groups = getattr(module, "groups", 1)
-        sums = layer_sums(estimator, negative, precision, gates.get(name) == RELU)
+        sums = linear or layer_sums(estimator, negative, precision, gates.get(name) == RELU)
         layers[name] = LayerStatistics(
             weight.shape[0], groups, weight[0].numel(), sums, device
         )
@@ -510,8 +540,12 @@ def compute_patterns(
     all_linear = False
     if estimator == "two_component":
         smooth = linear_pattern_layers(model, statistics.negative)
+        # Statistics with the linear pattern's sums only (collected_sums) are all linear.
+        only_linear = all("count_plus" not in layer.sums
+                          for name, layer in statistics.items() if not is_node_name(name))
         all_linear = attention_linear_patterns(
-            model, statistics.negative, any(n.startswith("attention#") for n in statistics)
+            model, statistics.negative,
+            only_linear or any(n.startswith("attention#") for n in statistics),
         )
         # GELU/SiLU: a₊/a₋ for smooth="gate" and a for smooth="derivative" (method.md §10)
         if statistics.negative and not all_linear:

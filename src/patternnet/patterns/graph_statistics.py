@@ -324,6 +324,10 @@ def recording(
     device = next(iter(stats.layers.values())).device if stats.layers else "cpu"
     sums = required_sums(stats.estimator, stats.negative, precision)
     workspace: dict[Any, Any] = {}  # the sums' buffers, reused from node to node
+    linear = required_sums("linear", precision=precision)
+    layer_sums = {layer.sums for name, layer in stats.layers.items() if not is_node_name(name)}
+    if layer_sums == {linear}:  # fit.collected_sums: attention models without rectifier
+        sums = linear
 
     def handle(name: str, call: NodeCall) -> None:
         layer = stats.layers.get(name)
