@@ -35,7 +35,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from .attention_statistics import ATTENTION_SUMS
+from .attention_statistics import new_attention_statistics
 from .statistics import LayerStatistics, Statistics
 from .store import CHECKSUM_FIELDS, _digest, atomic_write
 
@@ -82,15 +82,13 @@ def _expected_shapes(layer: LayerStatistics) -> dict[str, torch.Size]:
     node's (``attention#k``: ``H·L`` units in ``H`` groups over ``S`` keys) also have a
     channel dimension ``C``, read from its ``sum_v``.
     """
-    if layer.sums == ATTENTION_SUMS:
+    if "sum_vy" in layer.sums:  # an attention node
         heads, keys = layer.groups, layer.patch_size
-        queries = layer.out_features // max(heads, 1)
-        sum_v = layer.tensors["sum_v"]
-        channels = sum_v.shape[-1] if sum_v.dim() == 3 else -1
-        return {"count": torch.Size(()), "sum_v": torch.Size((heads, keys, channels)),
-                "sum_y": torch.Size((heads, queries, channels)),
-                "sum_vy": torch.Size((heads, queries, keys)),
-                "sum_yy": torch.Size((heads, queries))}
+        sum_v = layer.tensors.get("sum_v")
+        channels = sum_v.shape[-1] if sum_v is not None and sum_v.dim() == 3 else 0
+        fresh = new_attention_statistics(heads, layer.out_features // max(heads, 1), keys,
+                                         channels, "meta")
+        return {key: tensor.shape for key, tensor in fresh.tensors.items()}
     fresh = LayerStatistics(layer.out_features, layer.groups, layer.patch_size, layer.sums,
                             "meta")  # on the meta device: nothing is allocated
     return {key: tensor.shape for key, tensor in fresh.tensors.items()}
