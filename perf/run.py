@@ -37,6 +37,8 @@ def plan(quick: bool, threads: int) -> dict[str, list[list[str]]]:
             "scaling": [["scaling.py", "--model", "resnet18", "--size", "32", "--sizes", "32",
                          "128", "--images", "64"]],
             "checkpoint": [["checkpoint.py", "--model", "resnet18", "--repeat", "1", *t]],
+            "vit": [["vit.py", "--blocks", "2", "--images", "8", "--repeats", "1",
+                     "--rounds", "1", *t]],
         }
     fits = []
     for extra in (["--no-negative"], ["--estimator", "linear"], []):
@@ -52,6 +54,7 @@ def plan(quick: bool, threads: int) -> dict[str, list[list[str]]]:
         "precision": [["precision.py", "--model", "vgg16", "--batches", "2", *t]],
         "scaling": [["scaling.py", "--model", "resnet18", "--size", "64"]],
         "checkpoint": [["checkpoint.py", "--model", "vgg16", *t]],
+        "vit": [["vit.py", "--images", "32", "--repeats", "2", "--rounds", "3", *t]],
     }
 
 
@@ -119,6 +122,18 @@ def summary() -> str:
                 f"{s['peak_above_sums_gb']:.2f} / {load['peak_above_loaded_gb']:.2f} / "
                 f"{resume['peak_above_model_and_sums_gb']:.2f} |"
             )
+    for path in sorted(RESULTS.glob("vit_b_16_*blocks.json")):
+        r = json.loads(path.read_text())
+        lines += [f"\n### ViT-B/16 ({r['blocks']} blocks), batch {r['batch']}, {r['size']}², "
+                  f"{r['threads']} thread(s) ({path.name}; load {r['load_before'][0]:.1f} → "
+                  f"{r['load_after'][0]:.1f})", "",
+                  "| measure | ratio per repeat (wall; CPU) |", "|---|---|"]
+        if r["fit"]:
+            cells = ", ".join(f"{f['ratio_wall']:.2f}; {f['ratio_cpu']:.2f}" for f in r["fit"])
+            lines.append(f"| default fit ÷ forward, {r['images']} images | {cells} |")
+        for name, row in r["explain"].items():
+            cells = ", ".join(f"{v:.2f}" for v in row["all"])
+            lines.append(f"| {name} ({row['dtype']}) ÷ gradient (CPU) | {cells} |")
     return "\n".join(lines)
 
 
@@ -126,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="+", choices=["explain", "fit", "precision", "scaling",
-                                                       "checkpoint"])
+                                                       "checkpoint", "vit"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()
