@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 import patternnet as pn
-from patternnet.engine.attention import UnsupportedAttentionError, decomposed
+from attnlrp_common import attnlrp_relevance
+from patternnet.engine.attention import UnsupportedAttentionError
 from patternnet.engine.backward import addition_rules, rules_applied
 from patternnet.engine.rules.lrp_attention import (
     NormIdentity,
@@ -138,17 +139,7 @@ def rule_relevance(attention: nn.Module, x: torch.Tensor, relevance: torch.Tenso
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.attention(x, x, x, need_weights=False)[0]
 
-    model = Wrapper()
-    method = AttnLRP(model, epsilon=epsilon, conservative=conservative)
-    canonical = method._canonical()
-    modules, functions = method.rules(canonical)
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), rules_applied(modules, functions), decomposed(
-        model, method.attention_handler(canonical)
-    ):
-        out = model(x)
-        (result,) = torch.autograd.grad(out, x, relevance)
-    return result
+    return attnlrp_relevance(Wrapper(), x, relevance, epsilon, conservative)
 
 
 def explicit_attention_relevance(

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnlrp_common import attnlrp_relevance
 from patternnet.engine.attention import decomposed
-from patternnet.engine.backward import rules_applied
 from patternnet.methods.lrp import AttnLRP
 
 E, H, L, N = 12, 3, 6, 2
@@ -100,16 +100,7 @@ class Attend(nn.Module):
 def rule_relevance(model: nn.Module, x: torch.Tensor, relevance: torch.Tensor,
                    epsilon: float = 0.0, conservative: bool = False) -> torch.Tensor:
     """The relevance AttnLRP's rules pass from ``relevance`` at the model's output to x."""
-    method = AttnLRP(model, epsilon=epsilon, conservative=conservative)
-    canonical = method._canonical()
-    modules, functions = method.rules(canonical)
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), rules_applied(modules, functions), decomposed(
-        model, method.attention_handler(canonical)
-    ):
-        out = model(x)
-        (result,) = torch.autograd.grad(out, x, relevance)
-    return result
+    return attnlrp_relevance(model, x, relevance, epsilon, conservative)
 
 
 def lxt_form(attention: nn.MultiheadAttention, x: torch.Tensor, relevance: torch.Tensor,

@@ -195,21 +195,28 @@ def test_attnlrp_holds_swin_v2_cosine_norm() -> None:
     torch.testing.assert_close(back, relevance)  # one-input units: R passes
 
 
-@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
-def test_every_registry_method_explains_a_small_swin(v2: bool) -> None:
-    model = _tiny_swin(v2)
-    data = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+def _explains_with_every_method(model: nn.Module, data: Tensor) -> pn.Patterns:
+    """Fit ``model`` on ``data`` (four attention nodes at least) and explain two samples with
+    every registry method: shaped like the input and finite. Returns the patterns."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         patterns = pn.fit_patterns(model, data, progress=False)
     assert {f"attention#{k}" for k in range(4)} <= set(patterns.nodes)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     for method in methods():
         opts = {"n_samples": 2} if method == "smoothgrad" else {}
         if method == "integrated_gradients":
             opts = {"n_steps": 2}
         result = build_method(method, model, patterns, **opts).attribute(data[:2])
         assert result.shape == data[:2].shape and torch.isfinite(result).all(), method
+    return patterns
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_every_registry_method_explains_a_small_swin(v2: bool) -> None:
+    model = _tiny_swin(v2)
+    data = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    patterns = _explains_with_every_method(model, data)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # the gradient method through the decomposition is the gradient
@@ -229,13 +236,4 @@ def test_every_registry_method_explains_a_small_maxvit() -> None:
     model = MaxVit((16, 16), 8, 2, [8, 16], [1, 1], 4, 0.0, num_classes=3).double().eval()
     check_supported(model)
     data = torch.randn(6, 3, 16, 16, dtype=torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        patterns = pn.fit_patterns(model, data, progress=False)
-    assert {f"attention#{k}" for k in range(4)} <= set(patterns.nodes)
-    for method in methods():
-        opts = {"n_samples": 2} if method == "smoothgrad" else {}
-        if method == "integrated_gradients":
-            opts = {"n_steps": 2}
-        result = build_method(method, model, patterns, **opts).attribute(data[:2])
-        assert result.shape == data[:2].shape and torch.isfinite(result).all(), method
+    _explains_with_every_method(model, data)
