@@ -10,17 +10,25 @@ eval path, LayerNorm, residual sums.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.rules.attention import AttentionPatterns, _HeldWeightedSum
 from ..engine.rules.norms import NormScale, norm_scale
+from ..evaluate.groundtruth import ground_truth_metrics
+from ..methods.gradient import Gradient
 from ..methods.pattern import PatternNet
+from ..patterns.fit import fit_patterns
 from ..patterns.store import Patterns
 from ..zoo import TokenViT
 from .base import seeded_generator
+from .suppressor import suppressor_simple
+from .train import accuracy, train_classifier
 
 __all__ = ["TREATMENTS", "SmallViT", "small_vit", "treatment", "treatment_table"]
 
@@ -143,16 +151,6 @@ def treatment_table(seeds: tuple[int, ...] = tuple(range(8)), *, n: int = 1500,
     gradient and of PatternNet with each treatment of :data:`TREATMENTS`, and the signed median
     cosine with the signal (``"<label> signed"``). Run ``python -m patternnet.groundtruth.vit``.
     """
-    import warnings
-
-    import torch.nn.functional as F
-
-    from ..evaluate.groundtruth import ground_truth_metrics
-    from ..methods.gradient import Gradient
-    from ..patterns.fit import fit_patterns
-    from .suppressor import suppressor_simple
-    from .train import accuracy, train_classifier
-
     rows = []
     for seed in seeds:
         torch.manual_seed(0)
@@ -180,8 +178,6 @@ def treatment_table(seeds: tuple[int, ...] = tuple(range(8)), *, n: int = 1500,
 
 
 if __name__ == "__main__":  # pragma: no cover - a measurement, printed
-    import sys
-
     chosen = tuple(int(s) for s in sys.argv[1:]) or tuple(range(8))
     table = treatment_table(chosen)
     keys = [k for k in table[0] if k != "seed"]

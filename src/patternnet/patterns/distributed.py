@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sized
+from datetime import timedelta
 from itertools import islice
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from .batches import iter_batches
 
@@ -59,21 +62,18 @@ __all__ = [
 
 def is_initialized() -> bool:
     """True when a ``torch.distributed`` process group is initialised."""
-    import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
     """This process's rank (0 without a process group)."""
-    import torch.distributed as dist
 
     return dist.get_rank() if is_initialized() else 0
 
 
 def world_size() -> int:
     """The number of processes (1 without a process group)."""
-    import torch.distributed as dist
 
     return dist.get_world_size() if is_initialized() else 1
 
@@ -108,7 +108,6 @@ def init_from_env(backend: str | None = None, timeout_minutes: float | None = No
         launched by ``torchrun`` (no ``WORLD_SIZE`` in the environment, or ``WORLD_SIZE=1``):
         then nothing is done and the fit runs in one process.
     """
-    import torch.distributed as dist
 
     if is_initialized():
         return True
@@ -130,7 +129,6 @@ def init_from_env(backend: str | None = None, timeout_minutes: float | None = No
         torch.cuda.set_device(local_device())
     options = {}
     if timeout_minutes is not None:
-        from datetime import timedelta
 
         options["timeout"] = timedelta(minutes=timeout_minutes)
     dist.init_process_group(backend=backend, init_method="env://", **options)
@@ -139,7 +137,6 @@ def init_from_env(backend: str | None = None, timeout_minutes: float | None = No
 
 def shutdown() -> None:
     """Destroy the process group if one is initialised (call at the end of a script)."""
-    import torch.distributed as dist
 
     if is_initialized():
         dist.destroy_process_group()
@@ -194,13 +191,11 @@ class _RoundRobin:
 
 
 def _is_random_without_seed(sampler: Any) -> bool:
-    from torch.utils.data import RandomSampler
 
     return isinstance(sampler, RandomSampler) and sampler.generator is None
 
 
 def _rebuild_loader(loader: Any, **changes: Any) -> Any:
-    from torch.utils.data import DataLoader
 
     kwargs: dict[str, Any] = {
         "num_workers": loader.num_workers,
@@ -247,7 +242,6 @@ def shard(
     """
     if world <= 1:
         return data, limit
-    from torch.utils.data import DataLoader, IterableDataset
 
     if isinstance(data, Tensor):
         if limit is not None:
