@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import patternnet as pn
+from every_method import explain_with_every_method
 from patternnet.engine.attention import (
     UnsupportedAttentionError,
     attention_projections,
     decomposed,
 )
 from patternnet.engine.support import UnsupportedModuleError, check_supported, classify
-from patternnet.methods.registry import build_method, methods
+from patternnet.methods.registry import build_method
 
 E, H, T, FEAT, C = 8, 2, 5, 3, 4
 
@@ -299,12 +300,7 @@ def test_every_registry_method_explains_attention_models_without_changing_them()
         data = torch.randn(64, *shape, dtype=torch.float64)
         patterns = pn.fit_patterns(model, data, progress=False)
         assert any(name.startswith("attention#") for name in patterns.nodes)
-        for method in methods():
-            options = {"n_samples": 2} if method == "smoothgrad" else {}
-            if method == "integrated_gradients":
-                options = {"n_steps": 2}
-            result = build_method(method, model, patterns, **options).attribute(data[:3])
-            assert result.shape == data[:3].shape and torch.isfinite(result).all(), method
+        explain_with_every_method(model, patterns, data[:3])
         assert [name for name, _ in model.named_modules()] == names
         for key, value in model.state_dict().items():
             assert torch.equal(value, before[key]), key

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import patternnet as pn
+from every_method import explain_with_every_method
 from patternnet.engine.attention import (
     AttentionHandler,
     UnsupportedAttentionError,
@@ -26,7 +27,7 @@ from patternnet.engine.attention import (
 )
 from patternnet.engine.rules.lrp_attention import AttentionLRP
 from patternnet.engine.support import check_supported, classify, rectifier_free
-from patternnet.methods.registry import build_method, methods
+from patternnet.methods.registry import build_method
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.maxvit import RelativePositionalMultiHeadAttention  # noqa: E402
@@ -202,12 +203,7 @@ def _explains_with_every_method(model: nn.Module, data: Tensor) -> pn.Patterns:
         warnings.simplefilter("ignore")
         patterns = pn.fit_patterns(model, data, progress=False)
     assert {f"attention#{k}" for k in range(4)} <= set(patterns.nodes)
-    for method in methods():
-        opts = {"n_samples": 2} if method == "smoothgrad" else {}
-        if method == "integrated_gradients":
-            opts = {"n_steps": 2}
-        result = build_method(method, model, patterns, **opts).attribute(data[:2])
-        assert result.shape == data[:2].shape and torch.isfinite(result).all(), method
+    explain_with_every_method(model, patterns, data[:2])
     return patterns
 
 

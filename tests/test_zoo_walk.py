@@ -25,8 +25,9 @@ import pytest
 import torch
 
 import patternnet as pn
+from every_method import explain_with_every_method
 from patternnet.engine.support import UnsupportedModuleError, check_supported
-from patternnet.methods.registry import build_method, methods
+from patternnet.methods.registry import methods
 from test_model_zoo import lively
 
 torchvision = pytest.importorskip("torchvision")
@@ -131,13 +132,7 @@ def walk(name: str) -> str:
     # (see test_model_zoo), and the product over many layers can leave float32's range.
     model = model.double()
     x = data[:2].double()
-    for method in methods():
-        opts = {"n_samples": 2} if method == "smoothgrad" else {}
-        if method == "integrated_gradients":
-            opts = {"n_steps": 2}
-        result = build_method(method, model, patterns, **opts).attribute(x)
-        assert result.shape == x.shape, (name, method)
-        assert torch.isfinite(result).all(), (name, method)
+    explain_with_every_method(model, patterns, x, name)
     return "explained"
 
 
