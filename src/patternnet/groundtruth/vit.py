@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.attention import AttentionHandler, decomposed
 from ..engine.rules.attention import AttentionPatterns, _HeldWeightedSum
 from ..engine.rules.norms import NormScale, norm_scale
 from ..evaluate.groundtruth import ground_truth_metrics
@@ -30,7 +31,15 @@ from .base import seeded_generator
 from .suppressor import suppressor_simple
 from .train import accuracy, train_classifier
 
-__all__ = ["TREATMENTS", "SmallViT", "small_vit", "treatment", "treatment_table"]
+__all__ = [
+    "TREATMENTS",
+    "SmallViT",
+    "attention_signal_paths",
+    "path_table",
+    "small_vit",
+    "treatment",
+    "treatment_table",
+]
 
 
 class SmallViT(TokenViT):
@@ -140,6 +149,16 @@ TREATMENTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _trained(seed: int, n: int, epochs: int) -> tuple[SmallViT, Any, Any]:
+    """The ground-truth setting of :func:`treatment_table`: (trained model, fit, test)."""
+    torch.manual_seed(0)
+    data = suppressor_simple(n + 500, size=8, block=2, offset=2, seed=seed)
+    fit, test = data.subset(slice(0, n)), data.subset(slice(n, n + 500))
+    model = small_vit(seed)
+    train_classifier(model, fit, epochs=epochs, lr=3e-3, seed=seed)
+    return model, fit, test
+
+
 def treatment_table(seeds: tuple[int, ...] = tuple(range(8)), *, n: int = 1500,
                     epochs: int = 10) -> list[dict[str, Any]]:  # fmt: skip
     """Signal cosines of PatternNet's treatments on the ground-truth ViT (method.md §12).
@@ -153,11 +172,7 @@ def treatment_table(seeds: tuple[int, ...] = tuple(range(8)), *, n: int = 1500,
     """
     rows = []
     for seed in seeds:
-        torch.manual_seed(0)
-        data = suppressor_simple(n + 500, size=8, block=2, offset=2, seed=seed)
-        fit, test = data.subset(slice(0, n)), data.subset(slice(n, n + 500))
-        model = small_vit(seed)
-        train_classifier(model, fit, epochs=epochs, lr=3e-3, seed=seed)
+        model, fit, test = _trained(seed, n, epochs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the linear-patterns notice
             patterns = fit_patterns(model, fit.inputs, progress=False)
@@ -177,9 +192,110 @@ def treatment_table(seeds: tuple[int, ...] = tuple(range(8)), *, n: int = 1500,
     return rows
 
 
+# ------------------------------------------------------------------ diagnosis: signal paths
+
+
+class _Recorder(AttentionHandler):
+    """Keeps each call's probabilities and values (the forward pass is the plain one)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def weighted_sum(self, name: str, probs: Tensor, values: Tensor) -> Tensor:
+        self.calls[name] = (probs.detach(), values.detach())
+        return torch.matmul(probs, values)
+
+
+def _attention_calls(model: nn.Module, inputs: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    recorder = _Recorder()
+    with torch.no_grad(), decomposed(model, recorder):
+        model(inputs)
+    return recorder.calls
+
+
+@torch.no_grad()
+def attention_signal_paths(model: nn.Module, inputs: Tensor, signal: Tensor,
+                           query: int | None = 0) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Through which factor of each attention's weighted sum the true signal passes.
+
+    With ``y = P v`` at the inputs ``x`` and at ``x − signal`` (the images without their
+    signal), the signal's effect on the output splits exactly into a **value path** (the
+    probabilities held, what PatternNet's attention rule can express) and a **probability
+    path** (where the query attends changes with the signal; nothing flows there in the
+    pattern methods)::
+
+        Δy = P(x) (v(x) − v(x − s))  +  (P(x) − P(x − s)) v(x − s)
+
+    Parameters
+    ----------
+    model:
+        A model with attention (borrowed, never changed); eval mode is the caller's.
+    inputs, signal:
+        ``(N, ...)`` inputs and their true signal (``GroundTruthData.inputs`` / ``.signal``).
+    query:
+        The query row to measure (0: the class token, the one a ViT's head reads); None: all.
+
+    Returns
+    -------
+    dict
+        Per call ``"attention#k"``: ``value_share`` ``‖P Δv‖² / ‖Δy‖²``,
+        ``probability_share`` ``‖ΔP v‖² / ‖Δy‖²`` (sums over the batch; the two need not add
+        to 1: the paths may cancel or reinforce) and ``value_cosine``, the median over samples
+        of ``cos(P Δv, Δy)`` (1: the value path alone reproduces the signal's effect).
+    """
+    dtype = torch.float64
+    with_signal = _attention_calls(model, inputs)
+    without = _attention_calls(model, inputs - signal)
+    rows = slice(None) if query is None else slice(query, query + 1)
+    out = {}
+    for name, (p1, v1) in with_signal.items():
+        p0, v0 = without[name]
+        p1, v1, p0, v0 = (t.to(dtype) for t in (p1, v1, p0, v0))
+        value = (p1 @ (v1 - v0))[:, :, rows]
+        probability = ((p1 - p0) @ v0)[:, :, rows]
+        total = value + probability
+        norm = total.pow(2).sum().clamp_min(1e-300)
+        cosine = F.cosine_similarity(value.flatten(1), total.flatten(1), dim=1)
+        out[name] = {
+            "value_share": float(value.pow(2).sum() / norm),
+            "probability_share": float(probability.pow(2).sum() / norm),
+            "value_cosine": float(cosine.median()),
+        }
+    return out
+
+
+def path_table(seeds: tuple[int, ...] = tuple(range(8)), *, n: int = 1500,
+               epochs: int = 10) -> list[dict[str, Any]]:  # fmt: skip
+    """The diagnosis of method.md §12: PatternNet's signal cosine (the default, float32) and
+    :func:`attention_signal_paths` of the class-token query in every block, per trained net
+    of :func:`treatment_table`'s setting. Run ``python -m patternnet.groundtruth.vit paths``.
+    """
+    rows = []
+    for seed in seeds:
+        model, fit, test = _trained(seed, n, epochs)
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the linear-patterns notice
+            patterns = fit_patterns(model, fit.inputs, progress=False)
+        signal = PatternNet(model, patterns).attribute(test.inputs, target=test.targets)
+        row: dict[str, Any] = {
+            "seed": seed,
+            "accuracy": accuracy(model, test.inputs, test.targets),
+            "pattern_net": ground_truth_metrics(signal, test)["signal_cosine"],
+        }
+        paths = attention_signal_paths(model, test.inputs, test.signal, query=0)
+        for k, values in enumerate(paths.values()):
+            row[f"block {k} probability share"] = values["probability_share"]
+            row[f"block {k} value cosine"] = values["value_cosine"]
+        rows.append(row)
+    return rows
+
+
 if __name__ == "__main__":  # pragma: no cover - a measurement, printed
-    chosen = tuple(int(s) for s in sys.argv[1:]) or tuple(range(8))
-    table = treatment_table(chosen)
+    arguments = sys.argv[1:]
+    diagnose = bool(arguments) and arguments[0] == "paths"
+    chosen = tuple(int(s) for s in arguments[diagnose:]) or tuple(range(8))
+    table = path_table(chosen) if diagnose else treatment_table(chosen)
     keys = [k for k in table[0] if k != "seed"]
     print("| seed | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
