@@ -620,6 +620,8 @@ class _Shift:
         self.y0 = {side: state["y0" + side].to(torch.float64) for side in self.SIDES}
         # the active side's y − y₀₊ is the y − y₀ already written (one y₀ for all sides)
         self.same_plus = bool(torch.equal(self.offsets["_plus"], self.offsets[""]))
+        # one y₀ for both sides (as :meth:`first` gives): the flush skips their difference
+        self.same_sides = bool(torch.equal(self.y0["_plus"], self.y0["_minus"]))
         C = self.channel.numel()
         per_group = C // groups
         self.x0 = (self.channel.to(torch.float64).view(groups, per_group, 1)
@@ -715,27 +717,29 @@ class _Shift:
         x0 = self.x0.view(G, 1, D)
         y0 = {side: value.view(G, og, 1) for side, value in self.y0.items()}
         sum_x = blocks.get("sum_x")  # Σ x' (G, 1, D): the ones channel
+        # In place, mixed float32/float64 operands (promoted per element): no temporary of
+        # the sums' size (a fresh (O, D) float64 buffer pays its page faults at every flush).
         if "sum_xy_plus" in blocks:
             A, B = blocks["sum_xy_plus"], blocks["sum_x_plus"]
             target = tensors["sum_xy_plus"].view(G, og, D)
             target += A
-            target += B * y0["_plus"]
+            target.addcmul_(B, y0["_plus"])
             target.baddbmm_(self.sum_y_plus.view(G, og, 1), x0)
             target = tensors["sum_x_plus"].view(G, og, D)
             target += B
             target.baddbmm_(self.count_plus.view(G, og, 1), x0)
         if "sum_xy" in tensors:
             target = tensors["sum_xy"].view(G, og, D)
-            sum_x64 = sum_x.to(torch.float64)
             if "sum_xy" in blocks:  # one block of all samples
                 target += blocks["sum_xy"]
-                target += sum_x64 * y0[""]
+                target.addcmul_(sum_x, y0[""])
             else:  # active and inactive blocks, each shifted by its own y₀
                 A, B, C = blocks["sum_xy_plus"], blocks["sum_x_plus"], blocks["sum_xy_minus"]
                 target += A
                 target += C
-                target += B * (y0["_plus"] - y0["_minus"])
-                target += sum_x64 * y0["_minus"]
+                if not self.same_sides:
+                    target.addcmul_(B, y0["_plus"] - y0["_minus"])
+                target.addcmul_(sum_x, y0["_minus"])
             target.baddbmm_(self.sum_y.view(G, og, 1), x0)
         if sum_x is not None:
             tensors["sum_x"] += sum_x.reshape(G, D)
