@@ -130,9 +130,10 @@ def whole_call(args: argparse.Namespace) -> dict[str, Any]:
     """The default ``fit_patterns(model, data, batch_size=B)`` against forward, wall time.
 
     After a warm-up (two forward passes over every batch), each repeat runs, back to back
-    over the same images: forward-only inference, the arithmetic floor (:func:`floor_pass`), and the whole default call; the ratios are the
-    fit's and the floor's wall time over the forward's of the same repeat, with the load
-    average at the end of each. The headline is the median over repeats.
+    over the same images: forward-only inference, the arithmetic floor (:func:`floor_pass`),
+    and the whole default call; the ratios are the fit's and the floor's wall time over the
+    forward's of the same repeat, with the load average at the end of each. The headline is
+    the median over repeats.
     """
     import os
     import time

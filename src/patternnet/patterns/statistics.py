@@ -105,6 +105,13 @@ class _Scratch:
         self._buffers.clear()
 
 
+def _pointwise(geometry: LayerGeometry, weight_shape: torch.Size) -> bool:
+    """A 1×1 convolution without groups or padding (any stride): its product is one matrix
+    product of channel-major data (:meth:`LayerStatistics._pointwise_product`)."""
+    return (geometry.kind == "conv" and geometry.groups == 1 and geometry.pre_pad is None
+            and not any(geometry.padding) and all(k == 1 for k in weight_shape[2:]))
+
+
 _SCRATCH = _Scratch()
 
 
@@ -374,6 +381,7 @@ class LayerStatistics:
         # Convolution: the stacked output gradient [y·m, m, y, 1] per group (see _stack); in
         # float32 [y'·m, m, y'·(1−m), 1] of the shifted y' = y − y₀, with the shifted input.
         shift = None
+        pointwise = _pointwise(geometry, weight_shape)  # before the padding moves to the input
         if precision == "float32":
             if self._shift is None:
                 self._shift = _Shift.first(x, out, bias, self.groups, self.patch_size)
@@ -402,6 +410,11 @@ class LayerStatistics:
         # Big activations: a few images at a time, so that the stacked gradient of the whole
         # batch never exists at once (memory: one chunk, not one batch).
         step = max(1, _CHUNK_ELEMENTS // max(1, G * k * positions))
+        if shift is not None and pointwise and shift.single_y0:
+            for start in range(0, n, step):
+                self._pointwise_product(x[start : start + step], out[start : start + step],
+                                        geometry, names, stack_names, shift)
+            return
         for start in range(0, n, step):
             chunk_x = x[start : start + step]
             chunk_x = chunk_x.to(dtype) if prepare is None else prepare(chunk_x, True)
@@ -415,9 +428,52 @@ class LayerStatistics:
             else:
                 self._stage += product
 
+    def _pointwise_product(self, x: Tensor, out: Tensor, geometry: LayerGeometry,
+                           names: list[str], stack_names: list[str], shift: _Shift) -> None:
+        """One chunk of a 1×1 convolution (groups 1, no padding) as ONE float32 matrix product.
+
+        The shifted input ``x'`` and the stacked gradient are written channel-major,
+        ``(C + 1, N·P)`` and ``(K, N·P)``, so that ``Σ_samples g ⊗ x'`` is a single
+        ``(K, N·P) × (N·P, C + 1)`` product (1.2-2.4× faster than the convolution's
+        weight-gradient kernel on ResNet-50's 1×1 layers, 2 threads). The extra row of ones
+        makes the last column the per-unit sums of every stacked channel (``Σ y'·m``, ``Σ m``,
+        ``Σ y'·(1 − m)``), which the generic path reduces separately.
+        """
+        C = x.shape[1]
+        stride = geometry.stride
+        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
+        n, spatial = x.shape[0], x.shape[2:]
+        samples = n * math.prod(spatial)
+        k = self.out_features * len(names) + (1 if "sum_x" in stack_names else 0)
+        inputs = _SCRATCH("pointwise_input", (C + 1, n, *spatial), torch.float32, x.device)
+        torch.sub(x.to(torch.float32), shift.channel.view(1, C, *([1] * len(spatial))),
+                  out=inputs[:C].movedim(0, 1))
+        inputs[C].fill_(1.0)
+        grad = _SCRATCH("stacked", (k, n, *spatial), torch.float32, x.device)
+        self._stack(out.to(torch.float32), None, names, shift,
+                    layout=grad.movedim(0, 1).unsqueeze(1), product_sums=True)
+        product = torch.mm(grad.view(k, samples), inputs.view(C + 1, samples).t())
+        sums = product[:, C].to(torch.float64)  # per stacked channel, summed over samples
+        product = product[:, :C].unsqueeze(0)  # (1, K, D)
+        O = self.out_features
+        need = self.tensors
+        y0 = shift.y0[""]
+        active, count_plus = sums[:O], sums[O : 2 * O]  # Σ y'·m, Σ m
+        need["count_plus"] += count_plus
+        shift.count_plus += count_plus
+        shift.sum_y_plus += active + count_plus * y0
+        if "sum_xy_minus" in names:  # Σ y' = Σ y'·m + Σ y'·(1 − m)
+            sum_y = active + sums[2 * O : 3 * O] + samples * y0
+            shift.sum_y += sum_y
+            need["sum_y"] += sum_y
+        if self._stage is None:
+            self._stage, self._stage_names = product, stack_names
+        else:
+            self._stage += product
+
     def _stack(
         self, out: Tensor, bias: Tensor | None, names: list[str], shift: _Shift | None = None,
-        *, scratch: bool = False,
+        *, scratch: bool = False, layout: Tensor | None = None, product_sums: bool = False,
     ) -> Tensor:
         """The stacked output gradient ``[y·m, m, y, 1]`` (or ``[y'·m, m, y'·(1−m), 1]``).
 
@@ -427,7 +483,11 @@ class LayerStatistics:
         ``(N, G, K, *spatial)`` with ``K = len(names)·O/G (+1 for the ones of sum_x)``. Also
         adds the batch's ``sum_y`` and ``count_plus`` (float64), and with a ``shift`` the
         float64 sums of ``y`` and ``y·m`` that its flush needs. With ``scratch`` the result
-        lives in a reused buffer (:class:`_Scratch`): use it before the next call.
+        lives in a reused buffer (:class:`_Scratch`): use it before the next call. ``layout``
+        is a ``(N, G, K, *spatial)`` view to write into instead (channel-major, see
+        :meth:`_pointwise_product`); with ``product_sums`` the caller takes ``count_plus``,
+        the active side's sums and, where the inactive block is stacked, ``sum_y`` from the
+        product (``shift`` with one ``y₀`` for every side), and they are not reduced here.
         """
         need = self.tensors
         O, G = self.out_features, self.groups
@@ -436,8 +496,11 @@ class LayerStatistics:
         ones = "sum_x" in need
         k = og * len(names) + (1 if ones else 0)
         shape_ = (n, G, k, *spatial)
-        stacked = (_SCRATCH("stacked", shape_, out.dtype, out.device) if scratch
-                   else out.new_empty(shape_))  # fmt: skip
+        if layout is not None:
+            stacked = layout
+        else:
+            stacked = (_SCRATCH("stacked", shape_, out.dtype, out.device) if scratch
+                       else out.new_empty(shape_))  # fmt: skip
         out_g = out.reshape(n, G, og, *spatial)
         offset = bias if shift is None else shift.offsets[""]
         shape = (1, G, og, *([1] * len(spatial)))
@@ -456,17 +519,22 @@ class LayerStatistics:
             return block.sum(dims).reshape(O).to(torch.float64)
 
         first = write_y(stacked[:, :, :og])
-        sum_y = side_sum(first)
-        if shift is not None:
-            sum_y += positions * shift.y0[""]
-            shift.sum_y += sum_y
-        need["sum_y"] += sum_y
+        if not (product_sums and "sum_xy_minus" in names):
+            sum_y = side_sum(first)
+            if shift is not None:
+                sum_y += positions * shift.y0[""]
+                shift.sum_y += sum_y
+            need["sum_y"] += sum_y
         slot = 0
         for name in names:
             block = stacked[:, :, slot : slot + og]
             if name == "sum_xy_plus":  # always first: the block holds y
                 mask = stacked[:, :, slot + og : slot + 2 * og]
                 torch.gt(out_g, 0, out=mask)  # [out > 0] as 0/1, one pass (heaviside: 9× slower)
+                if product_sums:
+                    block.mul_(mask)
+                    slot += og
+                    continue
                 # Sums of 0/1 below 2**24 are exact in float32 (a chunk holds fewer samples).
                 count_plus = mask.sum(dims).reshape(O).to(torch.float64)
                 need["count_plus"] += count_plus
@@ -622,6 +690,10 @@ class _Shift:
         self.same_plus = bool(torch.equal(self.offsets["_plus"], self.offsets[""]))
         # one y₀ for both sides (as :meth:`first` gives): the flush skips their difference
         self.same_sides = bool(torch.equal(self.y0["_plus"], self.y0["_minus"]))
+        #: one shift ``y₀`` (and offset) for every side, as :meth:`first` gives
+        self.single_y0 = (self.same_plus and self.same_sides
+                          and bool(torch.equal(self.y0["_plus"], self.y0[""]))
+                          and bool(torch.equal(self.offsets["_minus"], self.offsets[""])))
         C = self.channel.numel()
         per_group = C // groups
         self.x0 = (self.channel.to(torch.float64).view(groups, per_group, 1)
