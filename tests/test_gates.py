@@ -9,7 +9,7 @@ from torch import nn
 
 import patternnet as pn
 from patternnet.engine.canonize import Canonical
-from patternnet.engine.gates import OTHER, RELU, SUM, relu_gates
+from patternnet.engine.gates import OTHER, RELU, SUM, gated_nodes, relu_gates
 
 
 class SkipNet(nn.Module):
@@ -276,3 +276,88 @@ def test_two_component_rule_in_batch_slices_gives_the_same(monkeypatch, groups: 
         rule = rules.WeightSwap(conv, plus, minus, check_inactive=check_inactive)
         got = rule.backward(conv, rule.save(conv, x, output), g)  # slices of two samples
         torch.testing.assert_close(got, expected)
+
+
+class Blocks(nn.Module):
+    """Two residual blocks (``out += identity`` and ``a + b``), each sum read by a ReLU, then
+    a sum read by a Linear layer (not gated) and global average pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.a1, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.a2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.c3 = nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        out = self.bn(self.a1(h))
+        out += h  # in place, as torchvision's blocks
+        h = F.relu(out)
+        h = torch.relu(self.a2(h) + self.b2(h))
+        h = self.c3(h) + h  # read by the mean, not by a ReLU: keeps p₋
+        return self.head(h.mean((2, 3)))
+
+
+def _random_node_patterns(model: nn.Module, x: torch.Tensor, seed: int) -> pn.Patterns:
+    from patternnet.engine.nodes import discover
+
+    generator = torch.Generator().manual_seed(seed)
+    layers = _two_component_patterns(model, seed)
+    nodes = {
+        name: {side: torch.randn((units, width), generator=generator, dtype=torch.float64)
+               for side in ("a_plus", "a_minus")}
+        for name, (_, units, width) in discover(model, x).items()
+    }  # fmt: skip
+    return pn.Patterns(
+        {name: dict(t) for name, t in layers.items()}, estimator="two_component", nodes=nodes
+    )
+
+
+def test_nodes_read_only_by_relus_are_found() -> None:
+    model = Blocks().eval()
+    bypass = Canonical(model).form.bypass
+    assert gated_nodes(model, bypass) == {"sum#0", "sum#1"}
+    torchvision = pytest.importorskip("torchvision")
+    resnet = torchvision.models.resnet18().eval()
+    # every residual sum of a ResNet (relu(out + identity)); not the global average pool
+    assert gated_nodes(resnet, Canonical(resnet).form.bypass) == {f"sum#{i}" for i in range(8)}
+    handle = model.a1.register_forward_hook(lambda module, args, out: -out)
+    try:
+        assert gated_nodes(model, bypass) == frozenset()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("kind", ["net", "attribution"])
+def test_gated_nodes_give_the_run_time_results_bit_for_bit(kind: str) -> None:
+    torch.manual_seed(3)
+    model = Blocks().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    patterns = _random_node_patterns(model, x, 4)
+    static, dynamic = (
+        (pn.PatternNet, RunTimePatternNet)
+        if kind == "net"
+        else (pn.PatternAttribution, RunTimePatternAttribution)
+    )
+    for target in (0, 2):
+        got = static(model, patterns).attribute(x, target=target)
+        assert got.abs().max() > 0
+        assert torch.equal(got, dynamic(model, patterns).attribute(x, target=target))
+    # p₋ of the gated sums matters nowhere; p₋ of the sum read by the mean does
+    def with_minus_zeroed(names: set[str]) -> pn.Patterns:
+        nodes = {name: {"a_plus": t["a_plus"], "a_minus": t["a_minus"] * (name not in names)}
+                 for name, t in patterns.nodes.items()}  # fmt: skip
+        return pn.Patterns({name: dict(t) for name, t in patterns.items()},
+                           estimator="two_component", nodes=nodes)  # fmt: skip
+
+    got = static(model, patterns).attribute(x, target=0)
+    assert torch.equal(got, dynamic(model, with_minus_zeroed({"sum#0", "sum#1"})).attribute(
+        x, target=0))
+    assert not torch.allclose(got, static(model, with_minus_zeroed({"sum#2"})).attribute(
+        x, target=0))

@@ -28,7 +28,7 @@ from torch import nn
 from .graph import OTHER, RELU, RELU_GATES, SUM, ModelGraph, has_forward_hooks
 from .support import classify
 
-__all__ = ["RELU", "SUM", "OTHER", "RELU_GATES", "relu_gates"]
+__all__ = ["RELU", "SUM", "OTHER", "RELU_GATES", "gated_nodes", "relu_gates"]
 
 
 def relu_gates(model: nn.Module, bypass: Collection[str] = ()) -> dict[str, str]:
@@ -59,3 +59,22 @@ def relu_gates(model: nn.Module, bypass: Collection[str] = ()) -> dict[str, str]
         lambda: all(s.kind != "unsupported" for s in classify(model, folding=False).values()),
     )
     return graph.relu_gates(bypass) if supported else {}
+
+
+def gated_nodes(model: nn.Module, bypass: Collection[str] = ()) -> frozenset[str]:
+    """The sums, average pools and means whose output only ReLUs read (node names).
+
+    :meth:`ModelGraph.gated_nodes <patternnet.engine.graph.ModelGraph.gated_nodes>`, with
+    the guards of :func:`relu_gates`: empty (decide at run time) when the model has forward
+    hooks or holds modules PatternNet does not support. A ResNet's residual sums are such
+    nodes: the ReLU after the sum gates exactly the sum's inactive units, so the node's
+    two-component rule needs neither the mask nor ``p₋`` there.
+    """
+    if has_forward_hooks(model):
+        return frozenset()
+    graph = ModelGraph.of(model)
+    supported = graph.memo(
+        "supported",
+        lambda: all(s.kind != "unsupported" for s in classify(model, folding=False).values()),
+    )
+    return graph.gated_nodes(bypass) if supported else frozenset()

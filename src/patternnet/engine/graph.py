@@ -584,32 +584,34 @@ class ModelGraph:
         bypass = frozenset(bypass)
         return dict(self.memo(("relu_gates", bypass), lambda: self._relu_gates(bypass)))
 
+    def _kinds_reading(self, node: torch.fx.Node, bypass: frozenset[str]) -> set[str]:
+        """What reads ``node``'s value (:data:`RELU`, :data:`SUM`, :data:`OTHER`), looking
+        through bypassed modules, reshapes, eval-mode dropout and max-pooling."""
+        if not node.users:
+            return {OTHER}  # unused output: nothing to decide; keep the run-time rule
+        kinds: set[str] = set()
+        for user in node.users:
+            kind = self._kinds[user]
+            first = bool(user.args) and user.args[0] is node
+            if user.op == "call_module" and self._names[user] in bypass:
+                kinds |= self._kinds_reading(user, bypass)
+            elif first and kind in ("passthrough", "max_pool"):
+                kinds |= self._kinds_reading(user, bypass)
+            elif first and kind == "relu":
+                kinds.add(RELU)
+            elif kind == "sum":
+                kinds.add(SUM)
+            else:
+                kinds.add(OTHER)
+        return kinds
+
     def _relu_gates(self, bypass: frozenset[str]) -> dict[str, str]:
         if self.graph is None:
             return {}
         graph = self.graph
 
-        def first_arg_passes(user: torch.fx.Node, node: torch.fx.Node) -> bool:
-            return bool(user.args) and user.args[0] is node
-
         def kinds_reading(node: torch.fx.Node) -> set[str]:
-            if not node.users:
-                return {OTHER}  # unused output: nothing to decide; keep the run-time rule
-            kinds: set[str] = set()
-            for user in node.users:
-                kind = self._kinds[user]
-                first = first_arg_passes(user, node)
-                if user.op == "call_module" and self._names[user] in bypass:
-                    kinds |= kinds_reading(user)
-                elif first and kind in ("passthrough", "max_pool"):
-                    kinds |= kinds_reading(user)
-                elif first and kind == "relu":
-                    kinds.add(RELU)
-                elif kind == "sum":
-                    kinds.add(SUM)
-                else:
-                    kinds.add(OTHER)
-            return kinds
+            return self._kinds_reading(node, bypass)
 
         calls: dict[str, set[str]] = {}
         leaves: set[str] = set()
@@ -630,6 +632,41 @@ class ModelGraph:
             for name, kinds in calls.items()
             if name not in hidden
         }
+
+    def gated_nodes(self, bypass: Collection[str] = ()) -> frozenset[str]:
+        """The planned sums, pools and means (:meth:`linear_nodes`) read only by ReLUs.
+
+        The node analogue of :meth:`relu_gates`: every reader of the node's output (after the
+        bypassed modules, reshapes, eval-mode dropout and max-pooling) is a ReLU, so where
+        those ReLUs pass the gradient's gate backward, the node's inactive units
+        (``y ≤ 0``) never receive anything and the two-component rule needs no ``p₋``. A
+        ResNet's residual sums are such nodes (``relu(out + identity)``).
+
+        Parameters
+        ----------
+        bypass:
+            Names of modules that return their input in the canonical form (folded
+            BatchNorms).
+
+        Returns
+        -------
+        frozenset
+            Node names (``"sum#3"``); empty unless the plan is complete (traced, nothing
+            probed), since only then do the names of a forward pass follow the plan.
+        """
+        bypass = frozenset(bypass)
+        return self.memo(("gated_nodes", bypass), lambda: self._gated_nodes(bypass))
+
+    def _gated_nodes(self, bypass: frozenset[str]) -> frozenset[str]:
+        plan = self.linear_nodes()
+        if self.graph is None or not plan.complete:
+            return frozenset()
+        by_name = {node.name: node for node in self.graph.nodes}
+        return frozenset(
+            planned.name for planned in plan.nodes
+            if planned.node in by_name
+            and self._kinds_reading(by_name[planned.node], bypass) == {RELU}
+        )  # fmt: skip
 
     def smooth_activations(self) -> dict[str, str]:
         """Linear/Conv layers whose output (after a folded BatchNorm) feeds smooth activations.

@@ -531,18 +531,19 @@ class NodeTracker(TorchFunctionMode):
                 self.handle(name, sum_call(summands, out.detach(), values))
             self._remember(out, summands)
             return out
-        # An in-place sum overwrites ``a``: the node needs its value from before.
-        before = a.detach().clone() if in_place and any(u is a for u in summands) else None
-        values = tuple(
-            before if before is not None and u is a else u.detach() for u in summands
-        )
+        # An in-place sum overwrites ``a`` once ``handle`` has returned: the call's values
+        # are read while it runs, so no copy of ``a`` is needed (as for the fit above). A plain
+        # tensor then takes the handle's value and history as its new version (no copy of
+        # its old value, no zero gradient for it on the way back); a view or leaf is copied
+        # into as autograd records it.
+        overwritten = in_place and any(u is a for u in summands)
+        values = tuple(u.detach() for u in summands)
         out = self.handle(name, sum_call(summands, _total(values), values))
         if out is None:
             out = func(*args, **kwargs)
         elif in_place:
-            a.copy_(out)
-            out = a
-        if before is not None:  # ``a`` now holds the sum: it cannot stand for its summand
+            out = _Overwrite.apply(a, out) if a._base is None and not a.is_leaf else a.copy_(out)
+        if overwritten:  # ``a`` now holds the sum: it cannot stand for its summand
             return out
         self._remember(out, summands)
         return out
@@ -566,6 +567,21 @@ class NodeTracker(TorchFunctionMode):
             summands,
             tuple(u._version for u in summands),
         )
+
+
+class _Overwrite(torch.autograd.Function):
+    """``a ← value`` in place: the new version of ``a`` has ``value``'s history only (what
+    ``value`` was computed from, ``a``'s old value included, gets the gradient through it)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, value: Tensor) -> Tensor:
+        a.copy_(value)
+        ctx.mark_dirty(a)
+        return a
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        return None, grad
 
 
 def _total(values: tuple[Tensor, ...], out: Tensor | None = None) -> Tensor:

@@ -309,9 +309,12 @@ class Attribution:
             if module_rules or function_rules:  # methods that swap rules need known modules
                 self.check_model(module_rules)
             x = inputs.detach().to(device=device, dtype=dtype).requires_grad_(True)
+            # Built before rules_applied installs its hooks: what it reads from the graph
+            # (engine.gates) is withheld from models with forward hooks.
+            graph_context = self.graph_context(canonical)
             with torch.enable_grad(), canonical.active(), rules_applied(
                 module_rules, function_rules
-            ), self.graph_context(canonical), decomposed(
+            ), graph_context, decomposed(
                 self.model, self.attention_handler(canonical)
             ):
                 output = forward_checked(canonical, x)

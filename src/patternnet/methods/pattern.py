@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..engine.attention import AttentionHandler
 from ..engine.backward import Rule, smooth_gate_rules
 from ..engine.canonize import Canonical, Canonizer
-from ..engine.gates import RELU, SUM, relu_gates
+from ..engine.gates import RELU, SUM, gated_nodes, relu_gates
 from ..engine.graph import ModelGraph
 from ..engine.rules import (
     Gate,
@@ -215,8 +215,11 @@ class _PatternMethod(Attribution):
 
     def graph_context(self, canonical: Canonical) -> Any:
         """Sums, average pools and means pass their patterns back (method.md §10)."""
+        # Nodes read only by ReLUs (a ResNet's sums): their inactive units receive nothing,
+        # so no mask and no p₋ (as for the layers of engine.gates).
+        gated = gated_nodes(self.model, canonical.form.bypass) if self._gradient_relus else ()
         return NodePatterns(
-            self.patterns, self.estimator, attribution=self._attribution
+            self.patterns, self.estimator, attribution=self._attribution, gated=gated
         ).tracker(ModelGraph.of(self.model).linear_nodes())
 
     def attention_handler(self, canonical: Canonical) -> AttentionHandler:

@@ -25,7 +25,7 @@ estimator needs no fit: ``p = w / wᵀw``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,12 +170,21 @@ class NodePatterns:
         ``"two_component"``, ``"linear"`` or ``"filter"``.
     attribution:
         False: PatternNet (``p``); True: PatternAttribution (``w ⊙ p``).
+    gated:
+        Names of nodes whose output only ReLUs read, and those ReLUs pass the gradient's gate
+        backward (:func:`patternnet.engine.gates.gated_nodes`): what arrives at their
+        inactive units is zero, so they pass ``p₊·g`` with no mask (the ``p₋`` term would be
+        zero everywhere).
     """
 
-    def __init__(self, patterns: Any, estimator: str, *, attribution: bool) -> None:
+    def __init__(
+        self, patterns: Any, estimator: str, *, attribution: bool,
+        gated: Collection[str] = (),
+    ) -> None:  # fmt: skip
         self.patterns = patterns
         self.estimator = estimator
         self.attribution = attribution
+        self.gated = frozenset(gated)
         self._cache: dict[tuple[str, torch.dtype, torch.device], tuple[Tensor, Tensor | None]] = {}
 
     def tracker(self, plan: NodePlan | None = None) -> NodeTracker:
@@ -242,12 +251,13 @@ class NodePatterns:
             return None
         value = call.result.detach()
         positive, negative = self._weights(name, call, value)
-        mask = None
-        if negative is not None:
-            mask = (call.to_output(value) > 0).to(value.dtype)
+        if name in self.gated:  # only ReLUs read it: nothing arrives where y ≤ 0
+            negative = None
         if call.layout == "window":
+            mask = None if negative is None else (call.to_output(value) > 0).to(value.dtype)
             backward = _window_backward(call, positive, negative, mask)
         else:
+            mask = None if negative is None else call.to_output(value) > 0
             backward = _channelwise_backward(call, positive, negative, mask)
         return _NodeFunction.apply(backward, [value], *call.inputs)
 
@@ -255,17 +265,34 @@ class NodePatterns:
 def _channelwise_backward(
     call: NodeCall, positive: Tensor, negative: Tensor | None, mask: Tensor | None
 ) -> Callable[[Tensor], tuple[Tensor, ...]]:
-    """``g (N, U, P)`` → ``g[:, :, None] · p[None, :, :, None]`` per input ``d``."""
+    """``g (N, U, P)`` → ``g[:, :, None] · p[None, :, :, None]`` per input ``d``; with a mask
+    (bool ``(N, U, P)``, ``y > 0``) ``p₊`` where it is set, ``p₋`` elsewhere.
+
+    A sum's summands get one tensor each, shaped like the summand (``g · p_d`` per channel):
+    the next layer's backward reads it as is, and each is a separate allocation — one
+    ``(N, U, D, P)`` buffer is above glibc's mmap threshold (32 MB) from ResNet-50's first
+    stage on at batch 8, mapped afresh page by page at every call: 27 ms against 5 ms for the
+    same products into two buffers, measured on this CPU.
+    """
     to_output, to_inputs = call.to_output, call.to_inputs
+    plus = positive[None, :, :, None]
+    minus = None if negative is None else negative[None, :, :, None]
+    shapes = [u.shape for u in call.inputs]
+
+    def share(g: Tensor, d: int) -> Tensor:
+        """``g · p_d`` (``g (N, U, P)``), the side's pattern of each unit when masked."""
+        if mask is None:
+            return g * plus[:, :, d]
+        return torch.where(mask, plus[:, :, d], minus[:, :, d]).mul_(g)  # type: ignore[index]
 
     def backward(grad: Tensor) -> tuple[Tensor, ...]:
-        g = to_output(grad)[:, :, None, :]  # (N, U, 1, P)
+        g = to_output(grad)  # (N, U, P)
+        if call.kind == "sum":
+            return tuple(share(g, d).view(shape) for d, shape in enumerate(shapes))
+        g = g[:, :, None, :]  # a mean's input: (N, U, D, P) in its own layout
         if mask is None:
-            coefficient = positive[None, :, :, None]
-        else:
-            m = mask[:, :, None, :]
-            coefficient = negative[None, :, :, None] + m * (positive - negative)[None, :, :, None]
-        return to_inputs(g * coefficient)
+            return to_inputs(g * plus)
+        return to_inputs(torch.where(mask[:, :, None, :], plus, minus).mul_(g))
 
     return backward
 
