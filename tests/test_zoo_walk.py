@@ -19,6 +19,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -75,11 +76,17 @@ def refused_on_meta(name: str) -> bool:
 
 
 #: The models issue #14 names (and Swin V2, whose attention differs from Swin's): always
-#: walked by the fast test, except ``maxvit_t``: it needs 224² inputs, minutes of CI time in
-#: float64 with every method. The slow walk takes it; tests/test_window_attention.py explains
-#: a small MaxViT (same blocks) with every method.
+#: walked by the fast test.
 TARGETS = {"vit_b_16", "swin_t", "swin_v2_t", "convnext_tiny", "efficientnet_b0",
-           "mobilenet_v3_small", "regnet_y_400mf"}
+           "mobilenet_v3_small", "regnet_y_400mf", "maxvit_t"}
+
+#: Models the fast test checks more cheaply: ``(methods, explanation dtype, fit images)``.
+#: MaxViT needs 224² inputs (every stage is partitioned into 7 × 7 windows and grids): its
+#: fit alone takes about 20 s under load, and every method in float64 took minutes. CI fits
+#: it on two images and explains one with PatternNet and PatternAttribution in float32; the
+#: slow walk takes every method in float64, and tests/test_window_attention.py explains a
+#: small MaxViT (same blocks) with every method.
+CHEAP = {"maxvit_t": (("pattern_net", "pattern_attribution"), torch.float32, 2)}
 
 
 def fast_selection() -> list[tuple[str, int]]:
@@ -96,6 +103,12 @@ def fast_selection() -> list[tuple[str, int]]:
     ]
 
 
+def slow_selection() -> list[tuple[str, int]]:
+    """The models the fast test leaves out, and those it checks only cheaply, smallest first."""
+    fast = {name for name, _ in fast_selection()} - set(CHEAP)
+    return sorted((m for m in classification_models() if m[0] not in fast), key=lambda m: m[1])
+
+
 def readme_refused() -> set[str]:
     """Model names listed under the README's "Refused models" heading."""
     text = README.read_text()
@@ -105,17 +118,33 @@ def readme_refused() -> set[str]:
     return set(re.findall(r"`([a-z0-9_]+)`", match.group(1))) & known
 
 
-def walk(name: str) -> str:
-    """Build, fit and explain one model; return ``"explained"`` or ``"refused"``."""
+def walk(
+    name: str,
+    *,
+    only: Iterable[str] | None = None,
+    dtype: torch.dtype = torch.float64,
+    images: int = 4,
+    record: Callable[[str], None] | None = None,
+) -> str:
+    """Build, fit and explain one model; return ``"explained"`` or ``"refused"``.
+
+    The fit reads ``images`` random images, the explanation half of them. ``only``
+    restricts the explanation to these registry methods (default: every one); ``dtype`` is
+    the precision of the explanation; ``record`` is told each stage as it starts
+    (``build``, ``check``, ``fit``, ``explain <method>``), for the report of the full walk.
+    """
+    note = record or (lambda stage: None)
     options = dict(OPTIONS.get(name, {}), num_classes=10)
     size = MIN_SIZE.get(name, 32)
     if name.startswith("vit_"):
         patch = int(name.rsplit("_", 1)[1])
         size = 2 * patch
         options["image_size"] = size
+    note("build")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's init-weights FutureWarnings
         model = lively(tvm.get_model(name, **options)).eval()
+    note("check")
     try:
         check_supported(model)
     except UnsupportedModuleError as error:
@@ -124,32 +153,41 @@ def walk(name: str) -> str:
         with pytest.raises(UnsupportedModuleError):
             pn.fit_patterns(model, torch.randn(2, 3, size, size), progress=False)
         return "refused"
-    data = torch.randn(4, 3, size, size)
+    data = torch.randn(images, 3, size, size)
+    note("fit")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # smooth-activation notices
-        patterns = pn.fit_patterns(model, data, batch_size=4, progress=False)
-    # Explanations run in float64: four fitting images leave deep patterns ill-conditioned
-    # (see test_model_zoo), and the product over many layers can leave float32's range.
-    model = model.double()
-    x = data[:2].double()
-    explain_with_every_method(model, patterns, x, name)
+        patterns = pn.fit_patterns(model, data, batch_size=images, progress=False)
+    # Explanations run in float64 by default: four fitting images leave deep patterns
+    # ill-conditioned (see test_model_zoo), and the product over many layers can leave
+    # float32's range.
+    model = model.to(dtype)
+    x = data[: max(1, images // 2)].to(dtype)
+    for method in methods() if only is None else only:
+        note(f"explain {method}")
+        explain_with_every_method(model, patterns, x, name, only=[method])
     return "explained"
 
 
-def _walk_all(selected: list[tuple[str, int]]) -> dict[str, list[str]]:
+def _walk_all(selected: list[tuple[str, int]], cheap: bool = False) -> dict[str, list[str]]:
     outcome: dict[str, list[str]] = {"explained": [], "refused": []}
     for name, _ in selected:
         start = time.perf_counter()
-        outcome[walk(name)].append(name)
+        only, dtype, images = CHEAP[name] if cheap and name in CHEAP else (None, torch.float64, 4)
+        outcome[walk(name, only=only, dtype=dtype, images=images)].append(name)
         print(f"  {name:24s} {time.perf_counter() - start:6.1f} s")
     return outcome
 
 
-def _report(selected: list[tuple[str, int]], outcome: dict[str, list[str]]) -> None:
+def _report(selected: list[tuple[str, int]], outcome: dict[str, list[str]],
+            cheap: bool = False) -> None:
+    reduced = sorted(set(CHEAP) & set(outcome["explained"])) if cheap else []
     print(
         f"\nmodel-zoo walk: {len(selected)} torchvision classification models, "
         f"{len(outcome['explained'])} build, fit and explain with all {len(methods())} "
-        f"methods; {len(outcome['refused'])} refused: {', '.join(outcome['refused'])}"
+        f"methods" + "".join(f" (but {n}: {', '.join(CHEAP[n][0])} in {CHEAP[n][1]})"
+                             for n in reduced)
+        + f"; {len(outcome['refused'])} refused: {', '.join(outcome['refused'])}"
     )
     listed = readme_refused()
     missing = set(outcome["refused"]) - listed
@@ -162,19 +200,18 @@ def test_model_zoo_walk_one_per_family() -> None:
     assert len(classification_models()) >= 80
     selected = fast_selection()
     assert TARGETS <= {name for name, _ in selected}
-    outcome = _walk_all(selected)
-    _report(selected, outcome)
+    outcome = _walk_all(selected, cheap=True)
+    _report(selected, outcome, cheap=True)
     assert len(outcome["explained"]) + len(outcome["refused"]) == len(selected)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("PATTERNNET_ZOO_ALL") != "1",
-    reason="the walk of the 64 other torchvision models needs tens of GB and far more than CI's "
+    reason="the walk of the 65 other torchvision models needs tens of GB and far more than CI's "
     "time on 2 cores; run it with PATTERNNET_ZOO_ALL=1",
 )
 def test_model_zoo_walk_all_others() -> None:
-    fast = set(fast_selection())
-    selected = [model for model in classification_models() if model not in fast]
+    selected = slow_selection()
     outcome = _walk_all(selected)
     _report(selected, outcome)
