@@ -13,6 +13,7 @@ Usage: python -m perf.explain --model vgg16 --batch 8 --rounds 3
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratios: dict[str, list[float]] = {name: [] for name in names}
     for name in names:  # warm-up (allocations, lazy imports)
         found[name](x)
+    load_before = os.getloadavg()
     for round_index in range(args.rounds):
         floor = timed(lambda: found[names[0]](x))
         times[names[0]].append(floor)
@@ -161,16 +163,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "median_s": median(times[name]),
             "per_image_s": median(times[name]) / args.batch,
             "ratio_to_gradient": 1.0 if name == names[0] else median(ratios[name]),
+            "ratios": ratios[name],
             "times_s": times[name],
         })
     result = {"benchmark": "explain", "model": args.model, "batch": args.batch,
               "size": args.size, "device": str(args.device), "rounds": args.rounds,
-              "machine": machine(), "rows": rows}
+              "load_average_before": load_before, "machine": machine(), "rows": rows}
     device = "" if args.device.type == "cpu" else f"_{args.device.type}"
     write_result(f"explain_{args.model}{device}{'_subset' if args.methods else ''}", result)
-    print(f"\n{args.model}, batch {args.batch}, {args.rounds} rounds (median)")
+    load_after = result["machine"]["load_average"]
+    print(f"\n{args.model}, batch {args.batch}, {args.rounds} rounds (median; per-round "
+          f"ratios in brackets); load average {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after")
     for row in rows:
-        print(f"  {row['method']:<34} {row['median_s']:7.2f} s  ×{row['ratio_to_gradient']:.2f}")
+        spread = ", ".join(f"{r:.2f}" for r in row["ratios"])
+        print(f"  {row['method']:<34} {row['median_s']:7.2f} s  ×{row['ratio_to_gradient']:.2f}"
+              + (f"  ({spread})" if spread else ""))
     return result
 
 
