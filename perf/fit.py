@@ -84,13 +84,15 @@ def floor_pass(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
     fit: ``3·O + 1`` channels (``[y'·m, m, y'·(1−m), 1]``, a₊ and a₋) where an inactive unit
     can receive a signal, ``2·O`` (``[y'·m, m]``, a₊ only) in the layers read only through
     ReLU gates (``negative="auto"``). No masks, no shift, no float64 sums, no pattern solve,
-    no sums/pools: what any fit of these sums must compute.
+    no sums/pools: what any fit of these sums must compute. 1×1 convolutions use the fit's
+    kernel for them, one matrix product of channel-major data (the stacked gradient written
+    channel-major by the same one copy, the input copied once, as the fit's shift writes it).
     """
     from patternnet.engine.canonize import Canonical
     from patternnet.engine.gates import RELU, relu_gates
     from patternnet.layers import geometry, is_linear_layer
     from patternnet.patterns.fit import linear_layers
-    from patternnet.patterns.statistics import _CHUNK_ELEMENTS
+    from patternnet.patterns.statistics import _CHUNK_ELEMENTS, _pointwise
 
     gates = relu_gates(model, Canonical(model).form.bypass)
     gated = {module for name, module in linear_layers(model).items() if gates.get(name) == RELU}
@@ -112,9 +114,15 @@ def floor_pass(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
         per_image = k * out[0, 0].numel()
         step = max(1, _CHUNK_ELEMENTS // per_image)
         shape = torch.Size((k, *module.weight.shape[1:]))
+        pointwise = _pointwise(g, module.weight.shape)
         for start in range(0, out.shape[0], step):
-            g.weight_product(x[start : start + step], stack(out[start : start + step], 1),
-                             shape)
+            chunk, y = x[start : start + step], out[start : start + step]
+            if pointwise:  # as the fit: one matrix product of channel-major data
+                chunk = chunk[(slice(None), slice(None), *(slice(None, None, s) for s in g.stride))]
+                xs = chunk.transpose(0, 1).reshape(chunk.shape[1], -1)
+                torch.mm(stack(y.transpose(0, 1), 0).reshape(k, -1), xs.t())
+                continue
+            g.weight_product(chunk, stack(y, 1), shape)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if is_linear_layer(m)]
     try:

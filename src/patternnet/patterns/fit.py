@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..borrow import borrowed, forward_checked, model_device, model_dtype
 from ..engine.attention import decomposed, named_linear_layers
 from ..engine.canonize import Canonical, Canonizer
-from ..engine.gates import RELU, relu_gates
+from ..engine.gates import RELU, gated_nodes, relu_gates
 from ..engine.graph import ModelGraph
 from ..engine.nodes import is_node_name
 from ..engine.support import (
@@ -245,6 +245,20 @@ def _new_statistics(
     return Statistics(layers, estimator=estimator, negative=negative)
 
 
+def _gated_nodes(
+    model: nn.Module, canonical: Canonical, stats: Statistics, plan: Any, precision: str
+) -> frozenset[str]:
+    """The sums, pools and means read only through ReLU gates, which collect no a₋ under
+    ``negative="auto"`` like such layers (:func:`_new_statistics`): every residual sum of a
+    ResNet, whose block's ReLU gates the sum (:func:`~patternnet.engine.gates.gated_nodes`, the
+    nodes whose explanation rule reads no a₋). Only with a complete plan (no probed names)."""
+    if stats.estimator != "two_component" or stats.negative != "auto" or not plan.complete:
+        return frozenset()
+    if collected_sums(model, stats.estimator, stats.negative, precision) is not None:
+        return frozenset()
+    return gated_nodes(model, canonical.form.bypass)
+
+
 def _has_negative(stats: LayerStatistics, negative: bool | str) -> bool:
     """Whether a layer's (or node's) a₋ is solved: asked for, and its sums collected."""
     return bool(negative) and ("sum_xy" in stats.tensors or "sum_xy_minus" in stats.tensors)
@@ -371,10 +385,12 @@ def collect_statistics(
     attention_recorder = AttentionRecorder(stats)
     with borrowed(model, warn_train=TRAIN_MODE_WARNING):
         try:
+            plan = ModelGraph.of(model).linear_nodes()
+            gated = _gated_nodes(model, canonical, stats, plan, precision)  # before our hooks
             handles += _register_hooks(model, stats, precision)
             # Sums, pools and means are found and recorded in the same pass (graph_statistics)
             with canonical.active(), full_float32(), graph_statistics.recording(
-                stats, precision, ModelGraph.of(model).linear_nodes()
+                stats, precision, plan, gated
             ) as nodes:
                 for batch in _remaining_batches(data, batch_size, limit, *skip):
                     batch = batch.to(

@@ -309,12 +309,16 @@ def _window_shift(call: NodeCall) -> _Shift:
 
 @contextmanager
 def recording(
-    stats: Statistics, precision: str, plan: NodePlan | None = None
+    stats: Statistics, precision: str, plan: NodePlan | None = None,
+    gated: frozenset[str] = frozenset(),
 ) -> Iterator[NodeTracker]:
     """Within this block, forward passes add every node's sums to ``stats`` (in place).
 
     ``plan`` (``ModelGraph.of(model).linear_nodes()``) says which sums, pools and means are
     nodes and names them; without one every call that looks like a node is one (the probe).
+    The nodes named in ``gated`` (read only through ReLU gates,
+    :func:`~patternnet.engine.gates.gated_nodes`) collect the sums of ``negative=False``:
+    their a₋ is never read (the two-component fit with ``negative="auto"``).
 
     The block records the autograd graph without keeping tensors (so that nodes are found as
     in an explanation, :func:`~patternnet.engine.nodes.graph_recording`); the caller marks
@@ -328,11 +332,13 @@ def recording(
     layer_sums = {layer.sums for name, layer in stats.layers.items() if not is_node_name(name)}
     if layer_sums == {linear}:  # fit.collected_sums: attention models without rectifier
         sums = linear
+    gated_sums = required_sums(stats.estimator, False, precision) if gated else sums
 
     def handle(name: str, call: NodeCall) -> None:
         layer = stats.layers.get(name)
         if layer is None:
-            layer = LayerStatistics(call.units, call.units, call.width, sums, device)
+            layer = LayerStatistics(call.units, call.units, call.width,
+                                    gated_sums if name in gated else sums, device)
             stats.layers[name] = layer
         elif (layer.out_features, layer.patch_size) != (call.units, call.width):
             raise ValueError(
