@@ -30,10 +30,11 @@ ESTIMATORS = ("linear", "two_component")
 TOLERANCE = {"rtol": 1e-9, "atol": 1e-11}
 
 
-def fit(model: nn.Module, x: Tensor, estimator: str) -> pn.Patterns:
+def fit(model: nn.Module, x: Tensor, estimator: str, **options: object) -> pn.Patterns:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pn.fit_patterns(model, x, estimator=estimator, progress=False, batch_size=50)
+        return pn.fit_patterns(model, x, estimator=estimator, progress=False, batch_size=50,
+                               **options)
 
 
 def explain(model: nn.Module, x: Tensor, estimator: str) -> dict[str, Tensor]:
@@ -166,7 +167,8 @@ def test_sum_patterns_add_up_to_one_and_are_saved(tmp_path) -> None:
     original, _ = pair(2, "a+b+c")
     x = data(2)
     for estimator, keys in (("linear", ("a",)), ("two_component", ("a_plus", "a_minus"))):
-        patterns = fit(original, x, estimator)
+        # a₋ of every node: the default leaves it out of sum#1, which only its ReLU reads
+        patterns = fit(original, x, estimator, negative=True)
         # (a + b) is a node of its own, (a + b) + c merges into one node of three summands
         assert sorted(patterns.nodes) == ["sum#0", "sum#1"]
         name = "sum#1"
@@ -178,6 +180,14 @@ def test_sum_patterns_add_up_to_one_and_are_saved(tmp_path) -> None:
         loaded = pn.Patterns.load(path, model=original)
         for key in keys:
             assert torch.equal(loaded.nodes[name][key], patterns.nodes[name][key])
+
+
+
+def test_a_sum_read_only_by_its_relu_has_no_a_minus_by_default() -> None:
+    original, _ = pair(2, "a+b+c")
+    patterns = fit(original, data(2), "two_component")
+    assert set(patterns.nodes["sum#1"]) == {"a_plus"}  # its ReLU zeroes what a₋ would get
+    assert set(patterns.nodes["sum#0"]) == {"a_plus", "a_minus"}  # read by the next sum
 
 
 # ------------------------------------------------------------------------------ pools, means

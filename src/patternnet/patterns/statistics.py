@@ -29,7 +29,8 @@ the stacked output gradient ``[y·m, m, y, 1]``.
 
 With ``precision="float32"`` (the default fit) a convolution's products are formed in float32
 of *shifted* data (see :class:`_Shift`; method.md §11) with the stacked gradient
-``[y'·m, m, y'·(1−m), 1]``: the inactive product directly, since ``all − plus`` of two
+``[y'·m, m, y'·(1−m), 1]`` (a 1×1 convolution's as one matrix product of channel-major data,
+:meth:`LayerStatistics._pointwise_product`): the inactive product directly, since ``all − plus`` of two
 float32-rounded products cancels where most positions are active. The flush undoes the shift
 in float64 and adds into the same float64 sums as a float64 fit (a₋'s as ``all − plus`` in
 float64, where the difference is exact enough). ``sum_x_minus``/``sum_xy_minus`` are the
