@@ -30,11 +30,12 @@ the stacked output gradient ``[y·m, m, y, 1]``.
 With ``precision="float32"`` (the default fit) a convolution's products are formed in float32
 of *shifted* data (see :class:`_Shift`; method.md §11) with the stacked gradient
 ``[y'·m, m, y'·(1−m), 1]`` (a 1×1 convolution's as one matrix product of channel-major data,
-:meth:`LayerStatistics._pointwise_product`): the inactive product directly, since ``all − plus`` of two
-float32-rounded products cancels where most positions are active. The flush undoes the shift
-in float64 and adds into the same float64 sums as a float64 fit (a₋'s as ``all − plus`` in
-float64, where the difference is exact enough). ``sum_x_minus``/``sum_xy_minus`` are the
-layout of float32 fits before the shift (still read from old statistics).
+:meth:`LayerStatistics._pointwise_product`): the inactive product directly, since
+``all − plus`` of two float32-rounded products cancels where most positions are active. The
+flush undoes the shift in float64 and adds into the same float64 sums as a float64 fit (a₋'s
+as ``all − plus`` in float64, where the difference is exact enough).
+``sum_x_minus``/``sum_xy_minus`` are the layout of float32 fits before the shift (still read
+from old statistics).
 
 Speed and memory (method.md §9). A product is either formed per batch (convolutions with big
 activations, a few images at a time so that one chunk, not one batch, is stacked at once) or
@@ -459,14 +460,15 @@ class LayerStatistics:
         O = self.out_features
         need = self.tensors
         y0 = shift.y0[""]
-        active, count_plus = sums[:O], sums[O : 2 * O]  # Σ y'·m, Σ m
-        need["count_plus"] += count_plus
-        shift.count_plus += count_plus
-        shift.sum_y_plus += active + count_plus * y0
-        if "sum_xy_minus" in names:  # Σ y' = Σ y'·m + Σ y'·(1 − m)
-            sum_y = active + sums[2 * O : 3 * O] + samples * y0
-            shift.sum_y += sum_y
-            need["sum_y"] += sum_y
+        if "sum_xy_plus" in names:  # two-component (else: linear, Σ y' reduced by _stack)
+            active, count_plus = sums[:O], sums[O : 2 * O]  # Σ y'·m, Σ m
+            need["count_plus"] += count_plus
+            shift.count_plus += count_plus
+            shift.sum_y_plus += active + count_plus * y0
+            if "sum_xy_minus" in names:  # Σ y' = Σ y'·m + Σ y'·(1 − m)
+                sum_y = active + sums[2 * O : 3 * O] + samples * y0
+                shift.sum_y += sum_y
+                need["sum_y"] += sum_y
         if self._stage is None:
             self._stage, self._stage_names = product, stack_names
         else:
