@@ -54,7 +54,8 @@ class _NoNodes:
 
 
 @contextlib.contextmanager
-def _without_nodes(stats: Any, precision: str, plan: Any = None) -> Iterator[_NoNodes]:
+def _without_nodes(stats: Any, precision: str, plan: Any = None,
+                   gated: Any = frozenset()) -> Iterator[_NoNodes]:
     with torch.no_grad():
         yield _NoNodes()
 
