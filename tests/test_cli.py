@@ -158,9 +158,32 @@ def test_explain_writes_png_and_arrays(workspace, patterns_file, capsys):
     )
 
 
-def test_evaluate_writes_report(workspace, patterns_file, capsys):
-    out = workspace / "report"
+@pytest.fixture(scope="module")
+def full_patterns_file(workspace):
+    """Patterns with a₋ in every layer, as ρ(S) of the two-component estimator needs."""
+    path = workspace / "tiny.full.patterns.safetensors"
+    code = main(["fit", "--model", MODEL, "--data", str(workspace / "inputs.npy"),
+                 "--out", str(path), "--batch-size", "16", "--negative-everywhere",
+                 "--quiet"])  # fmt: skip
+    assert code == 0
+    return path
+
+
+def test_evaluate_says_why_default_patterns_get_no_two_component_rho(
+    workspace, patterns_file, capsys
+):
+    out = workspace / "report-default"
     code, _, err = run(capsys, "evaluate", "--model", MODEL, "--patterns", patterns_file,
+                       "--data", workspace / "inputs.npy", "--out", out, "--patch", "3",
+                       "--method", "gradient", "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert "two_component not measured" in err and "--negative-everywhere" in err
+    assert "two_component" not in (out / "rho.csv").read_text().splitlines()[0]
+
+
+def test_evaluate_writes_report(workspace, full_patterns_file, capsys):
+    out = workspace / "report"
+    code, _, err = run(capsys, "evaluate", "--model", MODEL, "--patterns", full_patterns_file,
                        "--data", workspace / "inputs.npy", "--out", out, "--patch", "3",
                        "--method", "pattern_attribution,gradient,lrp_epsilon",
                        "--quiet")  # fmt: skip

@@ -62,7 +62,7 @@ def test_rho_matches_a_least_squares_fit_by_hand() -> None:
 def test_fitted_patterns_beat_the_filter_pattern() -> None:
     model, fit, reg, ev = splits()
     linear = pn.fit_patterns(model, fit, estimator="linear", progress=False)
-    two = pn.fit_patterns(model, fit, progress=False)
+    two = pn.fit_patterns(model, fit, progress=False, negative=True)  # ρ(S) reads a₋
     table = node_quality(model, {"filter": filter_node_patterns(linear), "linear": linear,
                                  "two_component": two}, reg, ev)  # fmt: skip
     assert sorted(table) == ["mean#0", "pool#0", "sum#0"]

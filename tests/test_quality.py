@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patternnet import fit_patterns
-from patternnet.evaluate import estimator_quality
+from patternnet.evaluate import estimator_quality, layers_without_a_minus
 from patternnet.evaluate.quality import QUALITY_ESTIMATORS
 from patternnet.groundtruth import toy_data, toy_model
 
@@ -418,3 +418,21 @@ def test_every_linear_of_a_vit_gets_rho_including_the_attention_projections():
     for layer in table.layers:
         assert table[layer, "linear"] > table[layer, "random"], layer
     assert table.info["blocks.0.self_attn.in_proj"]["out_features"] == 3 * 16
+
+
+def test_two_component_rho_refuses_patterns_without_a_minus():
+    # The default fit (negative="auto") leaves a₋ out of layers read only through ReLUs; ρ(S)
+    # of S_a+- must not quietly measure a₊ on both halves there (as it once did).
+    model = _small_cnn(channels=3)
+    fit, regression, evaluation = (_smooth_images(400, s, channels=3) for s in (1, 2, 3))
+    default = fit_patterns(model, fit, progress=False)
+    assert layers_without_a_minus(default) == ["0", "3"]
+    with pytest.raises(ValueError, match=r"no a₋ for 0, 3.*negative=True"):
+        estimator_quality(model, None, regression, evaluation, estimators=["two_component"],
+                          patterns={"two_component": default})  # fmt: skip
+    full = fit_patterns(model, fit, progress=False, negative=True)
+    assert layers_without_a_minus(full) == []
+    table = estimator_quality(model, None, regression, evaluation,
+                              estimators=["two_component"], patterns={"two_component": full},
+                              max_neurons=None, max_dims=None, positions=None)  # fmt: skip
+    assert all(0.0 <= table[name, "two_component"] <= 1.0 for name in ("0", "3", "5"))

@@ -160,12 +160,13 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     lap("train model")
 
     def fit(estimator: str, images: torch.Tensor, progress: bool) -> Any:
-        # products per batch in float32, sums in float64
+        # products per batch in float32, sums in float64; a₋ in every layer, as ρ(S) of the
+        # two-component estimator needs it (the explanations equal the default fit's)
         return fit_patterns(model, images, estimator=estimator, batch_size=256,
-                            precision="float32", progress=progress)  # fmt: skip
+                            precision="float32", negative=True, progress=progress)  # fmt: skip
 
     patterns, patterns_cached = cached_patterns(
-        out / "patterns.safetensors", model, {**key, "images": fit_x.shape[0]},
+        out / "patterns.safetensors", model, {**key, "images": fit_x.shape[0], "negative": True},
         lambda: fit("two_component", fit_x, config.progress))  # fmt: skip
     log("patterns loaded from cache" if patterns_cached else
         f"fitted two-component patterns on {fit_x.shape[0]} training images")  # fmt: skip

@@ -256,10 +256,13 @@ def reproduce(
                     cached = Patterns.load(path, model=net)
                 except (OSError, ValueError, KeyError):
                     cached = None
-                if cached is not None and cached.metadata.get("reproduce") != key:
+                if cached is not None and (cached.metadata.get("reproduce") != key
+                                           or evaluate.layers_without_a_minus(cached)):
                     cached = None
             if cached is None:
-                cached = fit_patterns(net, loader, estimator=estimator, progress=progress and main)
+                # a₋ in every layer: ρ(S) of S_a+- needs it (explanations equal the default's)
+                cached = fit_patterns(net, loader, estimator=estimator, negative=True,
+                                      progress=progress and main)  # fmt: skip
                 cached.metadata["reproduce"] = key
                 if main:
                     cached.save(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
     estimators = ["random", "filter", patterns.estimator]
     if patterns.estimator not in ("linear", "two_component"):
         estimators = ["random", "filter"]
+    missing = evaluate.layers_without_a_minus(patterns)
+    if missing:  # ρ(S) of S_a+- needs a₋ everywhere; the default fit leaves it out
+        estimators = ["random", "filter"]
+        print(f"warning: ρ(S) of two_component not measured: {args.patterns} has no a₋ for "
+              f"{', '.join(missing)} (fitted with the default negative='auto'); refit with "
+              "`patternnet fit --negative-everywhere` to measure it", file=sys.stderr)
     common.log(args, f"ρ(S) on {half} + {images.shape[0] - half} samples: "
                      f"{', '.join(estimators)}")  # fmt: skip
     started = time.perf_counter()

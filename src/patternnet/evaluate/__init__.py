@@ -42,7 +42,13 @@ from .perturbation import (
     region_perturbation,
 )
 from .plots import plot_degradation, plot_quality
-from .quality import QUALITY_ESTIMATORS, QualityTable, estimator_quality, quality_over_splits
+from .quality import (
+    QUALITY_ESTIMATORS,
+    QualityTable,
+    estimator_quality,
+    layers_without_a_minus,
+    quality_over_splits,
+)
 from .sanity import CHECKS, SanityResult, sanity_checks
 
 __all__ = [
@@ -65,6 +71,7 @@ __all__ = [
     "earth_movers_distance",
     "emd_score",
     "estimator_quality",
+    "layers_without_a_minus",
     "quality_over_splits",
     "ground_truth_metrics",
     "mask_auroc",

@@ -104,7 +104,7 @@ def _residual(x: Tensor, y: Tensor, tensors: dict[str, Tensor]) -> Tensor:
         a = tensors["a"].double()[:, :, None]
         return (x - a * y[:, None, :]).transpose(1, 2)
     plus = tensors["a_plus"].double()[:, :, None]
-    minus = tensors.get("a_minus", tensors["a_plus"]).double()[:, :, None]
+    minus = tensors["a_minus"].double()[:, :, None]
     a = torch.where((y > 0)[:, None, :], plus, minus)
     return (x - a * y[:, None, :]).transpose(1, 2)
 
@@ -175,6 +175,13 @@ def node_quality(
             tensors = getattr(fitted, "nodes", fitted).get(name)
             if tensors is None:
                 continue
+            if "a" not in tensors and "a_minus" not in tensors:
+                raise ValueError(
+                    f"the {estimator!r} patterns have no a₋ for node {name!r}: a fit with "
+                    "negative='auto' (the default) or False leaves a₋ out where no method "
+                    "reads it, but ρ(S) of the two-component estimator needs both halves. "
+                    "Fit them with negative=True (CLI: --negative-everywhere)"
+                )
             rho = _rho(_residual(x_reg, y_reg, tensors), y_reg,
                        _residual(x_eval, y_eval, tensors), y_eval)[live]  # fmt: skip
             k = int(rho.numel())

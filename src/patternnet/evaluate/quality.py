@@ -690,7 +690,29 @@ def _patterns_for(
     for estimator, fitted in given.items():
         if fitted.estimator != estimator:
             raise ValueError(f"patterns[{estimator!r}] were fitted with {fitted.estimator!r}")
+    if "two_component" in estimators and "two_component" in given:
+        missing = layers_without_a_minus(given["two_component"])
+        if missing:
+            raise ValueError(
+                f"the two-component patterns have no a₋ for {', '.join(missing)}: a fit with "
+                "negative='auto' (the default) leaves a₋ out where no method reads it, but "
+                "ρ(S) of the two-component estimator needs both halves of every layer. Fit "
+                "them with negative=True (CLI: --negative-everywhere); the explanations are "
+                "the same"
+            )
     return given
+
+
+def layers_without_a_minus(patterns: Patterns) -> list[str]:
+    """The layers of two-component ``patterns`` that hold no inactive pattern a₋.
+
+    A fit with ``negative="auto"`` leaves a₋ out of layers read only through ReLU gates
+    (no method reads it there); ρ(S) of the two-component estimator cannot be measured on
+    such a layer.
+    """
+    if patterns.estimator != "two_component":
+        return []
+    return [name for name in patterns if "a_minus" not in patterns[name]]
 
 
 def _neuron_patterns(
@@ -718,7 +740,7 @@ def _neuron_patterns(
     }
     if estimator == "linear":
         return {"a": flat["a"]}
-    return {"a_plus": flat["a_plus"], "a_minus": flat.get("a_minus", flat["a_plus"])}
+    return {"a_plus": flat["a_plus"], "a_minus": flat["a_minus"]}
 
 
 #: Layers with more input coordinates than this are sampled by default (``Σ_xx`` of 302 MB).
