@@ -43,7 +43,7 @@ def full_report(tmp_path_factory):
     """A report with every section, made of real results on a tiny model."""
     model = tiny_model()
     x = torch.randn(40, 3, 12, 12, generator=torch.Generator().manual_seed(1))
-    patterns = fit_patterns(model, x[:20], progress=False)
+    patterns = fit_patterns(model, x[:20], progress=False, negative=True)  # ρ(S) reads a₋
     names = ("pattern_net", "pattern_attribution", "gradient", "lrp_epsilon")
     explained = {}
     for name in names:
